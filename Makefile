@@ -1,0 +1,41 @@
+# Two commands: `make demo` and `make test`. Both run `setup` first, which is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pahubert-setup
+PIP := $(BIN)/pip --disable-pip-version-check
+TORCH_PINS := torch==2.11.0 torchaudio==2.11.0
+BUILD_PINS := pip==25.3 setuptools==80.9.0 wheel==0.45.1 cython==3.1.4 numpy==2.2.6
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-quick demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	@command -v ffmpeg >/dev/null || { echo "[setup] installing Debian ffmpeg (musdb/stempeg need it)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(BUILD_PINS)
+	$(PIP) install -q $(TORCH_PINS)
+	@# fairseq-fixed builds C++/Cython extensions against the torch above (~6 min the first time)
+	$(BIN)/python -c "import fairseq" 2>/dev/null || $(PIP) install --no-build-isolation fairseq-fixed==0.12.3.1
+	$(PIP) install -q --no-build-isolation -e '.[test,bench]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+demo: setup
+	PATH=$(abspath $(BIN)):$$PATH bash examples/toy/run.sh $(DEMO_ARGS)
+
+bench: setup
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b; done
+
+clean:
+	rm -rf exp results data/toy .pytest_cache

@@ -1,0 +1,160 @@
+"""All audio reading: soundfile decode, seek-based crops, channel policy, resampling.
+
+Every module that reads audio goes through :func:`read_audio` so the rules live in one
+place: float32 ``(channels, samples)``; ``offset``/``num_frames`` are counted at the
+*target* rate; a crop seeks instead of decoding the whole file; an unreadable, truncated
+or non-finite file raises :class:`AudioError` naming the file and the reason.
+"""
+import dataclasses
+import math
+import os
+import re
+from typing import Optional, Tuple
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
+# mp3 frame counts from the header are estimates: tolerate one decoder frame of slack.
+_MP3_SLACK = 1152 * 2
+
+
+class AudioError(ValueError):
+    """An audio file could not be used; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioInfo:
+    path: str
+    sample_rate: int
+    frames: int
+    channels: int
+    format: str
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+    def frames_at(self, sample_rate: int) -> int:
+        """Length in samples once resampled to ``sample_rate`` (what read_audio returns)."""
+        return resampled_length(self.frames, self.sample_rate, sample_rate)
+
+
+def resampled_length(frames: int, orig_sr: int, new_sr: int) -> int:
+    if orig_sr == new_sr:
+        return int(frames)
+    return int(math.ceil(frames * new_sr / orig_sr))
+
+
+def _declared_wav_frames(sf_file: sf.SoundFile) -> Optional[int]:
+    """Frames the WAV header promises, from libsndfile's parse log (None if unknown)."""
+    log = sf_file.extra_info or ""
+    m = re.search(r"data : (\d+)(?: \(should be (\d+)\))?", log)
+    if not m or not m.group(2):
+        return None
+    bytes_per_frame = sf_file.channels * _bytes_per_sample(sf_file.subtype)
+    return int(m.group(1)) // bytes_per_frame if bytes_per_frame else None
+
+
+def _bytes_per_sample(subtype: str) -> int:
+    return {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4,
+            "FLOAT": 4, "DOUBLE": 8}.get(subtype, 0)
+
+
+def audio_info(path) -> AudioInfo:
+    """Header information; raises AudioError for unreadable or truncated files."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioError(path, "no such file")
+    try:
+        with sf.SoundFile(path) as f:
+            info = AudioInfo(path, int(f.samplerate), int(f.frames), int(f.channels), f.format)
+            declared = _declared_wav_frames(f) if f.format == "WAV" else None
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise AudioError(path, f"unreadable ({e})") from None
+    if declared is not None and declared > info.frames:
+        raise AudioError(path, f"truncated: header declares {declared} frames, file holds {info.frames}")
+    if info.frames <= 0:
+        raise AudioError(path, "no audio frames")
+    return info
+
+
+def apply_channel_policy(wav: np.ndarray, channels: Optional[int], path="<array>") -> np.ndarray:
+    """``wav`` is (channels, samples). channels=1 downmixes; 2 duplicates mono; None keeps."""
+    have = wav.shape[0]
+    if channels is None or channels == have:
+        return wav
+    if channels == 1:
+        return wav.mean(axis=0, keepdims=True)
+    if have == 1:
+        return np.repeat(wav, channels, axis=0)
+    raise AudioError(path, f"has {have} channels; cannot turn them into {channels}")
+
+
+def read_audio(
+    path,
+    sample_rate: Optional[int] = None,
+    channels: Optional[int] = None,
+    offset: int = 0,
+    num_frames: Optional[int] = None,
+    info: Optional[AudioInfo] = None,
+) -> Tuple[torch.Tensor, int]:
+    """Read ``path`` as float32 ``(channels, samples)`` at ``sample_rate`` (native if None).
+
+    ``offset`` and ``num_frames`` are counted at the output rate; only that span is decoded.
+    A request that runs past the end of the file raises (it would be silently mis-timed).
+    Returns the waveform and its sample rate.
+    """
+    path = os.fspath(path)
+    info = info or audio_info(path)
+    src_sr = info.sample_rate
+    out_sr = sample_rate or src_sr
+    total = info.frames_at(out_sr)
+    if num_frames is None or num_frames < 0:
+        num_frames = total - offset
+    if offset < 0 or num_frames <= 0 or offset + num_frames > total + (_MP3_SLACK if info.format == "MP3" else 0):
+        raise AudioError(path, f"cannot read {num_frames} samples at offset {offset}: file has {total} at {out_sr} Hz")
+
+    # Span in source samples, with a small margin so the resampler has context at both ends.
+    margin = 0 if src_sr == out_sr else 64
+    src_start = int(math.floor(offset * src_sr / out_sr))
+    src_stop = int(math.ceil((offset + num_frames) * src_sr / out_sr))
+    lo, hi = max(0, src_start - margin), min(info.frames, src_stop + margin)
+    try:
+        with sf.SoundFile(path) as f:
+            if lo:
+                f.seek(lo)
+            data = f.read(hi - lo, dtype="float32", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise AudioError(path, f"decode failed ({e})") from None
+    short = (hi - lo) - data.shape[0]
+    if short > (_MP3_SLACK if info.format == "MP3" else 0):
+        raise AudioError(path, f"truncated: expected {hi - lo} frames from {lo}, decoded {data.shape[0]}")
+    if not np.isfinite(data).all():
+        raise AudioError(path, "contains NaN or infinite samples")
+
+    wav = apply_channel_policy(np.ascontiguousarray(data.T), channels, path)
+    out = torch.from_numpy(wav)
+    if src_sr != out_sr:
+        out = AF.resample(out, src_sr, out_sr)
+        # drop the left margin (converted to the output rate), then cut to the request
+        skip = int(round((src_start - lo) * out_sr / src_sr))
+        out = out[:, skip:]
+    out = out[:, :num_frames]
+    if out.shape[1] < num_frames:  # mp3 slack or resampler rounding: a few samples at most
+        out = torch.nn.functional.pad(out, (0, num_frames - out.shape[1]))
+    return out.contiguous(), out_sr
+
+
+def write_audio(path, wav, sample_rate: int, subtype: str = "PCM_16") -> None:
+    """Write ``(channels, samples)`` float audio; the parent folder is created."""
+    wav = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sf.write(path, np.ascontiguousarray(wav.T), sample_rate, subtype=subtype)

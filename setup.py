@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pahubert",
+    version="0.1.0",
+    description="Pac-HuBERT: self-supervised music source separation as a fairseq plugin",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["pahubert_plugin", "pahubert_plugin.*"]),
+    package_data={"pahubert_plugin": ["config/**/*.yaml"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "torch==2.11.0",
+        "torchaudio==2.11.0",
+        'fairseq-fixed==0.12.3.1; python_version>="3.11"',
+        'fairseq>=0.12.2; python_version<"3.11"',
+        "numpy==2.2.6",
+        "npy-append-array==0.9.19",
+        "scikit-learn==1.7.2",
+        "joblib==1.5.2",
+        "soundfile==0.13.1",
+        "musdb==0.4.2",
+        "museval==0.4.1",
+        "tqdm==4.67.1",
+        "matplotlib==3.10.7",
+    ],
+    extras_require={
+        "test": ["pytest==8.4.2"],
+        "bench": ["openunmix==1.3.0", "demucs==4.0.1"],
+    },
+    entry_points={
+        "console_scripts": [
+        ],
+    },
+)
