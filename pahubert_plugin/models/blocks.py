@@ -1,0 +1,101 @@
+"""Residual conv2d U-Net pieces (Kong et al., ISMIR 2021, "decoupling magnitude and phase").
+
+Plain ``nn.Module``s shared by the Pac-HuBERT encoder stem and the Res-U-Net separator.
+Tensors are ``(batch, channels, freq, frames)`` throughout.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+Stride = Tuple[int, int]  # (freq, time)
+
+
+class ResUnit(nn.Module):
+    """BN -> LeakyReLU(0.01) -> 3x3 conv, twice, plus a (1x1 if needed) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, momentum: float = 0.01):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(in_channels, momentum=momentum), nn.LeakyReLU(0.01),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels, momentum=momentum), nn.LeakyReLU(0.01),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        )
+        self.shortcut = (
+            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + self.body(x)
+
+
+def res_block(in_channels: int, out_channels: int, units: int) -> nn.Sequential:
+    return nn.Sequential(
+        *[ResUnit(in_channels if i == 0 else out_channels, out_channels) for i in range(units)]
+    )
+
+
+def total_stride(strides: Sequence[Stride]) -> Stride:
+    f = t = 1
+    for sf, st in strides:
+        f, t = f * sf, t * st
+    return f, t
+
+
+class ResUNetEncoder(nn.Module):
+    """Residual blocks, each followed by average pooling with its (freq, time) stride.
+
+    ``forward``: ``(batch, in_channels, freq, frames)`` -> bottleneck
+    ``(batch, channels[-1], freq / Sf, frames / St)`` and the list of skip tensors
+    (each block's output before pooling, shallowest first).  ``freq`` and ``frames`` must
+    be multiples of the total strides ``(Sf, St)``; :meth:`pad` does that.
+    """
+
+    def __init__(self, in_channels: int, channels: Sequence[int], strides: Sequence[Stride], units: int):
+        super().__init__()
+        if len(channels) != len(strides):
+            raise ValueError(f"{len(channels)} channel sizes but {len(strides)} strides")
+        self.channels, self.strides = list(channels), [tuple(s) for s in strides]
+        self.stride = total_stride(self.strides)
+        ins = [in_channels] + self.channels[:-1]
+        self.blocks = nn.ModuleList(res_block(i, o, units) for i, o in zip(ins, self.channels))
+        self.pools = nn.ModuleList(nn.AvgPool2d(s) for s in self.strides)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the freq and frame axes of ``x`` up to multiples of the total stride."""
+        sf, st = self.stride
+        pf, pt = (-x.shape[-2]) % sf, (-x.shape[-1]) % st
+        return nn.functional.pad(x, (0, pt, 0, pf)) if pf or pt else x
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        skips = []
+        for block, pool in zip(self.blocks, self.pools):
+            x = block(x)
+            skips.append(x)
+            x = pool(x)
+        return x, skips
+
+
+class ResUNetDecoder(nn.Module):
+    """Mirror of :class:`ResUNetEncoder`: transposed-conv upsampling, concatenated skips.
+
+    ``forward(bottleneck (batch, in_channels, F/Sf, T/St), skips)`` ->
+    ``(batch, out_channels, F, T)``.
+    """
+
+    def __init__(self, in_channels: int, channels: Sequence[int], strides: Sequence[Stride],
+                 units: int, out_channels: int):
+        super().__init__()
+        self.ups, self.blocks = nn.ModuleList(), nn.ModuleList()
+        prev = in_channels
+        for ch, (sf, st) in zip(reversed(channels), reversed([tuple(s) for s in strides])):
+            self.ups.append(nn.ConvTranspose2d(prev, ch, kernel_size=(sf, st), stride=(sf, st)))
+            self.blocks.append(res_block(2 * ch, ch, units))
+            prev = ch
+        self.head = nn.Conv2d(prev, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        for up, block, skip in zip(self.ups, self.blocks, reversed(skips)):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
