@@ -20,30 +20,28 @@ _REGISTERED = False
 
 
 def safe_globals() -> list:
-    """The classes a fairseq checkpoint may contain besides tensors and builtins."""
+    """The non-tensor classes fairseq checkpoints contain.
+
+    Current fairseq saves ``cfg`` as a plain dict and the task's Dictionary objects in
+    ``task_state``; checkpoints from older fairseq (e.g. the released speech HuBERT
+    models) hold an ``argparse.Namespace`` or omegaconf containers instead; logged
+    metrics can be numpy scalars.  Nothing here runs code when unpickled.
+    """
     from fairseq.data.dictionary import Dictionary
-    from fairseq.logging import meters
     from omegaconf import DictConfig, ListConfig
     from omegaconf.base import ContainerMetadata, Metadata
-    from omegaconf.nodes import AnyNode, BooleanNode, EnumNode, FloatNode, IntegerNode, StringNode
+    from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 
-    classes = [
+    numpy_core = getattr(np, "_core", None) or np.core
+    return [
         Dictionary,
-        meters.AverageMeter, meters.SumMeter, meters.TimeMeter, meters.StopwatchMeter,
-        meters.MetersDict,
         argparse.Namespace,
-        collections.OrderedDict, collections.defaultdict,
         DictConfig, ListConfig, ContainerMetadata, Metadata,
-        AnyNode, BooleanNode, EnumNode, FloatNode, IntegerNode, StringNode,
-        typing.Any, dict, list, int, float, str, bool,
-        # numpy scalars appear in logged metrics
-        np.core.multiarray.scalar if hasattr(np, "core") else np._core.multiarray.scalar,
-        np.dtype,
+        AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode,
+        typing.Any, collections.defaultdict,
+        numpy_core.multiarray.scalar, np.dtype,
+        *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")),
     ]
-    classes += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
-    if hasattr(meters, "ConcatTensorMeter"):
-        classes.append(meters.ConcatTensorMeter)
-    return classes
 
 
 def register_safe_globals() -> None:

@@ -1,0 +1,85 @@
+"""Test utilities shared by several test files: tiny audio, stock fairseq runs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+import fairseq
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = REPO / "pahubert_plugin"
+FAIRSEQ_HUBERT_CONF = Path(fairseq.__file__).parent / "examples" / "hubert" / "config" / "pretrain"
+
+
+def tone(seconds, sr, freq=440.0, channels=1, seed=0, amp=0.3):
+    """(samples, channels) float32: a tone plus a little noise, different per channel."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    chans = [amp * np.sin(2 * np.pi * freq * (1 + 0.01 * c) * t) + 0.01 * rng.standard_normal(t.size)
+             for c in range(channels)]
+    return np.stack(chans, axis=1).astype(np.float32)
+
+
+def run_fairseq(args, cwd, timeout=600, env=None):
+    """Run a fairseq CLI module in a subprocess; on failure show the end of its log."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, env=full_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
+    return proc.stdout
+
+
+def write_stock_hubert_data(root, num_files=4, seconds=2.0, sr=16000, n_clusters=8, label_rate=50):
+    """Manifests + random k-means labels in the layout of fairseq's hubert_pretraining task."""
+    root = Path(root)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "valid"):
+        rows, labels = [], []
+        for i in range(num_files):
+            wav = tone(seconds, sr, freq=200 + 50 * i, seed=i)
+            name = f"audio/{split}{i}.wav"
+            sf.write(root / name, wav, sr)
+            rows.append(f"{name}\t{len(wav)}")
+            n = len(wav) * label_rate // sr
+            labels.append(" ".join(map(str, rng.integers(0, n_clusters, n))))
+        (root / f"{split}.tsv").write_text(f"{root}\n" + "\n".join(rows) + "\n")
+        (root / f"{split}.km").write_text("\n".join(labels) + "\n")
+    (root / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(n_clusters)))
+    return root
+
+
+def stock_hubert_overrides(data_dir, save_dir, max_update, embed_dim=32, layers=2):
+    """Shrink fairseq's hubert_base_librispeech.yaml to seconds on a CPU."""
+    conv = "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2"  # stride 320 = 50 Hz at 16 kHz
+    return [
+        "--config-dir", FAIRSEQ_HUBERT_CONF, "--config-name", "hubert_base_librispeech",
+        f"common.user_dir={PLUGIN_DIR}", "common.cpu=true", "common.fp16=false", "common.log_interval=1",
+        "common.tensorboard_logdir=null", "common.seed=1",
+        f"task.data={data_dir}", f"task.label_dir={data_dir}", "task.labels=[km]", "model.label_rate=50",
+        "task.min_sample_size=8000", "task.max_sample_size=32000",
+        "dataset.num_workers=0", "dataset.max_tokens=64000", "dataset.validate_interval_updates=0",
+        "distributed_training.distributed_world_size=1", "distributed_training.nprocs_per_node=1",
+        "distributed_training.ddp_backend=legacy_ddp",
+        f"optimization.max_update={max_update}", "lr_scheduler.warmup_updates=1",
+        f"checkpoint.save_dir={save_dir}", "checkpoint.save_interval_updates=1",
+        f"++model.encoder_layers={layers}", f"++model.encoder_embed_dim={embed_dim}",
+        f"++model.encoder_ffn_embed_dim={2 * embed_dim}", "++model.encoder_attention_heads=2",
+        "model.final_dim=16", f"model.conv_feature_layers='{conv}'", "++model.conv_pos=16",
+        "++model.conv_pos_groups=4", "model.attention_dropout=0.0", "model.encoder_layerdrop=0.0",
+        f"hydra.run.dir={save_dir}/hydra",
+    ]
+
+
+def train_stock_hubert(workdir, max_update=2):
+    """Train stock fairseq `hubert` for ``max_update`` updates; returns (save_dir, log)."""
+    workdir = Path(workdir)
+    data = write_stock_hubert_data(workdir / "data")
+    save = workdir / "ckpt"
+    log = run_fairseq(["fairseq_cli.hydra_train", *stock_hubert_overrides(data, save, max_update)], cwd=workdir)
+    return save, log
