@@ -1,0 +1,226 @@
+"""Stage 0: fairseq audio manifests (``train.tsv`` / ``valid.tsv``) from a folder of audio.
+
+Output, in ``OUT_DIR``:
+
+``{split}.tsv``
+    fairseq's format: first line the absolute root, then ``relpath<TAB>num_samples`` where
+    ``num_samples`` is the length *at the target rate* (what :func:`read_audio` returns for
+    ``sample_rate=SR``). Exactly two columns, so fairseq's ``get_path_iterator`` and
+    ``HubertDataset`` parse it unchanged.
+``{split}.meta.tsv``
+    Row-aligned sidecar with a header: relpath, num_samples, source_rate, source_frames,
+    channels, format. It records the source rate so a resampled file is never silently
+    mis-timed.
+``skipped.tsv``
+    ``relpath<TAB>reason<TAB>detail`` for every file not used; reason is one of
+    ``unreadable``, ``truncated``, ``too_short``, ``silent``.
+
+Every file is decoded once in full (in blocks, at its native rate) so that truncated mp3s
+and all-silent clips (FMA has both) are caught here rather than in the middle of training.
+The scan runs in a process pool with a progress bar and never dies on one bad file.
+"""
+import argparse
+import hashlib
+import logging
+import math
+import multiprocessing
+import os
+import sys
+from collections import Counter
+from typing import List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import tqdm
+
+from pahubert_plugin.data.audio import AUDIO_EXTENSIONS, AudioError, audio_info, read_audio
+from pahubert_plugin.frames import hop_length
+
+logger = logging.getLogger("pahubert.manifest")
+
+SKIP_REASONS = ("unreadable", "truncated", "too_short", "silent")
+_BLOCK_SECONDS = 60.0
+
+
+class Probe(NamedTuple):
+    """What the scan learned about one file: ``reason`` is None when the file is kept."""
+
+    relpath: str
+    reason: Optional[str]
+    detail: str = ""
+    num_samples: int = 0
+    source_rate: int = 0
+    source_frames: int = 0
+    channels: int = 0
+    format: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return self.source_frames / self.source_rate if self.source_rate else 0.0
+
+
+def find_audio(root: str, exts: Sequence[str]) -> List[str]:
+    """Relative paths of files under ``root`` whose extension is in ``exts``, sorted."""
+    exts = {"." + e.lower().lstrip(".") for e in exts}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in exts:
+                found.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(found)
+
+
+def _classify(err: AudioError) -> str:
+    return "truncated" if "truncated" in err.reason else "unreadable"
+
+
+def probe_file(root: str, relpath: str, sample_rate: int, min_seconds: float, silence_db: float) -> Probe:
+    """Read the header, decode the whole file block by block, and decide keep or skip."""
+    path = os.path.join(root, relpath)
+    try:
+        info = audio_info(path)
+    except AudioError as e:
+        return Probe(relpath, _classify(e), e.reason)
+    meta = dict(num_samples=info.frames_at(sample_rate), source_rate=info.sample_rate,
+                source_frames=info.frames, channels=info.channels, format=info.format)
+    if info.seconds < min_seconds:
+        return Probe(relpath, "too_short", f"{info.seconds:.3f} s < {min_seconds} s", **meta)
+    peak = 0.0
+    block = max(1, int(_BLOCK_SECONDS * info.sample_rate))
+    try:
+        for start in range(0, info.frames, block):
+            wav, _ = read_audio(path, offset=start, num_frames=min(block, info.frames - start), info=info)
+            peak = max(peak, float(wav.abs().max()))
+    except AudioError as e:
+        return Probe(relpath, _classify(e), e.reason, **meta)
+    peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
+    if peak_db < silence_db:
+        return Probe(relpath, "silent", f"peak {peak_db:.1f} dBFS < {silence_db} dBFS", **meta)
+    return Probe(relpath, None, "", **meta)
+
+
+def _probe_star(args) -> Probe:
+    return probe_file(*args)
+
+
+def _init_worker():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def probe_all(root, relpaths, sample_rate, min_seconds, silence_db, jobs) -> List[Probe]:
+    tasks = [(root, rel, sample_rate, min_seconds, silence_db) for rel in relpaths]
+    bar = dict(total=len(tasks), desc="scan", unit="file", dynamic_ncols=True)
+    if jobs <= 1 or len(tasks) < 2:
+        return [_probe_star(t) for t in tqdm.tqdm(tasks, **bar)]
+    # fork reuses the parent's imports (torch, soundfile): workers start in milliseconds
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    ctx = multiprocessing.get_context(method)
+    chunk = max(1, min(64, len(tasks) // (jobs * 8)))
+    with ctx.Pool(jobs, initializer=_init_worker) as pool:
+        return list(tqdm.tqdm(pool.imap(_probe_star, tasks, chunksize=chunk), **bar))
+
+
+def _unit_hash(seed: int, relpath: str) -> float:
+    """A stable number in [0, 1) per file: the split does not move when files are added."""
+    digest = hashlib.md5(f"{seed}:{relpath}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_train_valid(kept: List[Probe], valid_percent: float, seed: int):
+    scores = [_unit_hash(seed, p.relpath) for p in kept]
+    valid = [p for p, s in zip(kept, scores) if s < valid_percent]
+    if valid_percent > 0 and not valid and len(kept) >= 2:
+        valid = [kept[int(np.argmin(scores))]]  # a tiny corpus still gets a valid set
+    chosen = {p.relpath for p in valid}
+    train = [p for p in kept if p.relpath not in chosen]
+    return train, valid
+
+
+def write_split(out_dir: str, split: str, root: str, probes: List[Probe]) -> None:
+    with open(os.path.join(out_dir, f"{split}.tsv"), "w") as f:
+        f.write(root + "\n")
+        for p in probes:
+            f.write(f"{p.relpath}\t{p.num_samples}\n")
+    with open(os.path.join(out_dir, f"{split}.meta.tsv"), "w") as f:
+        f.write("relpath\tnum_samples\tsource_rate\tsource_frames\tchannels\tformat\n")
+        for p in probes:
+            f.write(f"{p.relpath}\t{p.num_samples}\t{p.source_rate}\t{p.source_frames}\t{p.channels}\t{p.format}\n")
+
+
+def summary_line(train, valid, skipped, sample_rate) -> str:
+    counts = Counter(p.reason for p in skipped)
+    by_reason = ", ".join(f"{r} {counts.get(r, 0)}" for r in SKIP_REASONS)
+    hours = sum(p.num_samples for p in train + valid) / sample_rate / 3600
+    return (f"kept {len(train) + len(valid)} (train {len(train)}, valid {len(valid)}), "
+            f"skipped {len(skipped)} ({by_reason}), total {hours:.3f} h")
+
+
+def build_manifest(audio_dir, out_dir, sample_rate, valid_percent=0.01, exts=AUDIO_EXTENSIONS,
+                   min_seconds=1.0, silence_db=-60.0, seed=0, jobs=1) -> str:
+    """Scan ``audio_dir`` and write the manifests into ``out_dir``; returns the summary line."""
+    hop_length(sample_rate)  # a ValueError now rather than after the scan
+    if not 0.0 <= valid_percent < 1.0:
+        raise ValueError(f"--valid-percent is a fraction in [0, 1), got {valid_percent}")
+    root = os.path.realpath(audio_dir)
+    if not os.path.isdir(root):
+        raise ValueError(f"audio dir {audio_dir} is not a directory")
+    relpaths = find_audio(root, exts)
+    if not relpaths:
+        raise ValueError(f"no files with extensions {','.join(exts)} under {root}")
+    logger.info("found %d audio files under %s", len(relpaths), root)
+    probes = probe_all(root, relpaths, sample_rate, min_seconds, silence_db, jobs)
+    kept = [p for p in probes if p.reason is None]
+    skipped = [p for p in probes if p.reason is not None]
+    train, valid = split_train_valid(kept, valid_percent, seed)
+
+    os.makedirs(out_dir, exist_ok=True)
+    write_split(out_dir, "train", root, train)
+    write_split(out_dir, "valid", root, valid)
+    with open(os.path.join(out_dir, "skipped.tsv"), "w") as f:
+        for p in skipped:
+            f.write(f"{p.relpath}\t{p.reason}\t{p.detail}\n")
+    for p in skipped:
+        logger.warning("skipped %s: %s (%s)", p.relpath, p.reason, p.detail)
+    return summary_line(train, valid, skipped, sample_rate)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pahubert-manifest",
+        description="Stage 0: scan AUDIO_DIR and write fairseq manifests train.tsv/valid.tsv "
+                    "(num_samples at --sample-rate), {split}.meta.tsv (source rates) and skipped.tsv.",
+    )
+    parser.add_argument("audio_dir", help="folder of audio, walked recursively")
+    parser.add_argument("out_dir", help="where train.tsv, valid.tsv and skipped.tsv go")
+    parser.add_argument("--sample-rate", type=int, default=44100,
+                        help="target rate; num_samples is counted at this rate (multiple of 100)")
+    parser.add_argument("--valid-percent", type=float, default=0.01,
+                        help="fraction of files (0-1) for valid.tsv, chosen by a stable hash of the path")
+    parser.add_argument("--exts", default=",".join(AUDIO_EXTENSIONS),
+                        help="comma-separated extensions to include")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="files shorter than this are skipped as too_short")
+    parser.add_argument("--silence-db", type=float, default=-60.0,
+                        help="files whose peak is below this many dBFS are skipped as silent")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="parallel worker processes for the scan")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        stream=sys.stdout)
+    summary = build_manifest(
+        args.audio_dir, args.out_dir, args.sample_rate, args.valid_percent,
+        [e for e in args.exts.split(",") if e], args.min_seconds, args.silence_db, args.seed, args.jobs,
+    )
+    print(summary, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Pac-HuBERT recipe (Kaldi/ESPnet style). Stages:
+#   0  manifest   audio folder -> $data_dir/{train,valid}.tsv (+ .meta.tsv, skipped.tsv)
+#   1  features   mfcc|primitive per frame, $nj shards per split (fairseq dump_feature + our reader)
+#   2  k-means    fairseq learn_kmeans.py on the train features -> $km_path
+#   3  labels     fairseq dump_km_label.py per shard -> $label_dir/{split}.km + dict.km.txt, checked
+#   (stages 4-6, pretraining and the second iteration, are added below stage 3)
+#
+# Usage:
+#   bash recipes/pahubert/run.sh --audio-dir DIR --exp-dir DIR [--sample-rate 16000] [--nj 2] \
+#        [--feature mfcc] [--n-clusters 100] [--stage 0] [--stop-stage 3]
+# Every variable below can be set as --name-with-dashes VALUE. Logs: $exp_dir/logs/stage*.log.
+set -euo pipefail
+
+# ---- options (--audio-dir sets audio_dir, and so on) ------------------------------------------
+audio_dir=              # unlabelled audio (wav/flac/mp3/ogg), walked recursively (stage 0)
+exp_dir=exp/pahubert    # everything this recipe writes goes under here
+data_dir=               # manifests; default $exp_dir/data
+sample_rate=44100       # target rate (multiple of 100); labels are 100 Hz, hop = sample_rate/100
+valid_percent=0.01      # fraction of files held out for valid.tsv
+min_seconds=1.0         # shorter files are skipped (skipped.tsv, reason too_short)
+exts=wav,flac,mp3,ogg   # audio extensions the manifest picks up
+seed=0                  # train/valid split and k-means seed
+nj=4                    # parallel jobs: shards per split for features and labels, scan workers
+feature=mfcc            # clustering feature: mfcc (39-d Kaldi MFCC+D+DD) | primitive (47-d, + Bregman cues)
+n_clusters=100          # k-means clusters (HuBERT iteration 1 uses 100)
+percent=-1              # fraction of train files sampled per shard to fit k-means; -1 = all
+km_args=""              # extra options for fairseq's learn_kmeans.py, e.g. "--n_init 5 --batch_size 10000"
+stage=0
+stop_stage=3
+PYTHON=${PYTHON:-python}  # the Makefile puts .venv/bin first on PATH
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --*)
+      name=${1#--}; name=${name//-/_}
+      [ $# -ge 2 ] || { echo "run.sh: option $1 needs a value" >&2; exit 1; }
+      if ! declare -p "$name" >/dev/null 2>&1 || [ "$name" = name ]; then
+        echo "run.sh: unknown option $1 (see --help)" >&2; exit 1
+      fi
+      printf -v "$name" '%s' "$2"; shift 2 ;;
+    *) echo "run.sh: unexpected argument $1 (see --help)" >&2; exit 1 ;;
+  esac
+done
+
+# ---- derived paths ----------------------------------------------------------------------------
+data_dir=${data_dir:-$exp_dir/data}
+tag=${feature}_k${n_clusters}
+feat_dir=$exp_dir/feat/$feature                 # {split}_{rank}_{nshard}.npy/.len
+km_path=$exp_dir/km/$tag.km                     # joblib-saved MiniBatchKMeans
+label_dir=$exp_dir/labels/$tag                  # {split}.km + dict.km.txt (what pretraining reads)
+log_dir=$exp_dir/logs
+mkdir -p "$exp_dir" "$log_dir"
+
+log() { echo "[$(date '+%H:%M:%S')] $*"; }
+
+# run LOG CMD...: run CMD with its output in LOG; on failure show the log's tail and stop.
+run() {
+  local logfile=$1; shift
+  echo "# $*" > "$logfile"
+  if ! "$@" >> "$logfile" 2>&1; then
+    echo "FAILED: $*" >&2; echo "---- tail of $logfile ----" >&2; tail -n 20 "$logfile" >&2; exit 1
+  fi
+}
+
+# run_parallel: runs the queued commands in the background and waits; fails if any fails.
+declare -a queued_logs=() queued_cmds=()
+queue() { queued_logs+=("$1"); shift; queued_cmds+=("$(printf '%q ' "$@")"); }
+run_parallel() {
+  local pids=() i failed=0
+  for i in "${!queued_cmds[@]}"; do
+    ( run "${queued_logs[$i]}" bash -c "${queued_cmds[$i]}" ) & pids+=($!)
+  done
+  for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed=1; done
+  queued_logs=(); queued_cmds=()
+  [ $failed = 0 ] || { echo "run.sh: a parallel job failed (logs above)" >&2; exit 1; }
+}
+
+# rows SPLIT: number of files in $data_dir/SPLIT.tsv (0 if absent)
+rows() { local tsv=$data_dir/$1.tsv; [ -f "$tsv" ] && echo $(( $(wc -l < "$tsv") - 1 )) || echo 0; }
+# nshard SPLIT: fairseq's get_shard_range needs at least one file per shard
+nshard() { local n; n=$(rows "$1"); echo $(( n < nj ? n : nj )); }
+splits() { local s; for s in train valid; do [ "$(rows $s)" -gt 0 ] && echo $s; done; return 0; }
+
+kmeans_dir() { "$PYTHON" -m pahubert_plugin.clustering.simple_kmeans 2>/dev/null; }
+
+# ---- stage 0: manifest ------------------------------------------------------------------------
+if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
+  [ -n "$audio_dir" ] || { echo "run.sh: stage 0 needs --audio-dir" >&2; exit 1; }
+  log "stage 0: manifest of $audio_dir -> $data_dir (log $log_dir/stage0_manifest.log)"
+  run "$log_dir/stage0_manifest.log" "$PYTHON" -m pahubert_plugin.data.manifest "$audio_dir" "$data_dir" \
+    --sample-rate "$sample_rate" --valid-percent "$valid_percent" --exts "$exts" \
+    --min-seconds "$min_seconds" --seed "$seed" --jobs "$nj"
+  tail -n 1 "$log_dir/stage0_manifest.log"
+fi
+
+# ---- stage 1: features ------------------------------------------------------------------------
+if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
+  log "stage 1: $feature features -> $feat_dir"
+  for split in $(splits); do
+    ns=$(nshard $split)
+    for rank in $(seq 0 $((ns - 1))); do
+      queue "$log_dir/stage1_features.$split.$rank.log" \
+        "$PYTHON" -m pahubert_plugin.clustering.dump_features "$data_dir" $split $ns $rank "$feat_dir" \
+        --feature "$feature" --sample-rate "$sample_rate"
+    done
+    run_parallel
+    log "  $split: $ns shard(s) done"
+  done
+fi
+
+# ---- stage 2: k-means -------------------------------------------------------------------------
+if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
+  log "stage 2: k-means ($n_clusters clusters, percent $percent) -> $km_path"
+  mkdir -p "$(dirname "$km_path")"
+  # shellcheck disable=SC2086  # km_args is a list of options
+  run "$log_dir/stage2_kmeans.log" "$PYTHON" "$(kmeans_dir)/learn_kmeans.py" \
+    "$feat_dir" train "$(nshard train)" "$km_path" "$n_clusters" --seed "$seed" --percent "$percent" $km_args
+  grep -h "intertia\|inertia" "$log_dir/stage2_kmeans.log" | tail -n 1 || true
+fi
+
+# ---- stage 3: labels --------------------------------------------------------------------------
+if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
+  log "stage 3: labels -> $label_dir"
+  mkdir -p "$label_dir/shards"
+  script=$(kmeans_dir)/dump_km_label.py
+  for split in $(splits); do
+    ns=$(nshard $split)
+    for rank in $(seq 0 $((ns - 1))); do
+      queue "$log_dir/stage3_labels.$split.$rank.log" \
+        "$PYTHON" "$script" "$feat_dir" $split "$km_path" $ns $rank "$label_dir/shards"
+    done
+    run_parallel
+    # fairseq's shards are contiguous slices of the manifest: concatenating them keeps its order
+    for rank in $(seq 0 $((ns - 1))); do cat "$label_dir/shards/${split}_${rank}_${ns}.km"; done > "$label_dir/$split.km"
+  done
+  for i in $(seq 0 $((n_clusters - 1))); do echo "$i 1"; done > "$label_dir/dict.km.txt"
+  for split in $(splits); do
+    run "$log_dir/stage3_check.$split.log" "$PYTHON" -m pahubert_plugin.clustering.check_labels \
+      "$data_dir/$split.tsv" "$label_dir/$split.km" --sample-rate "$sample_rate" --dict "$label_dir/dict.km.txt"
+    tail -n 1 "$log_dir/stage3_check.$split.log"
+  done
+fi
+
+# ---- stages 4-6: pretraining (added by the pretraining recipe) ---------------------------------
+
+log "done (stages $stage-$stop_stage); outputs under $exp_dir"
