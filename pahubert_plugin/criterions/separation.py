@@ -1,0 +1,99 @@
+"""fairseq criterion ``separation``: L1 on waveforms, optionally plus a multi-resolution STFT loss.
+
+The model is called as ``model(**sample["net_input"])`` and returns estimates
+``(batch, sources, channels, samples)`` matching ``sample["target"]``.  The loss of one
+example is the mean over sources of each source's loss; logs carry ``loss`` and
+``loss_<source>`` (all sums over examples, normalised by ``sample_size`` = examples).
+The multi-resolution STFT term is spectral convergence + log-magnitude L1 per resolution
+(Yamamoto et al., Parallel WaveGAN, 2020), averaged over resolutions.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+from omegaconf import II
+
+
+@dataclass
+class SeparationCriterionConfig(FairseqDataclass):
+    wave_weight: float = field(default=1.0, metadata={"help": "weight of the L1 waveform loss"})
+    stft_weight: float = field(default=0.0, metadata={"help": "weight of the multi-resolution STFT loss (0: off)"})
+    stft_fft_sizes: List[int] = field(default_factory=lambda: [512, 1024, 2048], metadata={
+        "help": "FFT sizes of the multi-resolution STFT loss (hop = size / 4, Hann window)"})
+    sources: List[str] = II("task.sources")
+
+
+def multi_resolution_stft_loss(est: torch.Tensor, ref: torch.Tensor, fft_sizes: List[int]) -> torch.Tensor:
+    """``est``/``ref`` ``(batch, sources, channels, samples)`` -> ``(batch, sources)``."""
+    b, s, c, t = ref.shape
+    total = est.new_zeros(b, s)
+    for n_fft in fft_sizes:
+        window = torch.hann_window(n_fft, device=est.device)
+
+        def mag(x):  # (batch, sources, channels * freq * frames) magnitudes
+            spec = torch.stft(x.reshape(-1, t).float(), n_fft, n_fft // 4, window=window, return_complex=True)
+            return spec.abs().clamp_min(1e-7).reshape(b, s, -1)
+
+        m_est, m_ref = mag(est), mag(ref)
+        convergence = (m_ref - m_est).norm(dim=-1) / m_ref.norm(dim=-1).clamp_min(1e-7)
+        log_l1 = (m_ref.log() - m_est.log()).abs().mean(dim=-1)
+        total = total + convergence + log_l1
+    return total / len(fft_sizes)
+
+
+@register_criterion("separation", dataclass=SeparationCriterionConfig)
+class SeparationCriterion(FairseqCriterion):
+    def __init__(self, task, wave_weight=1.0, stft_weight=0.0, stft_fft_sizes=(512, 1024, 2048), sources=()):
+        super().__init__(task)
+        if wave_weight <= 0 and stft_weight <= 0:
+            raise ValueError("criterion: wave_weight and stft_weight are both 0; nothing to train on")
+        self.wave_weight, self.stft_weight = wave_weight, stft_weight
+        self.stft_fft_sizes = list(stft_fft_sizes)
+        self.sources = list(sources) or list(getattr(task, "sources", []))
+
+    def compute_loss(self, estimates: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``(batch, sources, channels, samples)`` each -> (loss summed over the batch,
+        ``{"loss_<source>": summed over the batch}``)."""
+        if estimates.shape != target.shape:
+            raise ValueError(f"model returned {tuple(estimates.shape)}, target is {tuple(target.shape)} "
+                             f"(batch, sources, channels, samples)")
+        per_source = estimates.new_zeros(estimates.shape[:2])  # (batch, sources)
+        if self.wave_weight > 0:
+            per_source = per_source + self.wave_weight * (estimates - target).abs().mean(dim=(-2, -1))
+        if self.stft_weight > 0:
+            per_source = per_source + self.stft_weight * multi_resolution_stft_loss(
+                estimates, target, self.stft_fft_sizes)
+        names = self.sources if len(self.sources) == per_source.shape[1] else [
+            str(i) for i in range(per_source.shape[1])]
+        parts = {f"loss_{n}": per_source[:, j].detach().sum() for j, n in enumerate(names)}
+        return per_source.mean(dim=1).sum(), parts
+
+    def forward(self, model, sample, reduce=True):
+        estimates = model(**sample["net_input"])
+        loss, parts = self.compute_loss(estimates, sample["target"])
+        batch = sample["target"].shape[0]
+        logging_output = {
+            "loss": loss.item(), "sample_size": batch, "nsentences": batch,
+            "ntokens": sample.get("ntokens", batch),
+            **{k: v.item() for k, v in parts.items()},
+        }
+        return loss, batch, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        if sample_size == 0:
+            return
+        loss = sum(log.get("loss", 0.0) for log in logging_outputs)
+        metrics.log_scalar("loss", loss / sample_size, sample_size, round=4)
+        keys = sorted({k for log in logging_outputs for k in log if k.startswith("loss_")})
+        for k in keys:
+            value = sum(log.get(k, 0.0) for log in logging_outputs)
+            metrics.log_scalar(k, value / sample_size, sample_size, round=4)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True  # every value is a sum over examples (see reduce_metrics)
