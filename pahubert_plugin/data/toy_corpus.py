@@ -347,8 +347,8 @@ def bass(plan: Plan, rng) -> Tuple[np.ndarray, dict]:
             add_note(mono, wt, root + interval, int(t0 * sr), gate, env,
                      rng.uniform(0.8, 1.0) * (1.0 if s % 4 == 0 else 0.85), rng, tail=0.15)
     cutoff = rng.uniform(250, 900)
-    mono = butter(mono, cutoff, sr, "lowpass", order=4)
     mono = np.tanh(rng.uniform(1.0, 2.5) * mono / (np.abs(mono).max() + 1e-9))  # gentle drive
+    mono = butter(mono, cutoff, sr, "lowpass", order=4)  # after the drive: nothing above cutoff
     out = pan(mono, rng.uniform(-0.1, 0.1))
     out = reverb(out, noise, sr, 0.3, rng.uniform(0.0, 0.08))
     return out, {"timbre": timbre, "low_midi": low, "pattern": pattern, "cutoff": round(cutoff)}
