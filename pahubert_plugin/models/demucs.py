@@ -33,7 +33,7 @@ import torchaudio.functional as AF
 # Presets as data: `tiny` runs on a CPU in seconds, `base` is the paper's Demucs V2
 # (~266 M parameters with the BiLSTM bottleneck).
 DEMUCS_PRESETS: Dict[str, Dict] = {
-    "tiny": dict(channels=8, depth=4, growth=2.0, kernel_size=8, stride=4, context=3,
+    "tiny": dict(channels=8, depth=5, growth=2.0, kernel_size=8, stride=4, context=3,
                  upsample=2, lstm_layers=1),
     "base": dict(channels=64, depth=6, growth=2.0, kernel_size=8, stride=4, context=3,
                  upsample=2, lstm_layers=2),

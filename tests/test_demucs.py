@@ -1,0 +1,255 @@
+"""Demucs V2 and Demucs V2 + HuBERT: shapes for any length, presets, and real fairseq runs.
+
+The fairseq runs (pretraining with pahubert_pretraining, fine-tuning with music_separation)
+use the tiny recipe configs on audio written here.
+"""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from fairseq.models import MODEL_REGISTRY
+from omegaconf import OmegaConf
+
+import pahubert_plugin
+from pahubert_plugin import frames
+from pahubert_plugin.checkpoint import load_checkpoint
+from pahubert_plugin.models.demucs import DEMUCS_PRESETS, DemucsV2
+from pahubert_plugin.models.demucs_v2 import DemucsV2Config, DemucsV2Model
+from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertConfig, DemucsV2HubertModel
+from pahubert_plugin.tasks.music_separation import MusicSeparationConfig, MusicSeparationTask
+from helpers import PLUGIN_DIR, REPO, run_fairseq
+
+SR = 16000
+SOURCES = ["drums", "bass", "other", "vocals"]
+MUSDB_CONF = REPO / "recipes" / "musdb" / "conf"
+PRETRAIN_CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
+
+
+def separation_task(sample_rate=SR, channels=2):
+    cfg = OmegaConf.structured(MusicSeparationConfig)
+    cfg.data, cfg.seed, cfg.sample_rate, cfg.audio_channels = "unused", 1, sample_rate, channels
+    return MusicSeparationTask(cfg)
+
+
+def recipe_model_cfg(dataclass, name):
+    """The ``model:`` section of a recipe YAML merged over its dataclass."""
+    return OmegaConf.merge(OmegaConf.structured(dataclass), OmegaConf.load(MUSDB_CONF / name).model)
+
+
+def test_registry_holds_our_classes():
+    assert MODEL_REGISTRY["demucs_v2"] is DemucsV2Model
+    assert MODEL_REGISTRY["demucs_v2_hubert"] is DemucsV2HubertModel
+
+
+@pytest.mark.parametrize("length", [1, 7, 4095, 16001])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_demucs_v2_any_length(length, channels):
+    model = DemucsV2(SOURCES, audio_channels=channels, **DEMUCS_PRESETS["tiny"]).eval()
+    mixture = torch.randn(2, channels, length)
+    with torch.no_grad():
+        out = model(mixture)
+    assert out.shape == (2, len(SOURCES), channels, length)
+    assert torch.isfinite(out).all()
+
+
+def test_demucs_v2_base_matches_the_paper_size():
+    with torch.device("meta"):
+        model = DemucsV2(SOURCES, rescale=0.0, **{**DEMUCS_PRESETS["base"]})
+    count = sum(p.numel() for p in model.parameters())
+    assert 260e6 < count < 272e6, count  # Défossez et al.: ~266 M
+    assert model.encoder.out_channels == 2048 and model.encoder.hop == 2048
+
+
+def test_encoder_steps_and_skip_shapes():
+    """Every layer divides the (upsampled, padded) length by the stride exactly."""
+    model = DemucsV2(SOURCES, **DEMUCS_PRESETS["tiny"])
+    assert model.encoder.num_steps(3000) == 6 and model.encoder.num_steps(3073) == 7
+    x, skips, ctx = model.encoder(torch.randn(1, 2, 3000))
+    assert ctx.padded == 6 * 4 ** 5 and ctx.length == 3000
+    assert [s.shape[-1] for s in skips] == [6 * 4 ** (4 - i) for i in range(5)]
+    assert [s.shape[1] for s in skips] == [8, 16, 32, 64, 128] and x.shape == (1, 128, 6)
+
+
+def test_wrong_channel_count_is_a_clear_error():
+    model = DemucsV2(SOURCES, audio_channels=2, **DEMUCS_PRESETS["tiny"])
+    with pytest.raises(ValueError, match=r"\(batch, 2, samples\)"):
+        model(torch.randn(1, 1, 1000))
+
+
+def test_fairseq_demucs_v2_from_recipe():
+    model = DemucsV2Model.build_model(recipe_model_cfg(DemucsV2Config, "demucs_v2_tiny.yaml"), separation_task())
+    assert model.sources == SOURCES and model.sample_rate == SR and model.audio_channels == 2
+    assert model(mixture=torch.randn(1, 2, 5555)).shape == (1, 4, 2, 5555)
+
+
+@pytest.mark.parametrize("length", [1, 513, 16001])
+def test_demucs_v2_hubert_separates_any_length(length):
+    cfg = recipe_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_tiny.yaml")
+    model = DemucsV2HubertModel.build_model(cfg, separation_task()).eval()
+    with torch.no_grad():
+        out = model(mixture=torch.randn(2, 2, length))
+    assert out.shape == (2, 4, 2, length)
+    assert model.head is None and model.decoder is not None
+
+
+def test_demucs_v2_hubert_encoder_tokens_masks_and_padding():
+    cfg = recipe_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_tiny.yaml")
+    cfg.mask_length = 2  # the padded example keeps only 10 tokens
+    model = DemucsV2HubertModel.build_model(cfg, separation_task())
+    hop = model.encoder.hop
+    assert hop == 512  # 4**5 / 2 input samples per token
+    source = torch.randn(2, 2, 16000)
+    padding = torch.zeros(2, 16000, dtype=torch.bool)
+    padding[1, 5000:] = True
+    out = model.encoder(source, padding_mask=padding, mask=True)
+    tokens = -(-16000 // 512)
+    assert out["features"].shape == (2, tokens, 64)
+    assert out["padding_mask"][0].sum() == 0
+    assert out["padding_mask"][1].sum() == tokens - (-(-5000 // 512))  # tokens starting past 5000
+    assert out["mask_indices"].shape == (2, tokens) and out["mask_indices"].any()
+    feats, pad = model.extract_features(source, output_layer=1)
+    assert feats.shape == (2, tokens, 64) and pad is None
+
+
+def test_separation_task_is_required_for_a_separator():
+    cfg = OmegaConf.structured(DemucsV2Config)
+
+    class NotSeparation:
+        pass
+
+    with pytest.raises(ValueError, match="music_separation"):
+        DemucsV2Model.build_model(cfg, NotSeparation())
+
+
+# ---------------------------------------------------------------------------------------------
+# real fairseq runs
+
+def write_musdb(root, tracks=3, seconds=2.5, sr=SR):
+    """A MUSDB18-HQ-layout folder of tone stems; the mixture is their sum."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * sr)) / sr
+    for i in range(tracks):
+        folder = Path(root) / "train" / f"track{i}"
+        folder.mkdir(parents=True)
+        stems = []
+        for j, name in enumerate(SOURCES):
+            f = 80.0 * (j + 1) * (1 + 0.1 * i)
+            wav = 0.2 * np.sin(2 * np.pi * f * t)[:, None] * np.array([1.0, 0.7]) \
+                + 0.01 * rng.standard_normal((t.size, 2))
+            stems.append(wav.astype(np.float32))
+            sf.write(folder / f"{name}.wav", stems[-1], sr, subtype="FLOAT")
+        sf.write(folder / "mixture.wav", sum(stems), sr, subtype="FLOAT")
+    return Path(root)
+
+
+def write_pretrain_corpus(root, n=6, seconds=2.0, sr=SR, k=4):
+    """Manifests, random 100 Hz k-means-style labels and dict in pahubert_pretraining's layout."""
+    root = Path(root)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for split, count in (("train", n), ("valid", 2)):
+        rows, lines = [], []
+        for i in range(count):
+            samples = int(seconds * sr) + 37 * i
+            wav = (0.2 * rng.standard_normal((samples, 2))).astype(np.float32)
+            sf.write(root / "audio" / f"{split}{i}.wav", wav, sr)
+            rows.append(f"audio/{split}{i}.wav\t{samples}")
+            lines.append(" ".join(map(str, rng.integers(0, k, frames.num_frames(samples, sr)))))
+        (root / f"{split}.tsv").write_text(f"{root}\n" + "\n".join(rows) + "\n")
+        (root / f"{split}.km").write_text("\n".join(lines) + "\n")
+    (root / "dict.km.txt").write_text("".join(f"{j} 1\n" for j in range(k)))
+    return root
+
+
+def finetune_args(config_name, data, save, max_update=3, *extra):
+    return [
+        "fairseq_cli.hydra_train", "--config-dir", MUSDB_CONF, "--config-name", config_name,
+        f"task.data={data}", f"common.user_dir={PLUGIN_DIR}", f"checkpoint.save_dir={save}",
+        f"hydra.run.dir={save}/hydra", f"optimization.max_update={max_update}", "common.log_interval=1",
+        "task.samples_per_track=4", "task.valid_seconds=2.0", "task.valid_segment=1.0", *extra,
+    ]
+
+
+def updates_done(log):
+    return max(int(m) for m in re.findall(r"num_updates[\"':= ]+(\d+)", log))
+
+
+def separation_weights(save):
+    state = load_checkpoint(Path(save) / "checkpoint_last.pt")
+    return state["cfg"]["model"], state["model"]
+
+
+@pytest.mark.slow
+def test_demucs_v2_finetunes(tmp_path):
+    data = write_musdb(tmp_path / "musdb")
+    log = run_fairseq(finetune_args("demucs_v2_tiny.yaml", data, tmp_path / "ckpt"), cwd=tmp_path)
+    assert updates_done(log) == 3
+    assert "valid" in log and "sdr" in log
+    cfg, weights = separation_weights(tmp_path / "ckpt")
+    assert cfg["_name"] == "demucs_v2" and any(k.startswith("demucs.bottleneck.lstm") for k in weights)
+
+
+@pytest.mark.slow
+def test_demucs_v2_hubert_pretrains_then_finetunes(tmp_path):
+    corpus = write_pretrain_corpus(tmp_path / "corpus")
+    pre = tmp_path / "pretrain"
+    log = run_fairseq([
+        "fairseq_cli.hydra_train", "--config-dir", PRETRAIN_CONF, "--config-name", "demucs_v2_hubert_tiny",
+        f"common.user_dir={PLUGIN_DIR}", "common.cpu=true", "common.log_interval=1",
+        f"task.data={corpus}", f"task.label_dir={corpus}", "task.max_sample_size=24000",
+        "task.min_sample_size=8000", "dataset.batch_size=4", "optimization.max_update=3",
+        "lr_scheduler.warmup_updates=1", f"checkpoint.save_dir={pre}", f"hydra.run.dir={pre}/hydra",
+    ], cwd=tmp_path)
+    assert updates_done(log) == 3
+    assert re.search(r"\"loss\": \"?\d", log)
+    pre_state = load_checkpoint(pre / "checkpoint_last.pt")
+    assert pre_state["cfg"]["model"]["_name"] == "demucs_v2_hubert"
+    assert any(k.startswith("head.") for k in pre_state["model"])
+    assert not any(k.startswith("decoder.") for k in pre_state["model"])
+
+    data = write_musdb(tmp_path / "musdb")
+    ft = tmp_path / "finetune"
+    log = run_fairseq(finetune_args("demucs_v2_hubert_tiny.yaml", data, ft, 2,
+                                    f"model.pretrained_checkpoint={pre / 'checkpoint_last.pt'}",
+                                    "optimization.lr=[1e-12]", "model.dropout=0.0",
+                                    "model.encoder_layerdrop=0.0"), cwd=tmp_path)
+    assert updates_done(log) == 2
+    assert re.search(r"loaded \d+ encoder tensors from", log)
+    # with a vanishing learning rate the encoder is still the pretrained one
+    _, weights = separation_weights(ft)
+    for key, value in pre_state["model"].items():
+        if key.startswith("encoder."):
+            assert torch.allclose(weights[key].float(), value.float(), atol=1e-5), key
+    assert any(k.startswith("decoder.") for k in weights)
+
+
+def test_mismatched_or_foreign_checkpoint_is_refused(tmp_path):
+    cfg = recipe_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_tiny.yaml")
+    model = DemucsV2HubertModel.build_model(cfg, separation_task())
+    good = {"cfg": {"model": {**OmegaConf.to_container(cfg, enum_to_str=True), "_name": "demucs_v2_hubert"},
+                    "task": {"channels": 2, "sample_rate": SR}},
+            "model": {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}}
+    path = tmp_path / "pre.pt"
+    torch.save(good, path)
+    other = recipe_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_tiny.yaml")
+    other.pretrained_checkpoint = str(path)
+    assert DemucsV2HubertModel.build_model(other, separation_task()) is not None  # loads
+    other.encoder_layers = 3
+    with pytest.raises(ValueError, match=r"model.encoder_layers=2 \(config has 3\)"):
+        DemucsV2HubertModel.build_model(other, separation_task())
+    foreign = dict(good, cfg={"model": {"_name": "pahubert"}, "task": {}})
+    torch.save(foreign, path)
+    with pytest.raises(ValueError, match="expected a 'demucs_v2_hubert' pretraining checkpoint"):
+        _build_with(path)
+    torch.save(good, path)
+    with pytest.raises(ValueError, match="task.sample_rate=16000, this task has 44100"):
+        _build_with(path, sample_rate=44100)
+
+
+def _build_with(path, sample_rate=SR):
+    cfg = recipe_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_tiny.yaml")
+    cfg.pretrained_checkpoint = str(path)
+    return DemucsV2HubertModel.build_model(cfg, separation_task(sample_rate))
