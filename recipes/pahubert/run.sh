@@ -30,7 +30,7 @@ stage=0
 stop_stage=3
 PYTHON=${PYTHON:-python}  # the Makefile puts .venv/bin first on PATH
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -85,7 +85,13 @@ rows() { local tsv=$data_dir/$1.tsv; [ -f "$tsv" ] && echo $(( $(wc -l < "$tsv")
 nshard() { local n; n=$(rows "$1"); echo $(( n < nj ? n : nj )); }
 splits() { local s; for s in train valid; do [ "$(rows $s)" -gt 0 ] && echo $s; done; return 0; }
 
-kmeans_dir() { "$PYTHON" -m pahubert_plugin.clustering.simple_kmeans 2>/dev/null; }
+# fairseq's examples/hubert/simple_kmeans (inside the installed fairseq-fixed package); looked up once
+kmeans_dir=
+find_kmeans_dir() {
+  [ -n "$kmeans_dir" ] && return 0
+  kmeans_dir=$("$PYTHON" -m pahubert_plugin.clustering.simple_kmeans) \
+    || { echo "run.sh: fairseq's simple_kmeans scripts not found (is fairseq installed for $PYTHON?)" >&2; exit 1; }
+}
 
 # ---- stage 0: manifest ------------------------------------------------------------------------
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
@@ -117,7 +123,8 @@ if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
   log "stage 2: k-means ($n_clusters clusters, percent $percent) -> $km_path"
   mkdir -p "$(dirname "$km_path")"
   # shellcheck disable=SC2086  # km_args is a list of options
-  run "$log_dir/stage2_kmeans.log" "$PYTHON" "$(kmeans_dir)/learn_kmeans.py" \
+  find_kmeans_dir
+  run "$log_dir/stage2_kmeans.log" "$PYTHON" "$kmeans_dir/learn_kmeans.py" \
     "$feat_dir" train "$(nshard train)" "$km_path" "$n_clusters" --seed "$seed" --percent "$percent" $km_args
   grep -h "intertia\|inertia" "$log_dir/stage2_kmeans.log" | tail -n 1 || true
 fi
@@ -126,12 +133,12 @@ fi
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
   log "stage 3: labels -> $label_dir"
   mkdir -p "$label_dir/shards"
-  script=$(kmeans_dir)/dump_km_label.py
+  find_kmeans_dir
   for split in $(splits); do
     ns=$(nshard $split)
     for rank in $(seq 0 $((ns - 1))); do
       queue "$log_dir/stage3_labels.$split.$rank.log" \
-        "$PYTHON" "$script" "$feat_dir" $split "$km_path" $ns $rank "$label_dir/shards"
+        "$PYTHON" "$kmeans_dir/dump_km_label.py" "$feat_dir" $split "$km_path" $ns $rank "$label_dir/shards"
     done
     run_parallel
     # fairseq's shards are contiguous slices of the manifest: concatenating them keeps its order
