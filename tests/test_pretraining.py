@@ -1,0 +1,308 @@
+"""Pac-HuBERT pretraining: real fairseq training of the tiny config on audio made here.
+
+The corpus is a repeating sequence of K tones (each held SEGMENT frames) whose 100 Hz labels
+are the tone index: a masked frame's label is predictable from its context, so masked
+accuracy must climb well above chance (1/K).
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import pahubert_plugin
+from pahubert_plugin import frames
+from helpers import PLUGIN_DIR, REPO, run_fairseq
+
+SR = 16000
+TONES = (262.0, 440.0, 740.0, 1245.0)  # K = 4
+SEGMENT = 10  # frames per tone
+CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
+
+
+def tone_sequence(num_samples, sr=SR, first=0, channels=1):
+    """(samples, channels) audio and its per-frame labels (tone index), frame rule exact."""
+    hop = frames.hop_length(sr)
+    n = frames.num_frames(num_samples, sr)
+    labels = (first + np.arange(n) // SEGMENT) % len(TONES)
+    per_sample = np.repeat(labels, hop)
+    per_sample = np.concatenate([per_sample, np.full(num_samples - per_sample.size, per_sample[-1])])
+    phase = np.cumsum(2 * np.pi * np.asarray(TONES)[per_sample] / sr)
+    wav = 0.3 * np.sin(phase)[:, None] * np.linspace(1.0, 0.8, channels)[None]
+    return wav.astype(np.float32), labels
+
+
+def write_corpus(root, n_train=12, n_valid=2, seed=0, min_s=1.2, max_s=3.0):
+    """Manifests, labels and dict in the task's layout: mono and stereo files, random lengths."""
+    root = Path(root)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("valid", n_valid)):
+        rows, lines = [], []
+        for i in range(count):
+            n = int(rng.uniform(min_s, max_s) * SR)
+            wav, labels = tone_sequence(n, first=int(rng.integers(len(TONES))), channels=1 + i % 2)
+            name = f"audio/{split}{i}.wav"
+            sf.write(root / name, wav, SR)
+            rows.append(f"{name}\t{n}")
+            lines.append(" ".join(map(str, labels)))
+        (root / f"{split}.tsv").write_text(f"{root}\n" + "\n".join(rows) + "\n")
+        (root / f"{split}.km").write_text("\n".join(lines) + "\n")
+    (root / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(len(TONES))))
+    return root
+
+
+def overrides(data, save, max_update, *extra):
+    """The tiny config with test-sized crops and batches."""
+    return [
+        "--config-dir", CONF, "--config-name", "tiny",
+        f"common.user_dir={PLUGIN_DIR}", "common.cpu=true", "common.log_interval=5",
+        f"task.data={data}", f"task.label_dir={data}", "task.max_sample_size=24000",
+        "task.min_sample_size=8000", "dataset.batch_size=6", f"optimization.max_update={max_update}",
+        "lr_scheduler.warmup_updates=5", "optimization.lr=[0.002]", f"checkpoint.save_dir={save}",
+        f"hydra.run.dir={save}/hydra", *extra,
+    ]
+
+
+def train_records(log):
+    """The JSON stats lines of a fairseq log (train_inner and train/valid summaries)."""
+    records = []
+    for line in log.splitlines():
+        m = re.search(r"\| (train_inner|train|valid) \| (\{.*\})$", line)
+        if m:
+            records.append((m.group(1), json.loads(m.group(2))))
+    return records
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny pretraining run shared by the checks below (about a minute on 2 cores)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    data = write_corpus(root / "data")
+    save = root / "ckpt"
+    log = run_fairseq(["fairseq_cli.hydra_train", *overrides(data, save, 60, "model.mask_prob=0.5")], cwd=root)
+    return data, save, log
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_learns_from_context(trained):
+    data, save, log = trained
+    inner = [r for kind, r in train_records(log) if kind == "train_inner"]
+    assert inner, log[-3000:]
+    assert int(inner[-1]["num_updates"]) == 60
+    losses = [float(r["loss"]) for r in inner]
+    assert losses[-1] < 0.7 * losses[0], losses
+    # correct_m_0 is HuBERT's masked accuracy; chance is 1 / K
+    acc_m = [float(r["correct_m_0"]) for r in inner]
+    assert acc_m[-1] > 2.5 / len(TONES), acc_m
+    assert "correct_u_0" in inner[-1]
+    valid = [r for kind, r in train_records(log) if kind == "valid"]
+    assert valid and float(valid[-1]["valid_correct_m_0"]) > 2.5 / len(TONES), valid[-1:]
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_with_fairseq(trained):
+    from fairseq import checkpoint_utils
+    from fairseq.models import MODEL_REGISTRY
+    from fairseq.tasks import TASK_REGISTRY
+    from pahubert_plugin.models.pahubert import PahubertModel, encoder_config
+    from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingTask
+
+    data, save, _ = trained
+    assert MODEL_REGISTRY["pahubert"] is PahubertModel
+    assert TASK_REGISTRY["pahubert_pretraining"] is PahubertPretrainingTask
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(save / "checkpoint_last.pt")])
+    model = models[0].eval()
+    assert isinstance(model, PahubertModel) and isinstance(task, PahubertPretrainingTask)
+    assert sum(p.numel() for p in model.parameters()) <= 2_000_000
+    wav = torch.from_numpy(tone_sequence(SR, channels=2)[0].T.copy())[None]  # (1, 2, samples)
+    feats, pad = model.extract_features(wav, output_layer=2)
+    assert feats.shape == (1, 100, 128) and pad is None
+    # the saved config rebuilds the encoder alone (what the separation model does)
+    ecfg = encoder_config(cfg)
+    assert (ecfg.sample_rate, ecfg.audio_channels, ecfg.label_rate) == (SR, 2, 100)
+
+
+def test_token_count_equals_label_count(tmp_path):
+    """Random lengths: tokens per clip == labels per manifest row (== frames rule), and the
+    dataset's batches line up with the model's tokens."""
+    from pahubert_plugin.models.pahubert import PahubertModel, _tie_to_task, PahubertConfig
+    from omegaconf import OmegaConf
+
+    task_cfg = OmegaConf.create({"sample_rate": SR, "channels": 2, "label_rate": 100.0})
+    cfg = _tie_to_task(OmegaConf.structured(PahubertConfig), task_cfg)
+    cfg.merge_with({"encoder_layers": 1, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
+                    "encoder_attention_heads": 2, "conv_pos": 8, "conv_pos_groups": 4,
+                    "stem_channels": [4, 8], "stem_freq_strides": [4, 4], "stem_time_strides": [1, 1],
+                    "stem_units": 1})
+    model = PahubertModel(cfg, [8]).eval()
+    rng = np.random.default_rng(1)
+    for n in rng.integers(SR // 4, 3 * SR, size=6):
+        wav = torch.zeros(1, 2, int(n))
+        feats, _ = model.extract_features(wav)
+        labels = len(tone_sequence(int(n))[1])
+        assert abs(feats.shape[1] - labels) <= 1, (n, feats.shape, labels)
+        assert labels == frames.num_frames(int(n), SR)
+
+    # through the task's dataset: batch tokens vs collated label frames
+    from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
+    data = write_corpus(tmp_path / "data", n_train=5, n_valid=1, seed=3, min_s=0.6, max_s=2.0)
+    tcfg = OmegaConf.structured(PahubertPretrainingConfig(
+        data=str(data), label_dir=str(data), sample_rate=SR, channels=2, max_sample_size=20000,
+        min_sample_size=1000))
+    task = PahubertPretrainingTask.setup_task(tcfg)
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    batch = ds.collater([ds[i] for i in range(len(ds))])
+    src = batch["net_input"]["source"]
+    assert src.dim() == 3 and src.shape[1] == 2
+    tokens = model.extract_features(src, batch["net_input"]["padding_mask"])[0].shape[1]
+    assert abs(tokens - batch["target_list"][0].shape[1]) <= 1
+    # the mono file was duplicated to both channels
+    mono = ds[0]["source"]  # (samples, channels)
+    assert torch.equal(mono[:, 0], mono[:, 1])
+
+
+def test_shortened_label_line_names_the_row(tmp_path):
+    from omegaconf import OmegaConf
+    from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
+
+    data = write_corpus(tmp_path / "data", n_train=4, n_valid=1)
+    lines = (data / "train.km").read_text().splitlines()
+    lines[2] = " ".join(lines[2].split()[:-5])  # row 3 loses 5 frames (tolerance is 2)
+    (data / "train.km").write_text("\n".join(lines) + "\n")
+    cfg = OmegaConf.structured(PahubertPretrainingConfig(
+        data=str(data), label_dir=str(data), sample_rate=SR, channels=2, min_sample_size=1000))
+    task = PahubertPretrainingTask.setup_task(cfg)
+    with pytest.raises(ValueError, match=r"line 3 has \d+ labels.*row 3 .*train2\.wav") as err:
+        task.load_dataset("train")
+    n = int((data / "train.tsv").read_text().splitlines()[3].split("\t")[1])
+    assert f"needs {frames.num_frames(n, SR)}" in str(err.value)
+    task.load_dataset("valid")  # untouched split still loads
+
+
+def test_dataset_reads_only_the_crop_at_another_rate(tmp_path):
+    """A 44.1 kHz file read for a 16 kHz task: resampled, frame-aligned crop, labels sliced."""
+    from pahubert_plugin.data.hubert_dataset import PahubertDataset
+    from fairseq.data import Dictionary
+    from fairseq.tasks.hubert_pretraining import LabelEncoder
+
+    n16 = 3 * SR
+    wav16, labels = tone_sequence(n16)
+    sf.write(tmp_path / "a.wav", tone_sequence(3 * 44100, sr=44100)[0], 44100)
+    (tmp_path / "train.tsv").write_text(f"{tmp_path}\na.wav\t{n16}\n")
+    (tmp_path / "train.km").write_text(" ".join(map(str, labels)) + "\n")
+    (tmp_path / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(len(TONES))))
+    d = Dictionary.load(str(tmp_path / "dict.km.txt"))
+    ds = PahubertDataset(str(tmp_path / "train.tsv"), SR, [str(tmp_path / "train.km")], 100.0,
+                         [d.pad()], [d.eos()], channels=2, label_processors=[LabelEncoder(d)],
+                         max_sample_size=8000, random_crop=True)
+    np.random.seed(0)
+    for _ in range(3):
+        item = ds[0]
+        assert item["source"].shape == (8000, 2)
+        lab = item["label_list"][0] - d.nspecial
+        assert len(lab) == 50
+        # the crop's labels are a contiguous window of the clip's labels
+        starts = [s for s in range(len(labels) - 49) if np.array_equal(labels[s:s + 50], lab.numpy())]
+        assert starts
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _updates(log):
+    return [int(r["num_updates"]) for kind, r in train_records(log) if kind in ("train_inner", "train")]
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_from_checkpoint_last(tmp_path):
+    data = write_corpus(tmp_path / "data", n_train=6, n_valid=1)
+    save = tmp_path / "ckpt"
+    args = overrides(data, save, 200, "checkpoint.save_interval_updates=4", "dataset.batch_size=2",
+                     "common.log_interval=1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    proc = subprocess.Popen([sys.executable, "-m", "fairseq_cli.hydra_train", *map(str, args)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = save / "checkpoint_last.pt"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if last.is_file() and (save / "checkpoint_1_8.pt").is_file():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert last.is_file(), "no checkpoint_last.pt within 3 minutes"
+        time.sleep(1.0)  # let the checkpoint write finish (fairseq writes then renames)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    from fairseq import checkpoint_utils
+    done = checkpoint_utils.load_checkpoint_to_cpu(str(last))["optimizer_history"][-1]["num_updates"]
+    assert done >= 8
+    log = run_fairseq(["fairseq_cli.hydra_train", *overrides(data, save, done + 3, "dataset.batch_size=2",
+                                                             "common.log_interval=1")], cwd=tmp_path)
+    assert re.search(rf"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ {done} updates\)", log), log[-3000:]
+    ups = _updates(log)
+    assert ups and min(ups) > done and max(ups) == done + 3, ups
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_on_cpu(tmp_path):
+    """DESIGN.md's CPU recipe: one process per rank, gloo, tcp init, legacy_ddp."""
+    data = write_corpus(tmp_path / "data", n_train=6, n_valid=1)
+    save = tmp_path / "ckpt"
+    port = _free_port()
+    procs = []
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for rank in range(2):
+        args = overrides(
+            data, save, 2, "dataset.batch_size=2", "common.log_interval=1", "checkpoint.save_interval_updates=2",
+            "distributed_training.distributed_backend=gloo", "distributed_training.distributed_world_size=2",
+            f"distributed_training.distributed_rank={rank}", "distributed_training.distributed_no_spawn=true",
+            f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}",
+            "distributed_training.ddp_backend=legacy_ddp", "distributed_training.device_id=0",
+            f"hydra.run.dir={save}/hydra{rank}",
+        )
+        procs.append(subprocess.Popen([sys.executable, "-m", "fairseq_cli.hydra_train", *map(str, args)],
+                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        logs.append(out)
+        assert p.returncode == 0, out[-4000:]
+    assert "distributed init (rank 1)" in logs[0] + logs[1]
+    assert re.search(r"training on 2 devices", logs[0]), logs[0][-3000:]
+    assert max(_updates(logs[0])) == 2
+    assert (save / "checkpoint_last.pt").is_file()
+
+
+@pytest.mark.slow  # shares the trained fixture
+def test_stage5_reader_dims_and_frames_on_cpu(trained):
+    from pahubert_plugin.clustering.hubert_reader import HubertFeatureReader
+
+    data, save, _ = trained
+    reader = HubertFeatureReader(str(save / "checkpoint_last.pt"), layer=2, sample_rate=SR, device="cpu",
+                                 max_chunk=0.5137)  # seconds: several chunks, cut to whole frames
+    path, n = (data / "train.tsv").read_text().splitlines()[1].split("\t")
+    feats = reader.get_feats(str(data / path), ref_len=int(n))
+    assert tuple(feats.shape) == (frames.num_frames(int(n), SR), 128)
+    assert torch.isfinite(torch.as_tensor(feats)).all()
+    # a 44.1 kHz file for the same clip gives the same number of 100 Hz frames
+    wav44, _ = tone_sequence(int(2.5 * 44100), sr=44100, channels=2)
+    sf.write(data / "hq.wav", wav44, 44100)
+    reader44 = HubertFeatureReader(str(save / "checkpoint_last.pt"), layer=4, sample_rate=44100, device="cpu")
+    assert tuple(reader44.get_feats(str(data / "hq.wav"), ref_len=len(wav44)).shape) == (250, 128)
