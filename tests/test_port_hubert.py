@@ -1,0 +1,117 @@
+"""Porting a speech HuBERT checkpoint trained here by STOCK fairseq (`hubert` model, task and
+criterion) into demucs_v2_hubert and pahubert, then fine-tuning the ported model."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import pahubert_plugin
+from pahubert_plugin import port_hubert
+from pahubert_plugin.checkpoint import load_checkpoint
+from helpers import REPO, run_fairseq, train_stock_hubert
+from test_demucs import finetune_args, separation_weights, updates_done, write_musdb
+
+PRETRAIN_CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
+TINY = PRETRAIN_CONF / "demucs_v2_hubert_tiny.yaml"
+# the stock test model (tests/helpers.py): 2 layers, width 32, FFN 64, 2 heads, conv_pos 16 / 4 groups
+SPEECH_SHAPE = ["model.encoder_layers=2", "model.encoder_embed_dim=32", "model.encoder_ffn_embed_dim=64",
+                "model.encoder_attention_heads=2", "model.conv_pos=16", "model.conv_pos_groups=4"]
+
+
+@pytest.fixture(scope="module")
+def speech_ckpt(tmp_path_factory):
+    """Stock fairseq HuBERT, 2 updates on 16 kHz mono audio with random 50 Hz labels."""
+    save, log = train_stock_hubert(tmp_path_factory.mktemp("speech"), max_update=2)
+    state = load_checkpoint(save / "checkpoint_last.pt")
+    assert state["cfg"]["model"]["_name"] == "hubert" and state["cfg"]["task"]["_name"] == "hubert_pretraining"
+    return save / "checkpoint_last.pt"
+
+
+def run_port(capsys, speech, out, *args):
+    assert port_hubert.main([str(speech), str(out), *map(str, args)]) == 0
+    return capsys.readouterr().out
+
+
+def test_port_into_demucs_v2_hubert_copies_exactly(speech_ckpt, tmp_path, capsys):
+    out = tmp_path / "ported.pt"
+    table = run_port(capsys, speech_ckpt, out, "--target", "demucs_v2_hubert", "--config", TINY)
+    speech = load_checkpoint(speech_ckpt)["model"]
+    ported = load_checkpoint(out)
+    copied = ported["port"]["copied"]
+    # 2 layers x 16 tensors, pos conv (bias, g, v), final layer norm (2), mask embedding
+    assert len(copied) == 2 * 16 + 3 + 2 + 1
+    for name in copied:
+        src = "mask_emb" if name == "encoder.mask_emb" else "encoder." + name[len("encoder.transformer."):]
+        assert torch.equal(ported["model"][name], speech[src]), name
+    new = ported["port"]["new"]
+    assert "encoder.post_extract_proj.weight" in new and "encoder.layer_norm.weight" in new
+    assert any(n.startswith("encoder.demucs.") for n in new) and not ported["port"]["reshaped"]
+    assert not any(n.startswith("encoder.transformer.") for n in new)
+    # the printed table names every tensor and the totals
+    assert "encoder.transformer.layers.1.fc2.weight" in table and re.search(r"copied:\s+38 tensors", table)
+    assert "dropped" in table and "feature_extractor" in table
+    # the ported config keeps the recipe's Demucs geometry and the speech transformer's shape
+    model_cfg, task_cfg = ported["cfg"]["model"], ported["cfg"]["task"]
+    assert (model_cfg["_name"], model_cfg["channels"], model_cfg["depth"]) == ("demucs_v2_hubert", 8, 5)
+    assert (model_cfg["encoder_embed_dim"], model_cfg["encoder_layers"], model_cfg["conv_pos"]) == (32, 2, 16)
+    assert task_cfg["sample_rate"] == 16000 and task_cfg["channels"] == 2
+
+
+def test_port_reshapes_positional_conv_and_keeps_first_layers(speech_ckpt, tmp_path, capsys):
+    out = tmp_path / "ported.pt"
+    run_port(capsys, speech_ckpt, out, "--target", "demucs_v2_hubert", "--config", TINY,
+             "--conv-pos", 8, "--num-layers", 1, "--quiet")
+    speech = load_checkpoint(speech_ckpt)["model"]
+    ported = load_checkpoint(out)
+    assert sorted(ported["port"]["reshaped"]) == ["encoder.transformer.pos_conv.0.weight_g",
+                                                  "encoder.transformer.pos_conv.0.weight_v"]
+    v = ported["model"]["encoder.transformer.pos_conv.0.weight_v"]
+    assert v.shape[-1] == 8 and torch.equal(v, speech["encoder.pos_conv.0.weight_v"][..., 4:12])
+    assert not any("transformer.layers.1." in k for k in ported["model"])
+    assert ported["cfg"]["model"]["encoder_layers"] == 1
+
+
+def test_port_into_pahubert_copies_exactly(speech_ckpt, tmp_path, capsys):
+    out = tmp_path / "ported_pahubert.pt"
+    run_port(capsys, speech_ckpt, out, "--target", "pahubert", "--config", PRETRAIN_CONF / "tiny.yaml", "--quiet")
+    speech = load_checkpoint(speech_ckpt)["model"]
+    ported = load_checkpoint(out)
+    assert ported["cfg"]["model"]["_name"] == "pahubert" and len(ported["port"]["copied"]) == 38
+    for name in ported["port"]["copied"]:
+        src = "mask_emb" if name.endswith("mask_emb") else "encoder." + name.split(".transformer.", 1)[1]
+        assert torch.equal(ported["model"][name], speech[src]), name
+    # the pretraining engineer's encoder rebuilds from the ported cfg and takes every tensor
+    from pahubert_plugin.models.pahubert import PahubertEncoder, encoder_config
+
+    encoder = PahubertEncoder(encoder_config(ported["cfg"]))
+    encoder.load_state_dict({k[len("encoder."):]: v for k, v in ported["model"].items()}, strict=True)
+
+
+def test_not_a_hubert_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"cfg": {"model": {"_name": "wav2vec"}}, "model": {"w": torch.zeros(2)}}, path)
+    with pytest.raises(ValueError, match="expected a fairseq speech HuBERT checkpoint"):
+        port_hubert.port(str(path), "demucs_v2_hubert")
+
+
+def test_config_for_another_model_is_refused(speech_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="configures model 'pahubert', not the --target demucs_v2_hubert"):
+        port_hubert.port(str(speech_ckpt), "demucs_v2_hubert", str(PRETRAIN_CONF / "tiny.yaml"))
+
+
+@pytest.mark.slow
+def test_ported_model_finetunes(speech_ckpt, tmp_path, capsys):
+    ported = tmp_path / "ported.pt"
+    run_port(capsys, speech_ckpt, ported, "--target", "demucs_v2_hubert", "--config", TINY, "--quiet")
+    data = write_musdb(tmp_path / "musdb")
+    save = tmp_path / "ft"
+    log = run_fairseq(finetune_args("demucs_v2_hubert_tiny.yaml", data, save, 2, *SPEECH_SHAPE,
+                                    f"model.pretrained_checkpoint={ported}", "optimization.lr=[1e-12]"),
+                      cwd=tmp_path)
+    assert updates_done(log) == 2
+    assert re.search(r"loaded \d+ encoder tensors from .*ported\.pt", log)
+    cfg, weights = separation_weights(save)
+    source = load_checkpoint(ported)["model"]
+    for key in ("encoder.transformer.layers.0.fc1.weight", "encoder.mask_emb"):
+        assert torch.allclose(weights[key].float(), source[key], atol=1e-5), key
