@@ -209,6 +209,12 @@ def test_demucs_v2_hubert_pretrains_then_finetunes(tmp_path):
     assert pre_state["cfg"]["model"]["_name"] == "demucs_v2_hubert"
     assert any(k.startswith("head.") for k in pre_state["model"])
     assert not any(k.startswith("decoder.") for k in pre_state["model"])
+    # the stage-5 reader (HuBERT's extract_features signature) reads it at the 100 Hz frame rule
+    from pahubert_plugin.clustering.hubert_reader import HubertFeatureReader
+
+    reader = HubertFeatureReader(str(pre / "checkpoint_last.pt"), layer=1, sample_rate=SR)
+    feats = reader.get_feats(corpus / "audio" / "train1.wav")
+    assert feats.shape == (frames.num_frames(32037, SR), 64)
 
     data = write_musdb(tmp_path / "musdb")
     ft = tmp_path / "finetune"
