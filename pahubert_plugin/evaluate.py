@@ -1,0 +1,195 @@
+"""Evaluate a separation checkpoint on MUSDB18(-HQ) with museval (BSSEval v4): ``pahubert-evaluate``.
+
+For every track of ``--subset``: separate the mixture at its native rate (chunked
+overlap-add, :class:`~pahubert_plugin.separate.Separator`), score all sources with
+``museval.evaluate`` on 1 s windows and hops (exactly what ``museval.eval_mus_track`` does),
+and write museval's own per-track JSON (``museval.TrackStore``) to
+``OUT/<subset>/<track>.json``.  Tracks run in parallel (``--jobs``, one model per worker);
+a track whose JSON exists is skipped on re-run, so an interrupted evaluation resumes.
+Finally ``OUT/summary.json`` and ``OUT/summary.md``: median over frames per track, median
+over tracks, per source and their mean (the numbers papers report).
+
+Memory: separation holds one segment of activations per chunk batch; BSSEval v4 itself
+needs the whole track's references and estimates (its distortion filters are global), so a
+worker holds about ``2 x sources`` copies of one track in float64.
+"""
+import argparse
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import metrics
+from .data.audio import AudioError, write_audio
+from .data.stems_dataset import StemTrack, list_tracks
+
+logger = logging.getLogger("pahubert_plugin.evaluate")
+
+_SEPARATOR = None  # one per worker process
+
+
+def _init_worker(checkpoint: str, device: str, segment: Optional[float], overlap: float, threads: int) -> None:
+    global _SEPARATOR
+    from .separate import Separator
+
+    torch.set_num_threads(max(1, threads))
+    _SEPARATOR = Separator.from_checkpoint(checkpoint, device, segment, overlap)
+
+
+def native_rate(track: StemTrack) -> int:
+    if track.musdb_track is not None:
+        return int(track.musdb_track.rate)
+    from .data.audio import audio_info
+
+    return audio_info(track.paths["mixture"]).sample_rate
+
+
+def score_track(track: StemTrack, estimates: Dict[str, np.ndarray], rate: int, sources: List[str]):
+    """museval BSSEval v4 of one track, as ``museval.eval_mus_track``: returns a ``TrackStore``.
+
+    ``estimates``: source -> ``(samples, channels)`` at ``rate``; references are read from the track.
+    """
+    import museval
+
+    # float64 as musdb hands museval its references: BSSEval's least squares is unstable in float32
+    refs = np.stack([track.read(s, rate, None).numpy().T for s in sources]).astype(np.float64)
+    ests = np.stack([estimates[s] for s in sources]).astype(np.float64)  # (sources, samples, channels)
+    sdr, isr, sir, sar = museval.evaluate(refs, ests, win=int(1.0 * rate), hop=int(1.0 * rate), mode="v4")
+    store = museval.TrackStore(win=1.0, hop=1.0, track_name=track.name)
+    for i, s in enumerate(sources):
+        store.add_target(target_name=s, values={"SDR": sdr[i].tolist(), "SIR": sir[i].tolist(),
+                                                "ISR": isr[i].tolist(), "SAR": sar[i].tolist()})
+    store.validate()
+    return store
+
+
+def evaluate_track(track: StemTrack, json_path: str, estimates_dir: Optional[str] = None) -> str:
+    """Separate and score one track in this (worker) process; writes ``json_path`` atomically."""
+    sep = _SEPARATOR
+    rate = native_rate(track)
+    mixture = track.read("mixture", rate, None)
+    stems = sep.separate(mixture, rate)
+    estimates = {s: v.numpy().T for s, v in stems.items()}
+    if estimates_dir:
+        for s, v in stems.items():  # float wav: exactly the scored estimates
+            write_audio(os.path.join(estimates_dir, track.name, f"{s}.wav"), v, rate, subtype="FLOAT")
+    store = score_track(track, estimates, rate, sep.sources)
+    os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(store.json)
+    os.replace(tmp, json_path)
+    return track.name
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pahubert-evaluate",
+        description="Score a separation checkpoint on MUSDB18(-HQ) with museval (BSSEval v4): per-track "
+                    "museval JSON in OUT/<subset>/, summary (median over frames, then over tracks) in "
+                    "OUT/summary.json and OUT/summary.md. Already scored tracks are skipped.")
+    p.add_argument("checkpoint", help="fine-tuned checkpoint (task=music_separation)")
+    p.add_argument("--musdb-root", required=True, help="MUSDB18 root holding train/ and test/")
+    p.add_argument("--is-wav", action="store_true",
+                   help="wav folders (MUSDB18-HQ layout <subset>/<track>/<source>.wav) instead of .stem.mp4")
+    p.add_argument("--subset", default="test", help="subset folder to score (default test)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--jobs", type=int, default=1, help="tracks scored in parallel, one model each (default 1)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default cpu)")
+    p.add_argument("--segment", type=float, default=None,
+                   help="chunk length in seconds (default: the checkpoint's validation chunk)")
+    p.add_argument("--overlap", type=float, default=0.25, help="overlap between chunks, a fraction (default 0.25)")
+    p.add_argument("--tracks", type=int, default=0, help="score only the first N tracks (0: all)")
+    p.add_argument("--save-estimates", action="store_true",
+                   help="also write the estimates as float wav to OUT/estimates/<subset>/<track>/")
+    return p
+
+
+def summarize(out: str, subset: str, names: List[str], sources: List[str]) -> dict:
+    """Read the per-track JSONs of ``names`` and write summary.json + summary.md."""
+    tracks = {}
+    for name in names:
+        path = os.path.join(out, subset, f"{name}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                tracks[name] = json.load(f)
+    summary = metrics.summarize_museval(tracks, sources)
+    summary["subset"] = subset
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, allow_nan=True)
+    table = metrics.markdown_table(summary, sources)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(f"museval BSSEval v4, {subset}, {summary['num_tracks']} tracks "
+                f"(median over 1 s frames, then over tracks)\n\n{table}")
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.jobs < 1:
+        logger.error("--jobs must be >= 1")
+        return 2
+    from .separate import load_separation_model
+
+    try:
+        model, cfg = load_separation_model(args.checkpoint)  # validates the checkpoint once, up front
+        sources = list(model.sources)
+        del model
+        tracks = list_tracks(args.musdb_root, args.subset, sources, int(cfg.task.sample_rate), args.is_wav)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        logger.error(str(e))
+        return 2
+    if args.tracks > 0:
+        tracks = tracks[:args.tracks]
+    names = [t.name for t in tracks]
+    todo = [t for t in tracks if not os.path.isfile(os.path.join(args.out, args.subset, f"{t.name}.json"))]
+    if len(todo) < len(tracks):
+        logger.info(f"{len(tracks) - len(todo)} of {len(tracks)} tracks already scored in {args.out}; skipping them")
+    estimates_dir = os.path.join(args.out, "estimates", args.subset) if args.save_estimates else None
+    jobs = [(t, os.path.join(args.out, args.subset, f"{t.name}.json"), estimates_dir) for t in todo]
+    failed = []
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    init = (args.checkpoint, args.device, args.segment, args.overlap, threads)
+    bar = tqdm(total=len(jobs), desc="evaluating", unit="track")
+    if args.jobs == 1 or len(jobs) <= 1:
+        if jobs:
+            _init_worker(*init)
+        for job in jobs:
+            try:
+                evaluate_track(*job)
+            except (AudioError, ValueError) as e:
+                logger.error(f"track {job[0].name}: {e}")
+                failed.append(job[0].name)
+            bar.update()
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker,
+                                                    initargs=init) as pool:
+            futures = {pool.submit(evaluate_track, *job): job[0].name for job in jobs}
+            for fut in concurrent.futures.as_completed(futures):
+                try:
+                    fut.result()
+                except (AudioError, ValueError) as e:
+                    logger.error(f"track {futures[fut]}: {e}")
+                    failed.append(futures[fut])
+                bar.update()
+    bar.close()
+    summary = summarize(args.out, args.subset, names, sources)
+    print(open(os.path.join(args.out, "summary.md")).read())
+    if failed:
+        logger.error(f"{len(failed)} track(s) failed and are missing from the summary: {', '.join(failed)}")
+        return 1
+    logger.info(f"mean SDR {summary['mean']['SDR']:.3f} dB over {summary['num_tracks']} tracks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""fairseq model ``pahubert_resunet``: Res-U-Net decoder on the Pac-HuBERT encoder.
+
+The encoder (:class:`~pahubert_plugin.models.pahubert.PahubertEncoder`: STFT stem +
+transformer) is rebuilt from a ``pahubert`` pretraining checkpoint's saved config and its
+``encoder.*`` weights are copied (fairseq ``hubert_asr`` style).  The transformer output
+is projected back to a ``(C_last, F')`` map per token, which replaces the Res-U-Net
+bottleneck; the decoder mirrors the stem and takes its skips; the decoupled mask head
+(Kong et al. 2021, shared with ``resunet``) gives the complex source spectrograms.
+
+* ``no_pretrained_weights=true`` builds the same architecture randomly initialised (the
+  scratch arm of a comparison); the checkpoint still supplies the architecture.
+* ``freeze_encoder_updates=N``: the encoder gets no gradient for the first N updates.
+* ``encoder_lr_scale``: attached to the encoder's parameters as fairseq ``optim_overrides``;
+  it takes effect with ``optimizer=composite`` and ``optimizer.dynamic_groups=true``
+  (see recipes/musdb/conf/pahubert_base.yaml); with a plain optimizer it has no effect.
+* The encoder config is stored in the fine-tuned checkpoint (``model.encoder_cfg``), so
+  inference does not need the pretraining checkpoint.
+"""
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import register_model
+from omegaconf import II, OmegaConf, open_dict
+from torch import nn
+
+from ..checkpoint import load_checkpoint
+from .blocks import ResUNetDecoder, res_block
+from .pahubert import PahubertEncoder, encoder_config
+from .resunet import SpectralSeparator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PahubertResUNetConfig(FairseqDataclass):
+    sources: List[str] = II("task.sources")
+    sample_rate: int = II("task.sample_rate")
+    audio_channels: int = II("task.audio_channels")
+    pretrained_checkpoint: str = field(default="", metadata={
+        "help": "pahubert pretraining checkpoint: architecture (always) and encoder weights (unless "
+                "no_pretrained_weights)"})
+    no_pretrained_weights: bool = field(default=False, metadata={
+        "help": "build the same architecture but keep it randomly initialised (scratch baseline)"})
+    encoder_cfg: Optional[Any] = field(default=None, metadata={
+        "help": "the encoder's PahubertConfig; filled from pretrained_checkpoint and saved with the "
+                "fine-tuned model (leave unset)"})
+    freeze_encoder_updates: int = field(default=0, metadata={
+        "help": "no gradient into the encoder for this many updates"})
+    encoder_lr_scale: float = field(default=1.0, metadata={
+        "help": "learning-rate multiplier of the encoder (needs optimizer=composite with dynamic_groups=true)"})
+    encoder_layerdrop: float = field(default=-1.0, metadata={
+        "help": "override the pretrained encoder's layerdrop during fine-tuning (-1: keep)"})
+    encoder_dropout: float = field(default=-1.0, metadata={
+        "help": "override the pretrained encoder's dropout during fine-tuning (-1: keep)"})
+    bottleneck_units: int = field(default=1, metadata={
+        "help": "residual units applied to the projected transformer output (0: none)"})
+    decoder_units: int = field(default=2, metadata={"help": "residual units per decoder block"})
+
+
+def _persist(cfg, key: str, value) -> None:
+    """Set ``cfg.key`` and the same key of the root config's ``model`` that fairseq saves.
+
+    fairseq builds models from a merged copy of ``cfg.model`` whose ``_parent`` is the root
+    config; the trainer saves the root, so the value must be set there to reach checkpoints.
+    """
+    with open_dict(cfg):
+        cfg[key] = value
+    parent = cfg._get_parent() if OmegaConf.is_config(cfg) else None
+    if parent is not None and "model" in parent and parent.model is not cfg and parent.model is not None:
+        if parent.model.get("_name") == cfg.get("_name"):
+            with open_dict(parent.model):
+                parent.model[key] = value
+
+
+def load_pretraining_state(path: str) -> dict:
+    """A ``pahubert`` pretraining checkpoint, checked; ValueError naming the file otherwise."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "model" not in state or state.get("cfg") is None:
+        raise ValueError(f"{path}: not a fairseq checkpoint (no 'cfg' and 'model' entries)")
+    try:
+        enc_cfg = encoder_config(state["cfg"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; pahubert_resunet needs a checkpoint of pahubert pretraining "
+                         f"(task=pahubert_pretraining, model=pahubert)") from None
+    if not any(k.startswith("encoder.") for k in state["model"]):
+        raise ValueError(f"{path}: no encoder.* weights in the checkpoint")
+    state["encoder_cfg"] = enc_cfg
+    return state
+
+
+@register_model("pahubert_resunet", dataclass=PahubertResUNetConfig)
+class PahubertResUNetModel(SpectralSeparator):
+    """Pac-HuBERT encoder + Res-U-Net decoder + decoupled mask head."""
+
+    def __init__(self, cfg: PahubertResUNetConfig, encoder_cfg):
+        super().__init__(cfg.sources, cfg.sample_rate, cfg.audio_channels, None)
+        enc_cfg = OmegaConf.merge(OmegaConf.create(encoder_cfg))
+        with open_dict(enc_cfg):
+            if cfg.encoder_layerdrop >= 0:
+                enc_cfg.encoder_layerdrop = cfg.encoder_layerdrop
+            if cfg.encoder_dropout >= 0:
+                enc_cfg.dropout = cfg.encoder_dropout
+        if int(enc_cfg.sample_rate) != self.sample_rate or int(enc_cfg.audio_channels) != self.audio_channels:
+            raise ValueError(
+                f"the pretrained encoder takes {enc_cfg.audio_channels} channels at {enc_cfg.sample_rate} Hz "
+                f"but the task has {self.audio_channels} at {self.sample_rate} Hz; set task.sample_rate and "
+                f"task.audio_channels to match")
+        self.encoder = PahubertEncoder(enc_cfg)
+        self.spectrogram = self.encoder.spectrogram  # same STFT for analysis and synthesis
+        stem = self.encoder.stem
+        c_last, f_last = self.encoder.bottleneck_shape
+        self.proj = nn.Linear(self.encoder.embed_dim, c_last * f_last)
+        self.bottleneck = res_block(c_last, c_last, cfg.bottleneck_units) if cfg.bottleneck_units > 0 else nn.Identity()
+        self.decoder = ResUNetDecoder(c_last, stem.channels, stem.strides, cfg.decoder_units, self.mask_head.out_channels)
+        self.freeze_encoder_updates = cfg.freeze_encoder_updates
+        self.num_updates = 0
+        if cfg.encoder_lr_scale != 1.0:
+            for p in self.encoder.parameters():
+                p.optim_overrides = {"optimizer": {"lr_scale": cfg.encoder_lr_scale}}
+
+    @classmethod
+    def build_model(cls, cfg: PahubertResUNetConfig, task=None):
+        state = None
+        if cfg.encoder_cfg is None:
+            if not cfg.pretrained_checkpoint:
+                raise ValueError("pahubert_resunet needs model.pretrained_checkpoint=<pahubert checkpoint> "
+                                 "(also with no_pretrained_weights=true: it defines the architecture)")
+            state = load_pretraining_state(cfg.pretrained_checkpoint)
+            _persist(cfg, "encoder_cfg", OmegaConf.to_container(state["encoder_cfg"], resolve=True))
+        model = cls(cfg, cfg.encoder_cfg)
+        if state is not None and not cfg.no_pretrained_weights:
+            model.load_encoder(state, cfg.pretrained_checkpoint)
+        elif state is not None:
+            logger.info(f"no_pretrained_weights: encoder architecture from {cfg.pretrained_checkpoint}, "
+                        f"weights randomly initialised")
+        return model
+
+    def load_encoder(self, state: dict, path: str = "") -> None:
+        """Copy the checkpoint's ``encoder.*`` tensors (strict) and log loaded vs new weights."""
+        weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+        result = self.encoder.load_state_dict(weights, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"{path}: encoder weights do not fit the architecture in its own config: "
+                             f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        new = sorted({k.split(".")[0] for k, _ in self.named_parameters() if not k.startswith("encoder.")})
+        n_new = sum(p.numel() for k, p in self.named_parameters() if not k.startswith("encoder."))
+        logger.info(f"loaded {len(weights)} encoder tensors "
+                    f"({sum(p.numel() for p in self.encoder.parameters())} parameters) from {path}; "
+                    f"new (random init): {', '.join(new)} ({n_new} parameters)")
+
+    def set_num_updates(self, num_updates):
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates
+
+    def estimate_spec(self, padded: torch.Tensor) -> torch.Tensor:
+        frozen = self.training and self.num_updates < self.freeze_encoder_updates
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            out = self.encoder(padded, mask=False)
+        spec, n_frames = out["spec"], out["num_frames"]  # (batch, channels, freq, frames) complex
+        feats = out["features"]  # (batch, tokens, D)
+        c_last, f_last = self.encoder.bottleneck_shape
+        # (batch, tokens, C_last * F') -> (batch, C_last, F', tokens): the decoder's bottleneck map
+        x = self.proj(feats).view(feats.shape[0], feats.shape[1], c_last, f_last).permute(0, 2, 3, 1)
+        raw = self.decoder(self.bottleneck(x), out["skips"])[..., :spec.shape[-2], :n_frames]
+        return self.mask_head(raw, spec)
