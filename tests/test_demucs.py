@@ -230,6 +230,15 @@ def test_demucs_v2_hubert_pretrains_then_finetunes(tmp_path):
         if key.startswith("encoder."):
             assert torch.allclose(weights[key].float(), value.float(), atol=1e-5), key
     assert any(k.startswith("decoder.") for k in weights)
+    # inference rebuilds the fine-tuned model without its pretraining checkpoint
+    from fairseq import checkpoint_utils
+
+    (pre / "checkpoint_last.pt").rename(pre / "moved.pt")
+    with pytest.raises(FileNotFoundError, match="no_pretrained_weights=true"):
+        checkpoint_utils.load_model_ensemble_and_task([str(ft / "checkpoint_last.pt")])
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task(
+        [str(ft / "checkpoint_last.pt")], arg_overrides={"no_pretrained_weights": True})
+    assert models[0].eval()(mixture=torch.randn(1, 2, 4321)).shape == (1, 4, 2, 4321)
 
 
 def test_mismatched_or_foreign_checkpoint_is_refused(tmp_path):
