@@ -54,7 +54,10 @@ def iter_apply(
     """
     if mixture.dim() != 2:
         raise ValueError(f"mixture must be (channels, samples), got shape {tuple(mixture.shape)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:  # where the model lives (CPU for a model without tensors)
+        tensor = next(iter(list(model.parameters()) + list(model.buffers())), None)
+        device = tensor.device if tensor is not None else torch.device("cpu")
+    device = torch.device(device)
     total = mixture.shape[-1]
     if total <= segment:  # one pass, no cross-fade needed
         est = model(mixture.unsqueeze(0).to(device))[0]

@@ -1,0 +1,387 @@
+"""Separation: task/dataset, resunet + pahubert_resunet, criterion, apply, metrics, evaluate, separate.
+
+A tiny MUSDB18-HQ layout (toy-synthesised songs, 16 kHz stereo PCM_16 wav) is written per
+module; fine-tuning runs real fairseq (fairseq_cli.hydra_train in a subprocess).
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from omegaconf import OmegaConf
+
+import pahubert_plugin  # noqa: F401  (registration)
+from pahubert_plugin import metrics
+from pahubert_plugin.apply import apply_model, iter_apply
+from pahubert_plugin.data.audio import AudioError
+from pahubert_plugin.data.stems_dataset import Augment, StemsChunkDataset, split_tracks
+from pahubert_plugin.data.toy_corpus import synthesize_song
+
+from helpers import PLUGIN_DIR, REPO, run_fairseq
+
+SOURCES = ["drums", "bass", "other", "vocals"]
+SR = 16000
+CONF = REPO / "recipes" / "musdb" / "conf"
+
+
+def write_layout(root: Path, train=3, test=2, seconds=3.0, sr=SR):
+    """<root>/{train,test}/<song>/{mixture,drums,bass,other,vocals}.wav, PCM_16 like MUSDB18-HQ."""
+    for split, n in (("train", train), ("test", test)):
+        for i in range(n):
+            stems, _ = synthesize_song(7, split, i, seconds, sr)
+            folder = root / split / f"{split}_{i:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in ["mixture", *SOURCES]:
+                sf.write(folder / f"{name}.wav", stems[name].T, sr, subtype="PCM_16")
+    return root
+
+
+@pytest.fixture(scope="module")
+def musdb_root(tmp_path_factory):
+    return write_layout(tmp_path_factory.mktemp("musdb"))
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+def test_registry_holds_our_classes():
+    from fairseq.criterions import CRITERION_REGISTRY
+    from fairseq.models import MODEL_REGISTRY
+    from fairseq.tasks import TASK_REGISTRY
+
+    from pahubert_plugin.criterions.separation import SeparationCriterion
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetModel
+    from pahubert_plugin.models.resunet import ResUNetModel
+    from pahubert_plugin.tasks.music_separation import MusicSeparationTask
+
+    assert MODEL_REGISTRY["resunet"] is ResUNetModel
+    assert MODEL_REGISTRY["pahubert_resunet"] is PahubertResUNetModel
+    assert TASK_REGISTRY["music_separation"] is MusicSeparationTask
+    assert CRITERION_REGISTRY["separation"] is SeparationCriterion
+    assert SeparationCriterion.logging_outputs_can_be_summed()
+
+
+def test_mdx_sdr_matches_formula():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((3, 2, 500))
+    est = ref + 0.1 * rng.standard_normal(ref.shape)
+    want = [10 * np.log10(((r ** 2).sum() + 1e-7) / (((r - e) ** 2).sum() + 1e-7)) for r, e in zip(ref, est)]
+    np.testing.assert_allclose(metrics.sdr(ref, est), want, rtol=1e-10)
+    got = metrics.sdr(torch.from_numpy(ref).float(), torch.from_numpy(est).float())
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    with pytest.raises(ValueError):
+        metrics.sdr(ref, est[:, :, :10])
+
+
+class Scale(torch.nn.Module):
+    """A 'separator' whose sources are fixed multiples of the mixture."""
+
+    def __init__(self, gains=(1.0, -2.0)):
+        super().__init__()
+        self.register_buffer("g", torch.tensor(gains))
+
+    def forward(self, x):
+        return x[:, None] * self.g[None, :, None, None]
+
+
+@pytest.mark.parametrize("segment,overlap,batch", [(1000, 0.25, 1), (999, 0.5, 3), (512, 0.0, 2), (20000, 0.25, 1)])
+def test_overlap_add_is_exact_and_streams(segment, overlap, batch):
+    x = torch.randn(2, 10007)
+    y = apply_model(Scale(), x, segment, overlap, batch)
+    torch.testing.assert_close(y, torch.stack([x, -2 * x]), atol=1e-5, rtol=1e-5)
+    starts, ends = [], []
+    for start, block in iter_apply(Scale(), x, segment, overlap, batch):
+        starts.append(start)
+        ends.append(start + block.shape[-1])
+        assert block.shape[-1] <= segment  # only about one segment is held at a time
+    assert starts[0] == 0 and ends[-1] == x.shape[-1] and starts[1:] == ends[:-1]
+
+
+def tiny_resunet(sources=SOURCES, channels=2):
+    from pahubert_plugin.models.resunet import ResUNetConfig, ResUNetModel
+
+    return ResUNetModel(ResUNetConfig(sources=list(sources), sample_rate=SR, audio_channels=channels, n_fft=512,
+                                      channels=[4, 8], strides="[[2,2],[2,1]]", units=1, bottleneck_units=1))
+
+
+@pytest.mark.parametrize("length", [1, 159, 16000, 12345])
+def test_resunet_any_length(length):
+    model = tiny_resunet().eval()
+    out = model(torch.randn(2, 2, length))
+    assert out.shape == (2, 4, 2, length)
+    with pytest.raises(ValueError, match="2, samples"):
+        model(torch.randn(1, 1, 100))
+
+
+def test_decoupled_head_reconstructs_mixture():
+    """Mask ~1, rotation (1, 0), residual 0 gives back the mixture; a rotation by 90 deg turns it."""
+    from pahubert_plugin.models.resunet import DecoupledMaskHead
+
+    head = DecoupledMaskHead(num_sources=2, channels=2)
+    spec = torch.randn(1, 2, 5, 7, dtype=torch.complex64)
+    raw = torch.zeros(1, 2, 2, 4, 5, 7)
+    raw[:, :, :, 0], raw[:, :, :, 1] = 30.0, 3.0
+    out = head(raw.flatten(1, 3), spec)
+    torch.testing.assert_close(out, spec[:, None].expand_as(out), atol=1e-5, rtol=1e-4)
+    raw[:, :, :, 1], raw[:, :, :, 2] = 0.0, 3.0  # phase rotation by +90 degrees
+    raw[:, 1, :, 3] = 0.5  # residual adds magnitude beyond the mixture
+    out = head(raw.flatten(1, 3), spec)
+    torch.testing.assert_close(out[:, 0], 1j * spec, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[:, 1].abs(), spec.abs() + 0.5, atol=1e-5, rtol=1e-4)
+
+
+def test_criterion_wave_and_stft_losses():
+    from pahubert_plugin.criterions.separation import SeparationCriterion
+
+    class Task:
+        sources = SOURCES
+
+    crit = SeparationCriterion(Task(), wave_weight=1.0, stft_weight=1.0, stft_fft_sizes=[64, 128], sources=SOURCES)
+    ref = torch.randn(2, 4, 2, 2000)
+    loss, parts = crit.compute_loss(ref.clone(), ref)
+    assert float(loss) < 1e-4
+    est = ref.clone()
+    est[:, 1] += 0.5  # only bass is wrong
+    loss, parts = crit.compute_loss(est, ref)
+    assert set(parts) == {f"loss_{s}" for s in SOURCES}
+    assert float(parts["loss_bass"]) > 0.5 and float(parts["loss_drums"]) < 1e-4
+    with pytest.raises(ValueError, match="sources"):
+        crit.compute_loss(est[:, :3], ref)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_splits_and_train_tracks(musdb_root):
+    valid = split_tracks(str(musdb_root), "valid", SOURCES, SR, num_valid_tracks=1)
+    train = split_tracks(str(musdb_root), "train", SOURCES, SR, num_valid_tracks=1)
+    assert [t.name for t in valid] == ["train_02"] and [t.name for t in train] == ["train_00", "train_01"]
+    first = split_tracks(str(musdb_root), "train", SOURCES, SR, num_valid_tracks=1, train_tracks=1)
+    assert [t.name for t in first] == ["train_00"]
+    with pytest.raises(ValueError, match="num_valid_tracks"):
+        split_tracks(str(musdb_root), "valid", SOURCES, SR)
+    test = split_tracks(str(musdb_root), "test", SOURCES, 44100)  # any rate: lengths follow it
+    assert len(test) == 2 and test[0].num_samples == 3 * 44100
+
+
+def test_training_crops_mix_and_augment(musdb_root):
+    tracks = split_tracks(str(musdb_root), "train", SOURCES, SR, num_valid_tracks=1)
+    ds = StemsChunkDataset(tracks, SOURCES, SR, 2, 4000, 4, Augment(), seed=3)
+    a, b = ds[5], ds[5]
+    assert a["target"].shape == (4, 2, 4000)
+    torch.testing.assert_close(a["mixture"], a["target"].sum(0))
+    torch.testing.assert_close(a["target"], b["target"])  # reproducible within an epoch
+    ds.set_epoch(2)
+    assert not torch.equal(ds[5]["target"], a["target"])  # fresh crops next epoch
+    plain = StemsChunkDataset(tracks, SOURCES, SR, 2, 4000, 4, Augment(False, 1.0, 1.0, False, False), seed=3)
+    item = plain[0]  # no augmentation: same offset of track 0 for every source, sums to its mixture
+    mix = tracks[0].read("mixture", SR, 2)
+    found = [o for o in range(0, mix.shape[-1] - 4000 + 1) if torch.allclose(mix[:, o:o + 4000], item["mixture"], atol=1e-3)]
+    assert found, "unaugmented crop is not a crop of the track's mixture"
+    batch = ds.collater([ds[0], ds[1]])
+    assert batch["net_input"]["mixture"].shape == (2, 2, 4000) and batch["target"].shape == (2, 4, 2, 4000)
+
+
+def test_bad_tracks_stop_with_the_track_name(tmp_path):
+    root = write_layout(tmp_path / "m", train=2, test=0, seconds=1.0)
+    os.remove(root / "train" / "train_01" / "bass.wav")
+    with pytest.raises(ValueError, match="train_01.*bass.wav"):
+        split_tracks(str(root), "train", SOURCES, SR, num_valid_tracks=1)
+    root2 = write_layout(tmp_path / "n", train=2, test=0, seconds=1.0)
+    (root2 / "train" / "train_00" / "vocals.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    with pytest.raises(AudioError, match="train_00"):
+        split_tracks(str(root2), "train", SOURCES, SR, num_valid_tracks=1)
+
+
+# ----------------------------------------------------------------------------- fairseq runs
+
+def finetune(config, data, save_dir, extra=(), max_update=20):
+    args = [
+        "fairseq_cli.hydra_train", "--config-dir", CONF, "--config-name", config,
+        f"task.data={data}", f"common.user_dir={PLUGIN_DIR}", f"checkpoint.save_dir={save_dir}",
+        "common.log_interval=5", "task.segment=0.5", "task.samples_per_track=10", "dataset.batch_size=2",
+        "task.valid_seconds=3.0", "task.valid_segment=1.0", "dataset.validate_interval=100",
+        "dataset.validate_interval_updates=10", f"optimization.max_update={max_update}",
+        "lr_scheduler.warmup_updates=2", "optimization.lr=[0.003]", f"hydra.run.dir={save_dir}/hydra", *extra,
+    ]
+    log = run_fairseq(args, cwd=save_dir.parent, timeout=900)
+    losses = [float(x) for x in re.findall(r"train_inner.* loss=([0-9.]+)", log)]
+    sdrs = [float(x) for x in re.findall(r"valid on 'valid' subset .*\| sdr (-?[0-9.]+) \|", log)]
+    return log, losses, sdrs
+
+
+@pytest.fixture(scope="module")
+def resunet_ckpt(musdb_root, tmp_path_factory):
+    save = tmp_path_factory.mktemp("resunet") / "ckpt"
+    log, losses, sdrs = finetune("tiny", musdb_root, save)
+    return save / "checkpoint_best.pt", log, losses, sdrs
+
+
+@pytest.mark.slow
+def test_resunet_finetunes_and_logs_sdr(resunet_ckpt):
+    ckpt, log, losses, sdrs = resunet_ckpt
+    assert len(losses) >= 4, log[-3000:]
+    assert losses[-1] < losses[0], f"train loss did not fall: {losses}"
+    assert len(sdrs) >= 2 and all(np.isfinite(sdrs)), log[-3000:]
+    for src in SOURCES:
+        assert f"sdr_{src} " in log
+    assert "best_sdr" in log and ckpt.is_file()
+
+
+@pytest.mark.slow
+def test_separate_formats_rates_and_corrupt_file(resunet_ckpt, musdb_root, tmp_path):
+    from pahubert_plugin.separate import Separator, main
+
+    mix, _ = sf.read(musdb_root / "test" / "test_00" / "mixture.wav", dtype="float32")
+    inputs = {
+        "stereo44": (tmp_path / "stereo44.wav", mix[:30001], 44100, {}),
+        "mono22": (tmp_path / "mono22.flac", mix[:20011, 0], 22050, {}),
+        "song": (tmp_path / "song.mp3", mix, 16000, {}),
+    }
+    for path, data, sr, kw in inputs.values():
+        sf.write(path, data, sr, **kw)
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x10\x00\x00\x00WAVEnot audio at all")
+    out = tmp_path / "out"
+    paths = [str(inputs["stereo44"][0]), str(bad), str(inputs["mono22"][0]), str(inputs["song"][0])]
+    rc = main([str(resunet_ckpt[0]), *paths, "-o", str(out), "--segment", "1.0"])
+    assert rc == 1  # one file failed, the others were separated
+    assert not (out / "broken").exists()
+    for name, (path, _, _, _) in inputs.items():
+        info = sf.info(str(path))
+        for src in SOURCES:
+            got = sf.info(str(out / name / f"{src}.wav"))
+            assert (got.frames, got.samplerate, got.channels) == (info.frames, info.samplerate, info.channels), name
+    # the Python API: same shapes back, and the estimates sum close to a linear separator's input
+    sep = Separator.from_checkpoint(str(resunet_ckpt[0]), segment=1.0)
+    stems = sep.separate(mix.T[:, :12345], 16000)
+    assert set(stems) == set(SOURCES) and all(v.shape == (2, 12345) for v in stems.values())
+
+
+@pytest.mark.slow
+def test_separate_names_the_corrupt_file(resunet_ckpt, tmp_path, caplog):
+    from pahubert_plugin.separate import main
+
+    bad = tmp_path / "corrupt.flac"
+    bad.write_bytes(b"fLaC garbage")
+    with caplog.at_level("ERROR"):
+        assert main([str(resunet_ckpt[0]), str(bad), "-o", str(tmp_path / "o")]) == 1
+    assert "corrupt.flac" in caplog.text
+
+
+@pytest.mark.slow
+def test_evaluate_matches_museval_eval_mus_track(resunet_ckpt, musdb_root, tmp_path):
+    import musdb
+    import museval
+
+    from pahubert_plugin.evaluate import main
+
+    out = tmp_path / "eval"
+    args = [str(resunet_ckpt[0]), "--musdb-root", str(musdb_root), "--is-wav", "--out", str(out),
+            "--segment", "1.0", "--save-estimates"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_tracks"] == 2 and set(summary["sources"]) == set(SOURCES)
+    assert "| SDR |" in (out / "summary.md").read_text()
+    db = musdb.DB(root=str(musdb_root), is_wav=True, subsets="test")
+    for track in db.tracks[:1]:  # museval's own scoring of one track (it is the slow part)
+        est = {s: sf.read(out / "estimates" / "test" / track.name / f"{s}.wav", dtype="float32")[0] for s in SOURCES}
+        theirs = json.loads(museval.eval_mus_track(track, est).json)
+        ours = json.loads((out / "test" / f"{track.name}.json").read_text())
+        for a in theirs["targets"]:
+            b = next(t for t in ours["targets"] if t["name"] == a["name"])
+            for m in ("SDR", "SIR", "ISR", "SAR"):
+                np.testing.assert_allclose([f["metrics"][m] for f in b["frames"]],
+                                           [f["metrics"][m] for f in a["frames"]], atol=2e-4, err_msg=m)
+    # re-run: every track is already scored and is skipped (the JSON is not rewritten)
+    stamp = (out / "test" / "test_00.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "test" / "test_00.json").stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------------------- pahubert_resunet
+
+def make_pretraining_checkpoint(path: Path):
+    """A fairseq-style `pahubert` checkpoint from PahubertModel built directly (random weights)."""
+    from fairseq import checkpoint_utils
+
+    from pahubert_plugin.models.pahubert import PahubertConfig, PahubertModel
+
+    model_over = dict(_name="pahubert", sample_rate=SR, audio_channels=2, label_rate=100, n_fft=512,
+                      encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=2,
+                      conv_pos=16, conv_pos_groups=4, stem_channels=[4, 8, 16], stem_freq_strides=[2, 2, 2],
+                      stem_time_strides=[1, 1, 2], stem_units=1, attention_dropout=0.0, encoder_layerdrop=0.0,
+                      final_dim=16)
+    root = OmegaConf.create({"model": model_over, "task": {"_name": "pahubert_pretraining", "sample_rate": SR,
+                                                           "channels": 2, "label_rate": 100}})
+    model = PahubertModel(OmegaConf.merge(OmegaConf.structured(PahubertConfig), root.model), [8])
+    state = {"args": None, "cfg": OmegaConf.to_container(root), "model": model.state_dict()}
+    checkpoint_utils.torch_persistent_save(state, str(path))
+    return model
+
+
+def pahubert_resunet_cfg(pretrained, **kw):
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetConfig
+
+    return OmegaConf.merge(OmegaConf.structured(PahubertResUNetConfig), dict(
+        **{"_name": "pahubert_resunet", "sources": SOURCES, "sample_rate": SR, "audio_channels": 2,
+           "pretrained_checkpoint": str(pretrained), "decoder_units": 1, **kw}))
+
+
+def test_pahubert_resunet_copies_encoder_exactly(tmp_path):
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetModel
+
+    pre = make_pretraining_checkpoint(tmp_path / "pre.pt")
+    model = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt"))
+    theirs, ours = pre.encoder.state_dict(), model.encoder.state_dict()
+    assert set(theirs) == set(ours)
+    for k in theirs:
+        assert torch.equal(theirs[k], ours[k]), k
+    scratch = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", no_pretrained_weights=True))
+    assert not torch.equal(scratch.encoder.post_extract_proj.weight, pre.encoder.post_extract_proj.weight)
+    out = model.eval()(torch.randn(1, 2, 7001))
+    assert out.shape == (1, 4, 2, 7001)
+    # frozen encoder: no gradient reaches it before freeze_encoder_updates
+    frozen = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", freeze_encoder_updates=5))
+    frozen.train()(torch.randn(1, 2, 4000)).abs().mean().backward()
+    assert all(p.grad is None for p in frozen.encoder.parameters())
+    assert frozen.proj.weight.grad is not None
+
+
+def test_pahubert_resunet_rejects_wrong_checkpoints(tmp_path):
+    from fairseq import checkpoint_utils
+
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetModel
+
+    sep = tiny_resunet()
+    cfg = {"model": {"_name": "resunet"}, "task": {"_name": "music_separation", "sample_rate": SR}}
+    checkpoint_utils.torch_persistent_save({"args": None, "cfg": cfg, "model": sep.state_dict()}, str(tmp_path / "r.pt"))
+    with pytest.raises(ValueError, match=r"r\.pt.*expected a 'pahubert' pretraining checkpoint, found model 'resunet'"):
+        PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "r.pt"))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a fairseq checkpoint"):
+        PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "plain.pt"))
+    with pytest.raises(ValueError, match="pretrained_checkpoint"):
+        PahubertResUNetModel.build_model(pahubert_resunet_cfg(""))
+    make_pretraining_checkpoint(tmp_path / "pre.pt")
+    with pytest.raises(ValueError, match="44100 Hz"):
+        PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", sample_rate=44100))
+
+
+@pytest.mark.slow
+def test_pahubert_resunet_finetunes_and_loads_without_pretraining_file(musdb_root, tmp_path):
+    from pahubert_plugin.separate import Separator
+
+    pre = tmp_path / "pre.pt"
+    make_pretraining_checkpoint(pre)
+    save = tmp_path / "ckpt"
+    log, losses, sdrs = finetune("pahubert_tiny", musdb_root, save, [f"model.pretrained_checkpoint={pre}"])
+    assert "loaded" in log and "encoder tensors" in log
+    assert len(losses) >= 4 and losses[-1] < losses[0], f"train loss did not fall: {losses}"
+    assert len(sdrs) >= 2 and all(np.isfinite(sdrs))
+    os.remove(pre)  # the fine-tuned checkpoint carries the encoder config
+    sep = Separator.from_checkpoint(str(save / "checkpoint_best.pt"), segment=1.0)
+    stems = sep.separate(torch.randn(2, 5000) * 0.1, SR)
+    assert stems["vocals"].shape == (2, 5000)
