@@ -23,6 +23,7 @@ setup(
         "museval==0.4.1",
         "tqdm==4.67.1",
         "matplotlib==3.10.7",
+        "scipy==1.17.1",
     ],
     extras_require={
         "test": ["pytest==8.4.2"],
@@ -30,6 +31,14 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "pahubert-manifest = pahubert_plugin.data.manifest:main",
+            "pahubert-dump-features = pahubert_plugin.clustering.dump_features:main",
+            "pahubert-check-labels = pahubert_plugin.clustering.check_labels:main",
+            "pahubert-label-quality = pahubert_plugin.clustering.label_quality:main",
+            "pahubert-toy-corpus = pahubert_plugin.data.toy_corpus:main",
+            "pahubert-evaluate = pahubert_plugin.evaluate:main",
+            "pahubert-separate = pahubert_plugin.separate:main",
+            "pahubert-port-hubert = pahubert_plugin.port_hubert:main",
         ],
     },
 )
