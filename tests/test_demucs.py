@@ -231,13 +231,11 @@ def test_demucs_v2_hubert_pretrains_then_finetunes(tmp_path):
             assert torch.allclose(weights[key].float(), value.float(), atol=1e-5), key
     assert any(k.startswith("decoder.") for k in weights)
     # inference rebuilds the fine-tuned model without its pretraining checkpoint
-    from fairseq import checkpoint_utils
+    from pahubert_plugin.separate import Separator
 
+    assert separation_weights(ft)[0]["pretrained_arch"]["encoder_embed_dim"] == 64
     (pre / "checkpoint_last.pt").rename(pre / "moved.pt")
-    with pytest.raises(FileNotFoundError, match="no_pretrained_weights=true"):
-        checkpoint_utils.load_model_ensemble_and_task([str(ft / "checkpoint_last.pt")])
-    models, _, _ = checkpoint_utils.load_model_ensemble_and_task(
-        [str(ft / "checkpoint_last.pt")], arg_overrides={"no_pretrained_weights": True})
+    models = [Separator.from_checkpoint(str(ft / "checkpoint_last.pt")).model]
     assert models[0].eval()(mixture=torch.randn(1, 2, 4321)).shape == (1, 4, 2, 4321)
 
 
@@ -249,12 +247,11 @@ def test_mismatched_or_foreign_checkpoint_is_refused(tmp_path):
             "model": {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}}
     path = tmp_path / "pre.pt"
     torch.save(good, path)
-    other = recipe_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_tiny.yaml")
-    other.pretrained_checkpoint = str(path)
-    assert DemucsV2HubertModel.build_model(other, separation_task()) is not None  # loads
-    other.encoder_layers = 3
+    loaded = _build_with(path)
+    assert torch.equal(loaded.encoder.mask_emb, model.encoder.mask_emb)
+    assert loaded.cfg.pretrained_arch["encoder_layers"] == 2  # saved with the model
     with pytest.raises(ValueError, match=r"model.encoder_layers=2 \(config has 3\)"):
-        DemucsV2HubertModel.build_model(other, separation_task())
+        _build_with(path, encoder_layers=3)
     foreign = dict(good, cfg={"model": {"_name": "pahubert"}, "task": {}})
     torch.save(foreign, path)
     with pytest.raises(ValueError, match="expected a 'demucs_v2_hubert' pretraining checkpoint"):
@@ -264,7 +261,14 @@ def test_mismatched_or_foreign_checkpoint_is_refused(tmp_path):
         _build_with(path, sample_rate=44100)
 
 
-def _build_with(path, sample_rate=SR):
+def test_missing_pretrained_checkpoint_names_the_way_out(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_pretrained_weights=true"):
+        _build_with(tmp_path / "gone.pt")
+
+
+def _build_with(path, sample_rate=SR, **overrides):
     cfg = recipe_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_tiny.yaml")
     cfg.pretrained_checkpoint = str(path)
+    for key, value in overrides.items():
+        cfg[key] = value
     return DemucsV2HubertModel.build_model(cfg, separation_task(sample_rate))

@@ -13,6 +13,8 @@ One registered model, two roles chosen by the task it is built for:
   ``pretrained_checkpoint`` loads the ``encoder.*`` weights of a ``demucs_v2_hubert``
   pretraining checkpoint (or of ``python -m pahubert_plugin.port_hubert --target
   demucs_v2_hubert``); ``no_pretrained_weights=true`` builds the same network from scratch.
+  Once loaded, ``pretrained_arch`` is saved with the model, so a fine-tuned checkpoint
+  rebuilds (``Separator.from_checkpoint``) without the pretraining file.
 
 Both roles may start from ``pretrained_checkpoint`` (e.g. continue pretraining a ported speech
 model on music).  The architecture fields (:data:`ARCH_FIELDS`) of the config must equal the
@@ -21,7 +23,7 @@ checkpoint's; a mismatch or a checkpoint of another model is a ``ValueError`` th
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from fairseq.models import register_model
@@ -32,6 +34,7 @@ from ..checkpoint import load_checkpoint
 from .demucs import DemucsDecoder, DemucsHubertEncoder
 from .demucs_v2 import DemucsGeometryConfig, separation_task_info
 from .pahubert import HubertStyleModel, MaskedPredictionHead
+from .pahubert_resunet import _persist
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +65,10 @@ class DemucsV2HubertConfig(HubertConfig, DemucsGeometryConfig):
         "help": "a demucs_v2_hubert pretraining checkpoint (or port_hubert output) whose encoder.* "
                 "weights initialise this model"})
     no_pretrained_weights: bool = field(default=False, metadata={
-        "help": "do not load pretrained_checkpoint (same network, random init; also used to rebuild "
-                "a fine-tuned model whose pretraining checkpoint is gone)"})
+        "help": "do not load pretrained_checkpoint (same network, random init: the scratch arm)"})
+    pretrained_arch: Optional[Any] = field(default=None, metadata={
+        "help": "filled when pretrained_checkpoint is loaded and saved with the model (leave unset): "
+                "its architecture fields; when set, the file is not read again (rebuilding a trained model)"})
 
 
 def _get(cfg, key, default=None):
@@ -135,12 +140,16 @@ class DemucsV2HubertModel(HubertStyleModel):
                 cfg.label_rate = float(label_rate)
             model = cls(cfg, int(task.cfg.channels), int(task.cfg.sample_rate),
                         num_classes=[len(d) for d in dictionaries])
-        if cfg.pretrained_checkpoint and not cfg.no_pretrained_weights:
-            model.load_pretrained(cfg.pretrained_checkpoint)
+        if cfg.pretrained_checkpoint and not cfg.no_pretrained_weights and cfg.pretrained_arch is None:
+            arch = model.load_pretrained(cfg.pretrained_checkpoint)
+            _persist(cfg, "pretrained_arch", arch)  # reaches the saved checkpoint's cfg.model
         return model
 
-    def load_pretrained(self, path: str) -> None:
-        """Copy the ``encoder.*`` weights of a demucs_v2_hubert checkpoint (all must fit)."""
+    def load_pretrained(self, path: str) -> Dict:
+        """Copy the ``encoder.*`` weights of a demucs_v2_hubert checkpoint (all must fit).
+
+        Returns the checkpoint's architecture fields.
+        """
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"model.pretrained_checkpoint={path} not found (to rebuild a fine-tuned model without "
@@ -152,6 +161,7 @@ class DemucsV2HubertModel(HubertStyleModel):
         new = [n for n, _ in self.named_parameters() if not n.startswith("encoder.")]
         logger.info(f"loaded {len(weights)} encoder tensors from {path}; newly initialised: "
                     f"{', '.join(sorted({n.split('.')[0] for n in new})) or 'nothing'}")
+        return {k: _get(self.cfg, k) for k in ARCH_FIELDS}
 
     def forward(self, mixture: Optional[torch.Tensor] = None, source: Optional[torch.Tensor] = None,
                 target_list: Optional[List[torch.Tensor]] = None,
