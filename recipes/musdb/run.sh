@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# MUSDB18 fine-tuning and evaluation recipe (Kaldi/ESPnet style). Stages:
+#   1  fine-tune  fairseq-hydra-train (conf/$config.yaml), task=music_separation -> $exp_dir/checkpoints
+#   2  evaluate   museval BSSEval v4 on $eval_subset -> $exp_dir/eval/{<subset>/<track>.json,summary.md}
+#   3  separate   (optional) separate the files of $separate_dir -> $exp_dir/separated
+#
+# Usage:
+#   bash recipes/musdb/run.sh --musdb-root DIR --exp-dir DIR [--config tiny] \
+#        [--pretrained CKPT] [--stage 1] [--stop-stage 2] [-- HYDRA_OVERRIDES...]
+# Configs: tiny | base (resunet from scratch), pahubert_tiny | pahubert_base (need --pretrained, a
+# pahubert pretraining checkpoint; add model.no_pretrained_weights=true after `--` for the scratch arm).
+# Every variable below can be set as --name-with-dashes VALUE. Logs: $exp_dir/logs/stage*.log.
+set -euo pipefail
+
+# ---- options -----------------------------------------------------------------------------------
+musdb_root=             # MUSDB18-HQ root with train/ and test/ (or .stem.mp4 files with --is-wav false)
+exp_dir=exp/musdb       # everything this recipe writes goes under here
+config=base             # conf/<name>.yaml
+pretrained=             # pahubert pretraining checkpoint (pahubert_* configs)
+is_wav=true             # wav folders (MUSDB18-HQ layout) | false: MUSDB18 .stem.mp4 through musdb
+eval_subset=test        # subset folder scored in stage 2
+eval_jobs=2             # tracks scored in parallel
+eval_tracks=0           # score only the first N tracks (0: all)
+device=cpu              # cpu | cuda for stages 2-3
+segment=                # inference chunk in seconds (default: the checkpoint's validation chunk)
+separate_dir=           # stage 3: folder of audio files to separate
+stage=1
+stop_stage=2
+PYTHON=${PYTHON:-python}
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+
+train_overrides=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --) shift; train_overrides=("$@"); break ;;
+    --*)
+      name=${1#--}; name=${name//-/_}
+      [ $# -ge 2 ] || { echo "run.sh: option $1 needs a value" >&2; exit 1; }
+      if ! declare -p "$name" >/dev/null 2>&1 || [ "$name" = name ]; then
+        echo "run.sh: unknown option $1 (see --help)" >&2; exit 1
+      fi
+      printf -v "$name" '%s' "$2"; shift 2 ;;
+    *) echo "run.sh: unexpected argument $1 (see --help)" >&2; exit 1 ;;
+  esac
+done
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+[ -n "$musdb_root" ] || { echo "run.sh: --musdb-root is required" >&2; exit 1; }
+musdb_root=$(cd "$musdb_root" && pwd)
+mkdir -p "$exp_dir/logs"
+exp_dir=$(cd "$exp_dir" && pwd)
+ckpt_dir=$exp_dir/checkpoints
+seg_args=(); [ -z "$segment" ] || seg_args=(--segment "$segment")
+wav_args=(); [ "$is_wav" != true ] || wav_args=(--is-wav)
+export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+
+if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
+  echo "stage 1: fine-tune ($config) -> $ckpt_dir"
+  extra=()
+  if [[ "$config" == pahubert* ]]; then
+    [ -n "$pretrained" ] || { echo "run.sh: config $config needs --pretrained CKPT" >&2; exit 1; }
+    extra+=("model.pretrained_checkpoint=$(cd "$(dirname "$pretrained")" && pwd)/$(basename "$pretrained")")
+  fi
+  $PYTHON -m fairseq_cli.hydra_train --config-dir "$here/conf" --config-name "$config" \
+    task.data="$musdb_root" ++task.is_wav="$is_wav" common.user_dir="$repo/pahubert_plugin" \
+    checkpoint.save_dir="$ckpt_dir" hydra.run.dir="$exp_dir/logs/hydra" \
+    "${extra[@]}" "${train_overrides[@]}" 2>&1 | tee "$exp_dir/logs/stage1.log"
+fi
+
+if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
+  echo "stage 2: evaluate $ckpt_dir/checkpoint_best.pt on $eval_subset -> $exp_dir/eval"
+  $PYTHON -m pahubert_plugin.evaluate "$ckpt_dir/checkpoint_best.pt" --musdb-root "$musdb_root" \
+    "${wav_args[@]}" --subset "$eval_subset" --jobs "$eval_jobs" --tracks "$eval_tracks" \
+    --device "$device" --out "$exp_dir/eval" "${seg_args[@]}" 2>&1 | tee "$exp_dir/logs/stage2.log"
+fi
+
+if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
+  [ -n "$separate_dir" ] || { echo "run.sh: stage 3 needs --separate-dir DIR" >&2; exit 1; }
+  echo "stage 3: separate $separate_dir -> $exp_dir/separated"
+  mapfile -t files < <(find "$separate_dir" -type f \( -iname '*.wav' -o -iname '*.flac' -o -iname '*.mp3' -o -iname '*.ogg' \) | sort)
+  $PYTHON -m pahubert_plugin.separate "$ckpt_dir/checkpoint_best.pt" "${files[@]}" -o "$exp_dir/separated" \
+    --device "$device" "${seg_args[@]}" 2>&1 | tee "$exp_dir/logs/stage3.log"
+fi
