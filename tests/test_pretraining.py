@@ -26,6 +26,7 @@ from helpers import PLUGIN_DIR, REPO, run_fairseq
 SR = 16000
 TONES = (262.0, 440.0, 740.0, 1245.0)  # K = 4
 SEGMENT = 10  # frames per tone
+UPDATES = 32  # updates of the shared tiny run
 CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
 
 
@@ -41,7 +42,7 @@ def tone_sequence(num_samples, sr=SR, first=0, channels=1):
     return wav.astype(np.float32), labels
 
 
-def write_corpus(root, n_train=12, n_valid=2, seed=0, min_s=1.2, max_s=3.0):
+def write_corpus(root, n_train=8, n_valid=2, seed=0, min_s=1.2, max_s=2.5):
     """Manifests, labels and dict in the task's layout: mono and stereo files, random lengths."""
     root = Path(root)
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -66,9 +67,11 @@ def overrides(data, save, max_update, *extra):
     return [
         "--config-dir", CONF, "--config-name", "tiny",
         f"common.user_dir={PLUGIN_DIR}", "common.cpu=true", "common.log_interval=5",
-        f"task.data={data}", f"task.label_dir={data}", "task.max_sample_size=24000",
-        "task.min_sample_size=8000", "dataset.batch_size=6", f"optimization.max_update={max_update}",
+        f"task.data={data}", f"task.label_dir={data}", "task.max_sample_size=16000",
+        "task.min_sample_size=8000", "dataset.batch_size=4", f"optimization.max_update={max_update}",
         "lr_scheduler.warmup_updates=5", "optimization.lr=[0.002]", f"checkpoint.save_dir={save}",
+        # validate and save at the end (and every save_interval_updates), not after each tiny epoch
+        "dataset.validate_interval=1000", "checkpoint.save_interval=1000",
         f"hydra.run.dir={save}/hydra", *extra,
     ]
 
@@ -77,7 +80,7 @@ def train_records(log):
     """The JSON stats lines of a fairseq log (train_inner and train/valid summaries)."""
     records = []
     for line in log.splitlines():
-        m = re.search(r"\| (train_inner|train|valid) \| (\{.*\})$", line)
+        m = re.search(r"\]\[(train_inner|train|valid)\]\[INFO\] - (\{.*\})$", line)
         if m:
             records.append((m.group(1), json.loads(m.group(2))))
     return records
@@ -89,7 +92,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     data = write_corpus(root / "data")
     save = root / "ckpt"
-    log = run_fairseq(["fairseq_cli.hydra_train", *overrides(data, save, 60, "model.mask_prob=0.5")], cwd=root)
+    log = run_fairseq(["fairseq_cli.hydra_train", *overrides(data, save, UPDATES, "model.mask_prob=0.5")], cwd=root)
     return data, save, log
 
 
@@ -98,7 +101,7 @@ def test_tiny_pretraining_learns_from_context(trained):
     data, save, log = trained
     inner = [r for kind, r in train_records(log) if kind == "train_inner"]
     assert inner, log[-3000:]
-    assert int(inner[-1]["num_updates"]) == 60
+    assert max(_updates(log)) == UPDATES
     losses = [float(r["loss"]) for r in inner]
     assert losses[-1] < 0.7 * losses[0], losses
     # correct_m_0 is HuBERT's masked accuracy; chance is 1 / K
@@ -224,39 +227,41 @@ def _free_port():
 
 
 def _updates(log):
-    return [int(r["num_updates"]) for kind, r in train_records(log) if kind in ("train_inner", "train")]
+    """Update counts in the train_inner and end-of-epoch train records of a log."""
+    return [int(r.get("num_updates", r.get("train_num_updates"))) for kind, r in train_records(log)
+            if kind in ("train_inner", "train")]
 
 
 @pytest.mark.slow
 def test_sigkill_resumes_from_checkpoint_last(tmp_path):
     data = write_corpus(tmp_path / "data", n_train=6, n_valid=1)
     save = tmp_path / "ckpt"
-    args = overrides(data, save, 200, "checkpoint.save_interval_updates=4", "dataset.batch_size=2",
-                     "common.log_interval=1")
+    common = ("dataset.batch_size=2", "common.log_interval=1", "checkpoint.save_interval_updates=4")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    proc = subprocess.Popen([sys.executable, "-m", "fairseq_cli.hydra_train", *map(str, args)], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = save / "checkpoint_last.pt"
-    deadline = time.time() + 180
+    proc = subprocess.Popen([sys.executable, "-m", "fairseq_cli.hydra_train", *map(str, overrides(data, save, 500, *common))],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    saved, seen = None, []
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if last.is_file() and (save / "checkpoint_1_8.pt").is_file():
+        # kill right after a periodic save has been written: mid-training, not mid-write
+        for line in proc.stdout:
+            seen.append(line)
+            m = re.search(r"Saved checkpoint .*\(epoch \d+ @ (\d+) updates", line)
+            if m and int(m.group(1)) >= 4:
+                saved = int(m.group(1))
                 break
-            time.sleep(0.5)
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert last.is_file(), "no checkpoint_last.pt within 3 minutes"
-        time.sleep(1.0)  # let the checkpoint write finish (fairseq writes then renames)
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.wait(timeout=60)
+    assert saved is not None, "".join(seen[-40:])
+    assert proc.returncode == -signal.SIGKILL
     from fairseq import checkpoint_utils
-    done = checkpoint_utils.load_checkpoint_to_cpu(str(last))["optimizer_history"][-1]["num_updates"]
-    assert done >= 8
-    log = run_fairseq(["fairseq_cli.hydra_train", *overrides(data, save, done + 3, "dataset.batch_size=2",
-                                                             "common.log_interval=1")], cwd=tmp_path)
-    assert re.search(rf"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ {done} updates\)", log), log[-3000:]
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))
+    assert state["optimizer_history"][-1]["num_updates"] == saved
+
+    log = run_fairseq(["fairseq_cli.hydra_train", *overrides(data, save, saved + 3, *common)], cwd=tmp_path)
+    assert re.search(rf"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ {saved} updates\)", log), log[-3000:]
     ups = _updates(log)
-    assert ups and min(ups) > done and max(ups) == done + 3, ups
+    assert ups and min(ups) == saved + 1 and max(ups) == saved + 3, ups
 
 
 @pytest.mark.slow

@@ -83,6 +83,11 @@ class PahubertConfig(HubertConfig):
                           "100 Hz frames per token (targets are subsampled to match)"},
     )
     stem_units: int = field(default=2, metadata={"help": "residual units per stem block"})
+    stem_bn_momentum: float = field(
+        default=0.01,
+        metadata={"help": "BatchNorm momentum of the stem (Kong et al.: 0.01); short runs need more "
+                          "(0.1) or their eval-mode running statistics are still near their init"},
+    )
 
 
 class PahubertEncoder(nn.Module):
@@ -105,6 +110,9 @@ class PahubertEncoder(nn.Module):
         self.spectrogram = Spectrogram(self.sample_rate, cfg.n_fft or None)
         strides = list(zip(cfg.stem_freq_strides, cfg.stem_time_strides))
         self.stem = ResUNetEncoder(self.audio_channels, cfg.stem_channels, strides, cfg.stem_units)
+        for module in self.stem.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = cfg.stem_bn_momentum
         freq_stride, self.time_stride = self.stem.stride
         self.bottleneck_shape = (cfg.stem_channels[-1], math.ceil(self.spectrogram.freq_bins / freq_stride))
         stem_dim = self.bottleneck_shape[0] * self.bottleneck_shape[1]

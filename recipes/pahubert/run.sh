@@ -4,11 +4,14 @@
 #   1  features   mfcc|primitive per frame, $nj shards per split (fairseq dump_feature + our reader)
 #   2  k-means    fairseq learn_kmeans.py on the train features -> $km_path
 #   3  labels     fairseq dump_km_label.py per shard -> $label_dir/{split}.km + dict.km.txt, checked
-#   (stages 4-6, pretraining and the second iteration, are added below stage 3)
+#   4  pretrain   fairseq-hydra-train (conf/pretrain/$pretrain_config.yaml) on those labels -> $iter1_dir
+#   5  relabel    layer $hubert_layer of iteration 1 (dump_features --feature hubert), k-means, labels
+#   6  pretrain   iteration 2 on the stage-5 labels -> $iter2_dir
 #
 # Usage:
 #   bash recipes/pahubert/run.sh --audio-dir DIR --exp-dir DIR [--sample-rate 16000] [--nj 2] \
-#        [--feature mfcc] [--n-clusters 100] [--stage 0] [--stop-stage 3]
+#        [--feature mfcc] [--n-clusters 100] [--pretrain-config tiny] [--stage 0] [--stop-stage 6] \
+#        [-- HYDRA_OVERRIDES...]    (stages 4 and 6; e.g. distributed_training.distributed_world_size=8)
 # Every variable below can be set as --name-with-dashes VALUE. Logs: $exp_dir/logs/stage*.log.
 set -euo pipefail
 
@@ -26,15 +29,23 @@ feature=mfcc            # clustering feature: mfcc (39-d Kaldi MFCC+D+DD) | prim
 n_clusters=100          # k-means clusters (HuBERT iteration 1 uses 100)
 percent=-1              # fraction of train files sampled per shard to fit k-means; -1 = all
 km_args=""              # extra options for fairseq's learn_kmeans.py, e.g. "--n_init 5 --batch_size 10000"
+# stages 4-6 (pretraining); hydra overrides after `--` go to both fairseq-hydra-train runs
+pretrain_config=base    # conf/pretrain/<name>.yaml: base (GPUs, 44.1 kHz) | tiny (CPU minutes)
+hubert_layer=6          # stage 5: transformer layer (1-based) clustered for iteration 2 (HuBERT: 6 of 12)
+n_clusters_iter2=500    # stage 5: k-means clusters of iteration 2 (HuBERT Base: 500)
+hubert_device=cpu       # stage 5: cpu | cuda, for the feature-reading model
+hubert_max_chunk=60     # stage 5: seconds of audio per forward pass (long files are chunked)
 stage=0
-stop_stage=3
+stop_stage=6
 PYTHON=${PYTHON:-python}  # the Makefile puts .venv/bin first on PATH
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
+train_overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --) shift; train_overrides=("$@"); break ;;
     --*)
       name=${1#--}; name=${name//-/_}
       [ $# -ge 2 ] || { echo "run.sh: option $1 needs a value" >&2; exit 1; }
@@ -53,6 +64,12 @@ feat_dir=$exp_dir/feat/$feature                 # {split}_{rank}_{nshard}.npy/.l
 km_path=$exp_dir/km/$tag.km                     # joblib-saved MiniBatchKMeans
 label_dir=$exp_dir/labels/$tag                  # {split}.km + dict.km.txt (what pretraining reads)
 log_dir=$exp_dir/logs
+iter1_dir=$exp_dir/pretrain/iter1_$tag          # stage 4: checkpoints/, hydra logs
+iter2_tag=iter1_l${hubert_layer}_k${n_clusters_iter2}
+feat2_dir=$exp_dir/feat/$iter2_tag              # stage 5: hidden features of iteration 1
+km2_path=$exp_dir/km/$iter2_tag.km
+label2_dir=$exp_dir/labels/$iter2_tag
+iter2_dir=$exp_dir/pretrain/iter2_$iter2_tag    # stage 6
 mkdir -p "$exp_dir" "$log_dir"
 
 log() { echo "[$(date '+%H:%M:%S')] $*"; }
@@ -152,6 +169,69 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
   done
 fi
 
-# ---- stages 4-6: pretraining (added by the pretraining recipe) ---------------------------------
+# ---- stages 4-6: pretraining ------------------------------------------------------------------
+recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+abspath() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+
+# pretrain LABEL_DIR OUT_DIR LOG: fairseq-hydra-train on LABEL_DIR/{split}.km (hydra changes into
+# OUT_DIR, so every path is absolute); extra overrides after `--` on the command line come last.
+pretrain() {
+  local labels out logfile plugin_dir
+  labels=$(abspath "$1"); out=$(abspath "$2"); logfile=$3
+  plugin_dir=$("$PYTHON" -c 'import os, pahubert_plugin; print(os.path.dirname(pahubert_plugin.__file__))')
+  mkdir -p "$out"
+  run "$logfile" "$PYTHON" -m fairseq_cli.hydra_train \
+    --config-dir "$recipe_dir/conf/pretrain" --config-name "$pretrain_config" \
+    common.user_dir="$plugin_dir" task.data="$(abspath "$data_dir")" task.label_dir="$labels" \
+    'task.labels=[km]' task.sample_rate="$sample_rate" task.label_rate=100 model.label_rate=100 \
+    checkpoint.save_dir="$out/checkpoints" hydra.run.dir="$out" ${train_overrides[@]+"${train_overrides[@]}"}
+  grep -h '\[train\]\|\[valid\]' "$logfile" | tail -n 2 || true
+}
+
+if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
+  log "stage 4: pretrain iteration 1 ($pretrain_config) on $label_dir -> $iter1_dir (log $log_dir/stage4_pretrain.log)"
+  pretrain "$label_dir" "$iter1_dir" "$log_dir/stage4_pretrain.log"
+fi
+
+if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
+  ckpt1=$iter1_dir/checkpoints/checkpoint_best.pt
+  [ -f "$ckpt1" ] || { echo "run.sh: stage 5 needs $ckpt1 (run stage 4)" >&2; exit 1; }
+  log "stage 5: layer $hubert_layer features of $ckpt1 -> k-means $n_clusters_iter2 -> $label2_dir"
+  for split in $(splits); do
+    ns=$(nshard $split)
+    for rank in $(seq 0 $((ns - 1))); do
+      queue "$log_dir/stage5_features.$split.$rank.log" \
+        "$PYTHON" -m pahubert_plugin.clustering.dump_features "$data_dir" $split $ns $rank "$feat2_dir" \
+        --feature hubert --ckpt "$ckpt1" --layer "$hubert_layer" --device "$hubert_device" \
+        --max-chunk "$hubert_max_chunk" --sample-rate "$sample_rate"
+    done
+    run_parallel
+  done
+  find_kmeans_dir
+  mkdir -p "$(dirname "$km2_path")" "$label2_dir/shards"
+  # shellcheck disable=SC2086  # km_args is a list of options
+  run "$log_dir/stage5_kmeans.log" "$PYTHON" "$kmeans_dir/learn_kmeans.py" \
+    "$feat2_dir" train "$(nshard train)" "$km2_path" "$n_clusters_iter2" --seed "$seed" --percent "$percent" $km_args
+  for split in $(splits); do
+    ns=$(nshard $split)
+    for rank in $(seq 0 $((ns - 1))); do
+      queue "$log_dir/stage5_labels.$split.$rank.log" \
+        "$PYTHON" "$kmeans_dir/dump_km_label.py" "$feat2_dir" $split "$km2_path" $ns $rank "$label2_dir/shards"
+    done
+    run_parallel
+    for rank in $(seq 0 $((ns - 1))); do cat "$label2_dir/shards/${split}_${rank}_${ns}.km"; done > "$label2_dir/$split.km"
+  done
+  for i in $(seq 0 $((n_clusters_iter2 - 1))); do echo "$i 1"; done > "$label2_dir/dict.km.txt"
+  for split in $(splits); do
+    run "$log_dir/stage5_check.$split.log" "$PYTHON" -m pahubert_plugin.clustering.check_labels \
+      "$data_dir/$split.tsv" "$label2_dir/$split.km" --sample-rate "$sample_rate" --dict "$label2_dir/dict.km.txt"
+    tail -n 1 "$log_dir/stage5_check.$split.log"
+  done
+fi
+
+if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
+  log "stage 6: pretrain iteration 2 ($pretrain_config) on $label2_dir -> $iter2_dir (log $log_dir/stage6_pretrain.log)"
+  pretrain "$label2_dir" "$iter2_dir" "$log_dir/stage6_pretrain.log"
+fi
 
 log "done (stages $stage-$stop_stage); outputs under $exp_dir"
