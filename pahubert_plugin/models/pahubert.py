@@ -202,7 +202,8 @@ class PahubertEncoder(nn.Module):
         padding_mask = self.token_padding_mask(padding_mask, x.shape[1])
         mask_indices = None
         if mask:
-            x, mask_indices = self.apply_mask(x, padding_mask, None)
+            # fairseq writes mask_emb into x in place: match dtypes (x is fp16 under autocast)
+            x, mask_indices = self.apply_mask(x.to(self.mask_emb.dtype), padding_mask, None)
         x, layer_results = self.transformer(
             x, padding_mask=padding_mask, layer=None if output_layer is None else output_layer - 1
         )
