@@ -311,3 +311,42 @@ def test_stage5_reader_dims_and_frames_on_cpu(trained):
     sf.write(data / "hq.wav", wav44, 44100)
     reader44 = HubertFeatureReader(str(save / "checkpoint_last.pt"), layer=4, sample_rate=44100, device="cpu")
     assert tuple(reader44.get_feats(str(data / "hq.wav"), ref_len=len(wav44)).shape) == (250, 128)
+
+
+def test_two_label_sets_each_with_its_weight(tmp_path):
+    """criterion.label_weights weighs each label set's loss; logs carry both sets' accuracies."""
+    from omegaconf import OmegaConf
+    from pahubert_plugin.criterions.pahubert import PahubertCriterion, PahubertCriterionConfig
+    from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
+
+    data = write_corpus(tmp_path / "data", n_train=3, n_valid=1)
+    # a second, coarser label set: high vs low tone
+    coarse = [" ".join(str(int(t) // 2) for t in line.split())
+              for line in (data / "train.km").read_text().splitlines()]
+    (data / "train.hl").write_text("\n".join(coarse) + "\n")
+    (data / "dict.hl.txt").write_text("0 1\n1 1\n")
+    tcfg = OmegaConf.structured(PahubertPretrainingConfig(
+        data=str(data), label_dir=str(data), labels=["km", "hl"], sample_rate=SR, channels=2,
+        max_sample_size=16000, min_sample_size=1000))
+    task = PahubertPretrainingTask.setup_task(tcfg)
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    batch = ds.collater([ds[i] for i in range(len(ds))])
+    assert len(batch["target_list"]) == 2
+
+    model_cfg = OmegaConf.load(CONF / "tiny.yaml").model
+    for key in ("label_rate", "sample_rate", "audio_channels"):
+        del model_cfg[key]
+    model = task.build_model(model_cfg)
+    assert model.head.num_classes == [len(TONES) + 4, 2 + 4]
+    crit = PahubertCriterion(task, 1.0, 0.0, [10.0], None, [1.0, 0.25])
+    loss, sample_size, log = crit(model, batch)
+    expected = log["loss_m_0"] + 0.25 * log["loss_m_1"] + log["loss_features_pen"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert sample_size == log["count_m_0"] == log["count_m_1"] > 0
+    assert {"correct_m_0", "correct_m_1", "correct_u_0", "correct_u_1"} <= set(log)
+    loss.backward()
+    with pytest.raises(ValueError, match="one weight per set"):
+        PahubertCriterion(task, 1.0, 0.0, None, None, [1.0])
+    assert PahubertCriterion.logging_outputs_can_be_summed()
+    assert PahubertCriterionConfig().label_weights is None

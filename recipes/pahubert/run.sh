@@ -178,7 +178,7 @@ abspath() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 pretrain() {
   local labels out logfile plugin_dir
   labels=$(abspath "$1"); out=$(abspath "$2"); logfile=$3
-  plugin_dir=$("$PYTHON" -c 'import os, pahubert_plugin; print(os.path.dirname(pahubert_plugin.__file__))')
+  plugin_dir=$("$PYTHON" -c 'import importlib.util as u, os; print(os.path.dirname(u.find_spec("pahubert_plugin").origin))')
   mkdir -p "$out"
   run "$logfile" "$PYTHON" -m fairseq_cli.hydra_train \
     --config-dir "$recipe_dir/conf/pretrain" --config-name "$pretrain_config" \
