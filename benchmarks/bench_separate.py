@@ -1,0 +1,209 @@
+"""Separation speed and memory on this CPU: our separators next to Open-Unmix and HT-Demucs.
+
+For every model in :data:`BUILDERS` (random weights, nothing downloaded), in its own
+subprocess so measurements do not mix:
+
+* real-time factor: wall time to separate the same 30 s stereo 44.1 kHz input with
+  :func:`pahubert_plugin.apply.apply_model` (overlap-add chunks of the model's segment),
+  divided by 30 s (< 1 is faster than real time); best of ``--repeats``;
+* peak memory separating a 5-minute track: peak RSS of the process (``ru_maxrss``) and the
+  increase over the RSS after the model was built.
+
+Add a model by adding a builder to :data:`BUILDERS` (the time-domain engineer's
+``demucs_v2`` / ``demucs_v2_hubert`` go there): ``name -> () -> (model, segment_seconds)``,
+where ``model(mixture (batch, 2, samples)) -> (batch, sources, 2, samples)`` at 44.1 kHz.
+
+    python benchmarks/bench_separate.py [--models tiny,base,umxl,htdemucs] [--memory-seconds 300]
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, Tuple
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SR = 44100
+SOURCES = ["drums", "bass", "other", "vocals"]
+
+
+def _resunet(**over):
+    from pahubert_plugin.models.resunet import ResUNetConfig, ResUNetModel
+
+    cfg = ResUNetConfig(sources=SOURCES, sample_rate=SR, audio_channels=2, **over)
+    return ResUNetModel(cfg)
+
+
+def build_tiny():
+    """recipes/musdb/conf/tiny.yaml's resunet, at 44.1 kHz (n_fft 2048)."""
+    return _resunet(n_fft=2048, channels=[8, 16, 32, 32], strides="[[2,2],[2,2],[2,1],[2,1]]",
+                    units=1, bottleneck_units=1), 10.0
+
+
+def build_base():
+    """recipes/musdb/conf/base.yaml's resunet (Kong et al.-like)."""
+    return _resunet(), 10.0
+
+
+def build_pahubert_base():
+    """pahubert_resunet on a Pac-HuBERT Base encoder (PahubertConfig defaults: 12 x 768)."""
+    from omegaconf import OmegaConf
+
+    from pahubert_plugin.models.pahubert import PahubertConfig
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetConfig, PahubertResUNetModel
+
+    enc = OmegaConf.merge(OmegaConf.structured(PahubertConfig), {"sample_rate": SR, "audio_channels": 2,
+                                                                 "label_rate": 100})
+    cfg = OmegaConf.merge(OmegaConf.structured(PahubertResUNetConfig),
+                          {"sources": SOURCES, "sample_rate": SR, "audio_channels": 2, "decoder_units": 4,
+                           "bottleneck_units": 2})
+    return PahubertResUNetModel(cfg, OmegaConf.to_container(enc, resolve=True)), 10.0
+
+
+def build_umxl():
+    """Open-Unmix UMX-L architecture (hidden 1024, n_fft 4096), random weights."""
+    import openunmix
+
+    return openunmix.umxl(targets=SOURCES, pretrained=False, device="cpu"), 30.0
+
+
+def build_htdemucs():
+    """HT-Demucs (demucs 4 ``HTDemucs`` class defaults), random weights, its own segment."""
+    from demucs.htdemucs import HTDemucs
+
+    model = HTDemucs(sources=SOURCES)
+    return model, float(model.segment)
+
+
+def _musdb_model_cfg(dataclass, config_name):
+    """The ``model:`` section of recipes/musdb/conf/<config_name> over its dataclass."""
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.load(os.path.join(REPO, "recipes", "musdb", "conf", config_name))
+    return OmegaConf.merge(OmegaConf.structured(dataclass), yaml.model)
+
+
+def build_demucs_v2():
+    """recipes/musdb/conf/demucs_v2_base.yaml: Demucs V2 (64 ch doubling, depth 6, 2-layer BiLSTM, ~266 M)."""
+    from pahubert_plugin.models.demucs_v2 import DemucsV2Config, DemucsV2Model
+
+    return DemucsV2Model(_musdb_model_cfg(DemucsV2Config, "demucs_v2_base.yaml"), SOURCES, SR, 2), 10.0
+
+
+def build_demucs_v2_hubert():
+    """recipes/musdb/conf/demucs_v2_hubert_base.yaml: Demucs V2 encoder/decoder + HuBERT Base 12 x 768."""
+    from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertConfig, DemucsV2HubertModel
+
+    cfg = _musdb_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_base.yaml")
+    return DemucsV2HubertModel(cfg, 2, SR, sources=SOURCES), 10.0
+
+
+BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, float]]] = {
+    "tiny": build_tiny,
+    "base": build_base,
+    "pahubert_base": build_pahubert_base,
+    "umxl": build_umxl,
+    "htdemucs": build_htdemucs,
+    "demucs_v2": build_demucs_v2,
+    "demucs_v2_hubert": build_demucs_v2_hubert,
+}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(name: str, mode: str, seconds: float, repeats: int) -> dict:
+    """Runs in a subprocess: one model, one measurement; returns a dict."""
+    import pahubert_plugin  # noqa: F401
+    from pahubert_plugin.apply import apply_model
+
+    torch.manual_seed(0)
+    model, segment = BUILDERS[name]()
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    x = 0.1 * torch.randn(2, int(seconds * SR))
+    base_rss = rss_mb()
+    seg = int(segment * SR)
+    if mode == "rtf":
+        apply_model(model, x[:, :seg], seg)  # warm-up (allocator, mkldnn)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            apply_model(model, x, seg, overlap=0.25)
+            times.append(time.perf_counter() - t0)
+        return {"model": name, "params_M": params / 1e6, "segment_s": segment, "seconds": seconds,
+                "wall_s": min(times), "rtf": min(times) / seconds}
+    t0 = time.perf_counter()
+    apply_model(model, x, seg, overlap=0.25)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"model": name, "seconds": seconds, "peak_rss_mb": peak, "model_rss_mb": base_rss,
+            "delta_mb": peak - base_rss, "wall_s": time.perf_counter() - t0}
+
+
+def run_worker(name, mode, seconds, repeats, threads) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--mode", mode, "--seconds", str(seconds),
+                           "--repeats", str(repeats)], env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"model": name, "error": (proc.stderr or proc.stdout)[-500:]}
+    return json.loads(lines[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(BUILDERS), help=f"comma list of {list(BUILDERS)}")
+    p.add_argument("--seconds", type=float, default=30.0, help="input length for the real-time factor")
+    p.add_argument("--memory-seconds", type=float, default=300.0, help="input length for peak memory (0: skip)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats (best is reported)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per model")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="rtf", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.mode, args.seconds, args.repeats)))
+        return 0
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in BUILDERS]
+    if unknown:
+        p.error(f"unknown models {unknown}; choose from {list(BUILDERS)}")
+    results = []
+    for name in names:
+        r = run_worker(name, "rtf", args.seconds, args.repeats, args.threads)
+        if args.memory_seconds > 0 and "error" not in r:
+            r.update({f"mem_{k}": v for k, v in run_worker(name, "memory", args.memory_seconds, 1, args.threads).items()
+                      if k != "model"})
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: "
+          f"{os.cpu_count()} cores; memory for {args.memory_seconds:g} s")
+    ref = next((r for r in results if r.get("model") == "htdemucs" and "rtf" in r), None)
+    print("| model | params (M) | segment (s) | RTF | RTF vs htdemucs | peak RSS (MB) | +RSS over model (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['model']} | error: {r['error'].splitlines()[-1] if r['error'] else '?'} |")
+            continue
+        ratio = f"{r['rtf'] / ref['rtf']:.2f}" if ref else "-"
+        print(f"| {r['model']} | {r['params_M']:.2f} | {r['segment_s']:.1f} | {r['rtf']:.3f} | {ratio} | "
+              f"{r.get('mem_peak_rss_mb', float('nan')):.0f} | {r.get('mem_delta_mb', float('nan')):.0f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
