@@ -14,7 +14,8 @@
 #   --train-tracks L   comma list of labelled-song counts (the low-resource table); default 4
 #   --seeds K          repeat both fine-tuning arms for K seeds (mean ± spread); default 1
 #   --stage N          start at step N (earlier outputs are reused); every step also skips work already done
-#   --work DIR         work folder (default exp/toy); results go to results/demo (results/demo_quick)
+#   --work DIR         work folder (default exp/toy/demo, exp/toy/demo_quick with --quick)
+#   --results DIR      results folder (default results/demo, results/demo_quick with --quick)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
@@ -24,6 +25,7 @@ train_tracks=4
 seeds=1
 stage=1
 work=
+results=
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=true; shift ;;
@@ -31,7 +33,8 @@ while [ $# -gt 0 ]; do
     --seeds) seeds=$2; shift 2 ;;
     --stage) stage=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --results) results=$2; shift 2 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
 done
@@ -43,10 +46,10 @@ if $quick; then
   pretrain_updates=40; finetune_updates=24; samples_per_track=8
 else
   tag=demo; unlabelled=48; n_test=6; seconds=12; n_clusters=50
-  pretrain_updates=400; finetune_updates=150; samples_per_track=16
+  pretrain_updates=400; finetune_updates=300; samples_per_track=16
 fi
 work=${work:-exp/toy/$tag}
-results=results/$tag
+results=${results:-results/$tag}
 corpus=$work/corpus
 max_n=$(tr ',' '\n' <<< "$train_tracks" | sort -n | tail -n 1)
 n_train=$((max_n + 1))          # the last training song is held out for validation
@@ -111,7 +114,9 @@ evaluate() {  # ARM N SEED
     --musdb-root "$corpus/musdb" --is-wav --subset test --jobs 2 \
     --out "$results/eval/${arm}_n${n}_s${seed}" > "$results/eval_${arm}_n${n}_s${seed}.log" 2>&1 \
     || { echo "run.sh: evaluation failed; see $results/eval_${arm}_n${n}_s${seed}.log" >&2; exit 1; }
-  echo "  $arm, $n songs, seed $seed: $(grep -h '^| SDR' "$results/eval/${arm}_n${n}_s${seed}/summary.md")"
+  echo "  $arm, $n songs, seed $seed:"
+  grep -h '^| metric\|^| SDR' "$results/eval/${arm}_n${n}_s${seed}/summary.md" | sed 's/^/    /'
+
 }
 if [ $stage -le 4 ]; then
   step 4 "fine-tuning pahubert_resunet: scratch vs pretrained, labelled songs {$train_tracks}, $seeds seed(s)"
@@ -119,7 +124,7 @@ if [ $stage -le 4 ]; then
     finetune scratch $n $seed; finetune pretrained $n $seed
   done; done
 fi
-step 5 "evaluating on $n_test test songs with museval (columns: vocals drums bass other mean)"
+step 5 "evaluating on $n_test test songs with museval (SDR in dB, median over 1 s frames, then songs)"
 for n in ${train_tracks//,/ }; do for seed in $(seq 1 $seeds); do
   evaluate scratch $n $seed; evaluate pretrained $n $seed
 done; done
