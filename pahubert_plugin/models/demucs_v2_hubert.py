@@ -34,7 +34,7 @@ from ..checkpoint import load_checkpoint
 from .demucs import DemucsDecoder, DemucsHubertEncoder
 from .demucs_v2 import DemucsGeometryConfig, separation_task_info
 from .pahubert import HubertStyleModel, MaskedPredictionHead
-from .pahubert_resunet import _persist
+from ..checkpoint import persist_model_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class DemucsV2HubertModel(HubertStyleModel):
                         num_classes=[len(d) for d in dictionaries])
         if cfg.pretrained_checkpoint and not cfg.no_pretrained_weights and cfg.pretrained_arch is None:
             arch = model.load_pretrained(cfg.pretrained_checkpoint)
-            _persist(cfg, "pretrained_arch", arch)  # reaches the saved checkpoint's cfg.model
+            persist_model_cfg(cfg, "pretrained_arch", arch)  # reaches the saved checkpoint's cfg.model
         return model
 
     def load_pretrained(self, path: str) -> Dict:

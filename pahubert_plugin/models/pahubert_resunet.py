@@ -27,7 +27,7 @@ from fairseq.models import register_model
 from omegaconf import II, OmegaConf, open_dict
 from torch import nn
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, persist_model_cfg
 from .blocks import ResUNetDecoder, res_block
 from .pahubert import PahubertEncoder, encoder_config
 from .resunet import SpectralSeparator
@@ -59,21 +59,6 @@ class PahubertResUNetConfig(FairseqDataclass):
     bottleneck_units: int = field(default=1, metadata={
         "help": "residual units applied to the projected transformer output (0: none)"})
     decoder_units: int = field(default=2, metadata={"help": "residual units per decoder block"})
-
-
-def _persist(cfg, key: str, value) -> None:
-    """Set ``cfg.key`` and the same key of the root config's ``model`` that fairseq saves.
-
-    fairseq builds models from a merged copy of ``cfg.model`` whose ``_parent`` is the root
-    config; the trainer saves the root, so the value must be set there to reach checkpoints.
-    """
-    with open_dict(cfg):
-        cfg[key] = value
-    parent = cfg._get_parent() if OmegaConf.is_config(cfg) else None
-    if parent is not None and "model" in parent and parent.model is not cfg and parent.model is not None:
-        if parent.model.get("_name") == cfg.get("_name"):
-            with open_dict(parent.model):
-                parent.model[key] = value
 
 
 def load_pretraining_state(path: str) -> dict:
@@ -130,7 +115,7 @@ class PahubertResUNetModel(SpectralSeparator):
                 raise ValueError("pahubert_resunet needs model.pretrained_checkpoint=<pahubert checkpoint> "
                                  "(also with no_pretrained_weights=true: it defines the architecture)")
             state = load_pretraining_state(cfg.pretrained_checkpoint)
-            _persist(cfg, "encoder_cfg", OmegaConf.to_container(state["encoder_cfg"], resolve=True))
+            persist_model_cfg(cfg, "encoder_cfg", OmegaConf.to_container(state["encoder_cfg"], resolve=True))
         model = cls(cfg, cfg.encoder_cfg)
         if state is not None and not cfg.no_pretrained_weights:
             model.load_encoder(state, cfg.pretrained_checkpoint)
