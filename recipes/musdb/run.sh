@@ -30,21 +30,7 @@ PYTHON=${PYTHON:-python}
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 
-train_overrides=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --) shift; train_overrides=("$@"); break ;;
-    --*)
-      name=${1#--}; name=${name//-/_}
-      [ $# -ge 2 ] || { echo "run.sh: option $1 needs a value" >&2; exit 1; }
-      if ! declare -p "$name" >/dev/null 2>&1 || [ "$name" = name ]; then
-        echo "run.sh: unknown option $1 (see --help)" >&2; exit 1
-      fi
-      printf -v "$name" '%s' "$2"; shift 2 ;;
-    *) echo "run.sh: unexpected argument $1 (see --help)" >&2; exit 1 ;;
-  esac
-done
+. "$(dirname "${BASH_SOURCE[0]}")/../utils/parse_options.sh"
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
