@@ -107,9 +107,39 @@ def get_parser() -> argparse.ArgumentParser:
                    help="chunk length in seconds (default: the checkpoint's validation chunk)")
     p.add_argument("--overlap", type=float, default=0.25, help="overlap between chunks, a fraction (default 0.25)")
     p.add_argument("--tracks", type=int, default=0, help="score only the first N tracks (0: all)")
+    p.add_argument("--force", action="store_true",
+                   help="rescore every track, also when OUT holds scores of another checkpoint or settings")
     p.add_argument("--save-estimates", action="store_true",
                    help="also write the estimates as float wav to OUT/estimates/<subset>/<track>/")
     return p
+
+
+def check_provenance(args) -> None:
+    """Scores in ``args.out`` must come from this checkpoint and these settings, or be redone.
+
+    ``OUT/<subset>.provenance.json`` records what produced the per-track JSONs; a re-run with
+    another checkpoint (or a retrained one: size and mtime change) stops instead of mixing
+    old and new scores, unless ``--force`` clears them.
+    """
+    st = os.stat(args.checkpoint)
+    want = {"checkpoint": os.path.abspath(args.checkpoint), "size": st.st_size, "mtime": st.st_mtime,
+            "segment": args.segment, "overlap": args.overlap, "subset": args.subset}
+    path = os.path.join(args.out, f"{args.subset}.provenance.json")
+    folder = os.path.join(args.out, args.subset)
+    if os.path.isfile(path):
+        with open(path) as f:
+            have = json.load(f)
+        if have != want:
+            if not args.force:
+                raise ValueError(f"{args.out} holds scores made with {have}, not {want}: use another --out, "
+                                 f"or --force to rescore every track")
+    if args.force and os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.endswith(".json"):
+                os.remove(os.path.join(folder, name))
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(want, f, indent=1)
 
 
 def summarize(out: str, subset: str, names: List[str], sources: List[str]) -> dict:
@@ -144,6 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sources = list(model.sources)
         del model
         tracks = list_tracks(args.musdb_root, args.subset, sources, int(cfg.task.sample_rate), args.is_wav)
+        check_provenance(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         logger.error(str(e))
         return 2

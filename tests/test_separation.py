@@ -299,6 +299,26 @@ def test_evaluate_matches_museval_eval_mus_track(resunet_ckpt, musdb_root, tmp_p
     stamp = (out / "test" / "test_00.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "test" / "test_00.json").stat().st_mtime_ns == stamp
+    # scores of another checkpoint (here: the same file, retrained = touched) are not mixed in
+    os.utime(resunet_ckpt[0])
+    assert main(args) == 2
+    assert main(args + ["--force"]) == 0
+    assert (out / "test" / "test_00.json").stat().st_mtime_ns != stamp
+
+
+def test_evaluate_scores_whole_tracks_at_another_rate(resunet_ckpt, tmp_path):
+    """Tracks stored at 44.1 kHz, a model at 16 kHz: every sample of the track is scored."""
+    from pahubert_plugin.evaluate import main
+
+    root = tmp_path / "hq"
+    write_layout(root, train=1, test=1, seconds=2.5, sr=44100)
+    out = tmp_path / "eval"
+    assert main([str(resunet_ckpt[0]), "--musdb-root", str(root), "--is-wav", "--out", str(out),
+                 "--segment", "1.0", "--save-estimates"]) == 0
+    est = sf.info(str(out / "estimates" / "test" / "test_00" / "vocals.wav"))
+    assert (est.samplerate, est.frames) == (44100, int(2.5 * 44100))
+    frames = json.loads((out / "test" / "test_00.json").read_text())["targets"][0]["frames"]
+    assert len(frames) == 2  # museval scores whole 1 s windows of the 2.5 s track
 
 
 # ----------------------------------------------------------------------------- pahubert_resunet

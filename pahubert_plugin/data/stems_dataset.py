@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
-from .audio import AudioError, audio_info, read_audio
+from .audio import AudioError, audio_info, read_audio, resampled_length
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,19 @@ class StemTrack:
     """One track: its name and a reader for each stem at the dataset's sample rate."""
 
     name: str
-    num_samples: int  # at the dataset's sample rate
+    num_samples: int  # at ``rate``, the dataset's sample rate
     paths: Dict[str, str] = dataclasses.field(default_factory=dict)  # wav layout
     musdb_track: object = None  # stems layout (musdb.MultiTrack)
+    rate: int = 0  # the rate num_samples is counted at
+
+    def samples_at(self, sample_rate: int) -> int:
+        """Track length in samples at ``sample_rate``."""
+        return resampled_length(self.num_samples, self.rate, sample_rate) if self.rate else self.num_samples
 
     def read(self, stem: str, sample_rate: int, channels: int, offset: int = 0,
              length: Optional[int] = None) -> torch.Tensor:
         """``(channels, length)`` float32 of ``stem`` ("mixture" or a source name)."""
-        length = self.num_samples - offset if length is None else length
+        length = self.samples_at(sample_rate) - offset if length is None else length
         try:
             if self.musdb_track is None:
                 wav, _ = read_audio(self.paths[stem], sample_rate, channels, offset, length)
@@ -111,7 +116,7 @@ def _wav_track(folder: str, name: str, sources: Sequence[str], sample_rate: int)
     if max(lengths.values()) - min(lengths.values()) > sample_rate // 100:
         raise ValueError(f"track {name!r} ({folder}): stems differ in length: {lengths} samples "
                          f"at {sample_rate} Hz")
-    return StemTrack(name=name, num_samples=min(lengths.values()), paths=paths)
+    return StemTrack(name=name, num_samples=min(lengths.values()), paths=paths, rate=sample_rate)
 
 
 def _musdb_tracks(root: str, subset: str, sources: Sequence[str], sample_rate: int) -> List[StemTrack]:
@@ -126,8 +131,8 @@ def _musdb_tracks(root: str, subset: str, sources: Sequence[str], sample_rate: i
             raise ValueError(f"track {t.name!r} ({t.path}): no stems {missing}; musdb offers {list(t.sources)}")
         if t.rate is None or t.samples is None:
             raise ValueError(f"track {t.name!r} ({t.path}): unreadable stem file")
-        n = int(round(int(t.samples) * sample_rate / float(t.rate)))
-        tracks.append(StemTrack(name=t.name, num_samples=n, musdb_track=t))
+        n = resampled_length(int(t.samples), int(t.rate), sample_rate)
+        tracks.append(StemTrack(name=t.name, num_samples=n, musdb_track=t, rate=sample_rate))
     return tracks
 
 
