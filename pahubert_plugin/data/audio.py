@@ -123,10 +123,16 @@ def read_audio(
         raise AudioError(path, f"cannot read {num_frames} samples at offset {offset}: file has {total} at {out_sr} Hz")
 
     # Span in source samples, with a small margin so the resampler has context at both ends.
-    margin = 0 if src_sr == out_sr else 64
+    # When resampling, the span starts on a sample shared by both rates' grids (a multiple of
+    # src / gcd), so the crop lands on exactly the samples of a full read's output.
     src_start = int(math.floor(offset * src_sr / out_sr))
     src_stop = int(math.ceil((offset + num_frames) * src_sr / out_sr))
-    lo, hi = max(0, src_start - margin), min(info.frames, src_stop + margin)
+    if src_sr == out_sr:
+        lo, hi = src_start, src_stop
+    else:
+        step = src_sr // math.gcd(src_sr, out_sr)
+        lo = max(0, src_start - 64) // step * step
+        hi = min(info.frames, src_stop + 64)
     try:
         with sf.SoundFile(path) as f:
             if lo:
@@ -144,9 +150,7 @@ def read_audio(
     out = torch.from_numpy(wav)
     if src_sr != out_sr:
         out = AF.resample(out, src_sr, out_sr)
-        # drop the left margin (converted to the output rate), then cut to the request
-        skip = int(round((src_start - lo) * out_sr / src_sr))
-        out = out[:, skip:]
+        out = out[:, offset - lo * out_sr // src_sr:]  # drop the left margin (exact: see above)
     out = out[:, :num_frames]
     if out.shape[1] < num_frames:  # mp3 slack or resampler rounding: a few samples at most
         out = torch.nn.functional.pad(out, (0, num_frames - out.shape[1]))
