@@ -41,13 +41,14 @@ def fit_frames(x, n: int, axis: int = 0):
     have = x.shape[axis]
     if abs(have - n) > 3:
         raise ValueError(f"frame count {have} is {have - n:+d} off the expected {n}")
+    if have == 0 and n > 0:
+        raise ValueError(f"no frames to fit to the expected {n}")
     if have >= n:
         index = [slice(None)] * x.ndim
         index[axis] = slice(0, n)
         return x[tuple(index)]
     pad = n - have
     if isinstance(x, torch.Tensor):
-        last = x.narrow(axis, have - 1, 1) if have else torch.zeros_like(x.narrow(axis, 0, 0))
-        return torch.cat([x] + [last] * pad, dim=axis)
+        return torch.cat([x] + [x.narrow(axis, have - 1, 1)] * pad, dim=axis)
     last = np.take(x, [have - 1], axis=axis)
     return np.concatenate([x] + [last] * pad, axis=axis)

@@ -172,11 +172,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             info = audio_info(path)
             wav, sr = read_audio(path, info=info)
+            stems = sep.separate(wav, sr, progress=True)
         except AudioError as e:
             logger.error(f"skipping {path}: {e.reason}")
             failed.append(path)
             continue
-        stems = sep.separate(wav, sr, progress=True)
+        except ValueError as e:  # e.g. more channels than the model takes
+            logger.error(f"skipping {path}: {e}")
+            failed.append(path)
+            continue
         for src, est in stems.items():
             if not args.float32:
                 est = est.clamp(-1.0, 1.0)
@@ -185,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     done = len(args.audio) - len(failed)
     logger.info(f"separated {done} of {len(args.audio)} files into {args.out}")
     if failed:
-        logger.error(f"{len(failed)} file(s) could not be read: {', '.join(failed)}")
+        logger.error(f"{len(failed)} file(s) could not be separated: {', '.join(failed)}")
         return 1
     return 0
 

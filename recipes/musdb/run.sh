@@ -8,7 +8,8 @@
 #   bash recipes/musdb/run.sh --musdb-root DIR --exp-dir DIR [--config tiny] \
 #        [--pretrained CKPT] [--stage 1] [--stop-stage 2] [-- HYDRA_OVERRIDES...]
 # Configs: tiny | base (resunet from scratch), pahubert_tiny | pahubert_base (need --pretrained, a
-# pahubert pretraining checkpoint; add model.no_pretrained_weights=true after `--` for the scratch arm).
+# pahubert pretraining checkpoint; add model.no_pretrained_weights=true after `--` for the scratch arm),
+# demucs_v2_{tiny,base}, demucs_v2_hubert_{tiny,base} (--pretrained: its pretraining or ported checkpoint).
 # Every variable below can be set as --name-with-dashes VALUE. Logs: $exp_dir/logs/stage*.log.
 set -euo pipefail
 
@@ -28,7 +29,7 @@ stage=1
 stop_stage=2
 PYTHON=${PYTHON:-python}
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 . "$(dirname "${BASH_SOURCE[0]}")/../utils/parse_options.sh"
 
@@ -46,8 +47,11 @@ export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   echo "stage 1: fine-tune ($config) -> $ckpt_dir"
   extra=()
-  if [[ "$config" == pahubert* ]]; then
-    [ -n "$pretrained" ] || { echo "run.sh: config $config needs --pretrained CKPT" >&2; exit 1; }
+  if [[ "$config" == pahubert* ]] && [ -z "$pretrained" ]; then
+    echo "run.sh: config $config needs --pretrained CKPT" >&2; exit 1
+  fi
+  if [ -n "$pretrained" ]; then  # pahubert_* and demucs_v2_hubert_* (a pretraining or ported checkpoint)
+    [ -f "$pretrained" ] || { echo "run.sh: --pretrained $pretrained: no such file" >&2; exit 1; }
     extra+=("model.pretrained_checkpoint=$(cd "$(dirname "$pretrained")" && pwd)/$(basename "$pretrained")")
   fi
   $PYTHON -m fairseq_cli.hydra_train --config-dir "$here/conf" --config-name "$config" \
