@@ -310,7 +310,12 @@ def test_stage5_reader_dims_and_frames_on_cpu(trained):
     wav44, _ = tone_sequence(int(2.5 * 44100), sr=44100, channels=2)
     sf.write(data / "hq.wav", wav44, 44100)
     reader44 = HubertFeatureReader(str(save / "checkpoint_last.pt"), layer=4, sample_rate=44100, device="cpu")
-    assert tuple(reader44.get_feats(str(data / "hq.wav"), ref_len=len(wav44)).shape) == (250, 128)
+    feats44 = reader44.get_feats(str(data / "hq.wav"), ref_len=len(wav44))
+    assert tuple(feats44.shape) == (250, 128)
+    # extract() on a waveform (what label_quality uses) equals get_feats() on the file
+    from pahubert_plugin.data.audio import read_audio
+    wav, _ = read_audio(data / "hq.wav", 44100)
+    torch.testing.assert_close(reader44.extract(wav), feats44, atol=1e-4, rtol=1e-4)
 
 
 def test_two_label_sets_each_with_its_weight(tmp_path):

@@ -82,22 +82,42 @@ class HubertFeatureReader(FeatureReader):
         ends = starts[1:] + [total]
         return [(s, e - s) for s, e in zip(starts, ends)]
 
+    def _forward(self, read_piece, total: int) -> torch.Tensor:
+        """Run the model over ``total`` samples (model rate) in chunks; ``read_piece(offset, length)``
+        returns ``(model_channels, length)``. Returns ``(frames, dim)`` on the CPU."""
+        pieces = []
+        for offset, length in self.chunks(total):
+            n = frames.num_frames(length, self.model_sample_rate)
+            if n == 0:
+                continue
+            wav = read_piece(offset, length)
+            feats, _ = self.model.extract_features(wav[None].to(self.device), padding_mask=None, mask=False,
+                                                   output_layer=self.layer)  # (1, tokens, dim)
+            pieces.append(tokens_to_frames(feats[0].float(), n).cpu())
+        return torch.cat(pieces) if pieces else torch.zeros(0, self.dim)
+
+    @torch.inference_mode()
+    def extract(self, wav: torch.Tensor) -> torch.Tensor:
+        """Features of ``wav`` ``(channels, samples)`` at ``self.sample_rate`` -> ``(frames, dim)``."""
+        import torchaudio.functional as AF
+
+        from ..data.audio import apply_channel_policy
+
+        want = frames.num_frames(wav.shape[-1], self.sample_rate)
+        if self.sample_rate != self.model_sample_rate:
+            wav = AF.resample(wav, self.sample_rate, self.model_sample_rate)
+        wav = torch.from_numpy(apply_channel_policy(wav.numpy(), self.model_channels))
+        feats = self._forward(lambda offset, length: wav[:, offset:offset + length], wav.shape[-1])
+        return frames.fit_frames(feats, want)
+
     @torch.inference_mode()
     def get_feats(self, path, ref_len: Optional[int] = None) -> torch.Tensor:
         """Features of the file at ``path``: float32 ``(frames, dim)`` on the CPU."""
         info = audio_info(path)
-        total = info.frames_at(self.model_sample_rate)
-        pieces = []
-        for offset, length in self.chunks(total):
-            wav, _ = read_audio(path, self.model_sample_rate, self.model_channels, offset=offset,
-                                num_frames=length, info=info)  # (channels, samples)
-            n = frames.num_frames(length, self.model_sample_rate)
-            if n == 0:
-                continue
-            feats, _ = self.model.extract_features(wav[None].to(self.device), padding_mask=None, mask=False,
-                                                   output_layer=self.layer)  # (1, tokens, dim)
-            pieces.append(tokens_to_frames(feats[0].float(), n).cpu())
-        feats = torch.cat(pieces) if pieces else torch.zeros(0, self.dim)
+        feats = self._forward(
+            lambda offset, length: read_audio(path, self.model_sample_rate, self.model_channels, offset=offset,
+                                              num_frames=length, info=info)[0],
+            info.frames_at(self.model_sample_rate))
         want = frames.num_frames(ref_len if ref_len is not None else info.frames_at(self.sample_rate),
                                  self.sample_rate)
         try:
