@@ -20,8 +20,10 @@ checkpoint, then:
 Speech-only parts (the waveform feature extractor, the prediction head and label
 embeddings) are dropped.  The output is a pretraining-style checkpoint (``cfg.model``,
 ``cfg.task``, ``model`` = ``encoder.*``) that fine-tuning loads through
-``model.pretrained_checkpoint`` (``demucs_v2_hubert`` or ``pahubert_resunet``) and that
-``pahubert_pretraining`` can also continue from.  A table of copied, reshaped and new
+``model.pretrained_checkpoint`` (``demucs_v2_hubert`` or ``pahubert_resunet``); a
+``demucs_v2_hubert`` port can also continue self-supervised pretraining
+(``model.pretrained_checkpoint`` of its pretraining config; ``pahubert`` pretraining has no
+such field and starts from scratch).  A table of copied, reshaped and new
 parameters is printed.
 """
 import argparse
