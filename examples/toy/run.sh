@@ -13,7 +13,8 @@
 #   --quick            the same path, smaller (CI: a few minutes)
 #   --train-tracks L   comma list of labelled-song counts (the low-resource table); default 4
 #   --seeds K          repeat both fine-tuning arms for K seeds (mean ± spread); default 1
-#   --stage N          start at step N (earlier outputs are reused); every step also skips work already done
+#   --stage N          start at step N (earlier outputs are reused); finished fine-tuning runs and
+#                      scored songs are skipped, clustering stages 0-3 run again
 #   --work DIR         work folder (default exp/toy/demo, exp/toy/demo_quick with --quick)
 #   --results DIR      results folder (default results/demo, results/demo_quick with --quick)
 set -euo pipefail
