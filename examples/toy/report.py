@@ -91,7 +91,7 @@ def build_report(runs, baseline, curves, sources):
     lines, data = [], {"sources": sources, "mixture": baseline["sources"], "runs": {}}
     lines.append("## Test SDR (dB, museval BSSEval v4: median over 1 s frames, then over songs)\n")
     if len(seeds) > 1:
-        lines.append(f"{len(seeds)} seeds per arm: mean ± standard deviation over seeds.\n")
+        lines.append("Where a setting has several seeds: mean ± standard deviation over seeds.\n")
     lines.append("| labelled songs | system | " + " | ".join(sources) + " | mean |")
     lines.append("|---" * (len(sources) + 3) + "|")
     mix_row = [baseline["sources"][s]["SDR"] for s in sources] + [baseline["mean"]["SDR"]]
