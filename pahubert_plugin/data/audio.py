@@ -18,7 +18,7 @@ import torchaudio.functional as AF
 
 AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
 # mp3 frame counts from the header are estimates: tolerate one decoder frame of slack.
-_MP3_SLACK = 1152 * 2
+MP3_SLACK = 1152 * 2
 
 
 class AudioError(ValueError):
@@ -119,7 +119,7 @@ def read_audio(
     total = info.frames_at(out_sr)
     if num_frames is None or num_frames < 0:
         num_frames = total - offset
-    if offset < 0 or num_frames <= 0 or offset + num_frames > total + (_MP3_SLACK if info.format == "MP3" else 0):
+    if offset < 0 or num_frames <= 0 or offset + num_frames > total + (MP3_SLACK if info.format == "MP3" else 0):
         raise AudioError(path, f"cannot read {num_frames} samples at offset {offset}: file has {total} at {out_sr} Hz")
 
     # Span in source samples, with a small margin so the resampler has context at both ends.
@@ -141,7 +141,7 @@ def read_audio(
     except (RuntimeError, sf.LibsndfileError) as e:
         raise AudioError(path, f"decode failed ({e})") from None
     short = (hi - lo) - data.shape[0]
-    if short > (_MP3_SLACK if info.format == "MP3" else 0):
+    if short > (MP3_SLACK if info.format == "MP3" else 0):
         raise AudioError(path, f"truncated: expected {hi - lo} frames from {lo}, decoded {data.shape[0]}")
     if not np.isfinite(data).all():
         raise AudioError(path, "contains NaN or infinite samples")

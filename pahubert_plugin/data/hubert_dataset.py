@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from fairseq.data.audio.hubert_dataset import HubertDataset, load_audio
 
 from .. import frames
-from .audio import AudioError, audio_info, read_audio
+from .audio import MP3_SLACK, AudioError, audio_info, read_audio
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class PahubertDataset(HubertDataset):
         path, size = self.path(index), self.sizes[index]
         info = audio_info(path)
         have = info.frames_at(self.sample_rate)
-        slack = 2 * self.hop + (2304 if info.format == "MP3" else 0)
+        slack = 2 * self.hop + (MP3_SLACK if info.format == "MP3" else 0)
         if abs(have - size) > slack:
             raise ValueError(
                 f"manifest row {index + 1} says {size} samples for {path}, but the file has {have} at "
