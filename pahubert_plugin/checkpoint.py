@@ -85,3 +85,24 @@ def persist_model_cfg(cfg, key: str, value) -> None:
         if parent.model.get("_name") == cfg.get("_name"):
             with open_dict(parent.model):
                 parent.model[key] = value
+
+
+def load_encoder_weights(model, state: dict, path: str = "") -> int:
+    """Copy a pretraining checkpoint's ``encoder.*`` tensors into ``model.encoder`` (all must fit).
+
+    Logs what was loaded and which top-level modules of ``model`` stay newly initialised;
+    a ValueError naming ``path`` if the tensors do not fit. Returns the number of tensors copied.
+    """
+    import logging
+
+    weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    result = model.encoder.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: encoder weights do not fit the architecture in its own config: "
+                         f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    new = {k: p.numel() for k, p in model.named_parameters() if not k.startswith("encoder.")}
+    logging.getLogger(type(model).__module__).info(
+        f"loaded {len(weights)} encoder tensors from {path} "
+        f"({sum(p.numel() for p in model.encoder.parameters())} parameters); new (random init): "
+        f"{', '.join(sorted({k.split('.')[0] for k in new})) or 'nothing'} ({sum(new.values())} parameters)")
+    return len(weights)

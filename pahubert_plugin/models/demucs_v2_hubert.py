@@ -30,11 +30,10 @@ from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig
 from torch import nn
 
-from ..checkpoint import load_checkpoint
 from .demucs import DemucsDecoder, DemucsHubertEncoder
 from .demucs_v2 import DemucsGeometryConfig, separation_task_info
 from .pahubert import HubertStyleModel, MaskedPredictionHead
-from ..checkpoint import persist_model_cfg
+from ..checkpoint import load_checkpoint, load_encoder_weights, persist_model_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +155,7 @@ class DemucsV2HubertModel(HubertStyleModel):
                 f"it, set model.no_pretrained_weights=true)")
         state = load_checkpoint(path)
         check_pretrained(state, self.cfg, path, self.audio_channels, self.sample_rate)
-        weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-        self.encoder.load_state_dict(weights, strict=True)
-        new = [n for n, _ in self.named_parameters() if not n.startswith("encoder.")]
-        logger.info(f"loaded {len(weights)} encoder tensors from {path}; newly initialised: "
-                    f"{', '.join(sorted({n.split('.')[0] for n in new})) or 'nothing'}")
+        load_encoder_weights(self, state, path)
         return {k: _get(self.cfg, k) for k in ARCH_FIELDS}
 
     def forward(self, mixture: Optional[torch.Tensor] = None, source: Optional[torch.Tensor] = None,

@@ -27,7 +27,7 @@ from fairseq.models import register_model
 from omegaconf import II, OmegaConf, open_dict
 from torch import nn
 
-from ..checkpoint import load_checkpoint, persist_model_cfg
+from ..checkpoint import load_checkpoint, load_encoder_weights, persist_model_cfg
 from .blocks import ResUNetDecoder, res_block
 from .pahubert import PahubertEncoder, encoder_config
 from .resunet import SpectralSeparator
@@ -126,16 +126,7 @@ class PahubertResUNetModel(SpectralSeparator):
 
     def load_encoder(self, state: dict, path: str = "") -> None:
         """Copy the checkpoint's ``encoder.*`` tensors (strict) and log loaded vs new weights."""
-        weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-        result = self.encoder.load_state_dict(weights, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"{path}: encoder weights do not fit the architecture in its own config: "
-                             f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-        new = sorted({k.split(".")[0] for k, _ in self.named_parameters() if not k.startswith("encoder.")})
-        n_new = sum(p.numel() for k, p in self.named_parameters() if not k.startswith("encoder."))
-        logger.info(f"loaded {len(weights)} encoder tensors "
-                    f"({sum(p.numel() for p in self.encoder.parameters())} parameters) from {path}; "
-                    f"new (random init): {', '.join(new)} ({n_new} parameters)")
+        load_encoder_weights(self, state, path)
 
     def set_num_updates(self, num_updates):
         super().set_num_updates(num_updates)
