@@ -13,7 +13,11 @@ label offsets, label collation, batching, is fairseq's):
 * label lengths are checked up front: a label line whose length differs from
   ``frames.num_frames(num_samples, sample_rate)`` by more than ``label_tolerance`` frames
   stops with the manifest row, the file and both lengths (fairseq only warns);
-* an unreadable file met during training is a logged, counted skip.
+* an unreadable file met during training is a logged, counted skip;
+* random crops come from a generator seeded with ``(seed, epoch, index)`` (the batch's ids
+  for the collater's crop), never numpy's global one: fairseq loads batches in a background
+  thread (``dataset.data_buffer_size``) or in worker processes, so global draws would
+  interleave with the main thread's by timing, and workers would repeat each other's crops.
 """
 import logging
 import os
@@ -89,6 +93,7 @@ class PahubertDataset(HubertDataset):
         random_crop: bool = False,
         single_target: bool = False,
         label_tolerance: int = 2,
+        seed: int = 1,
     ):
         if not 0 <= label_tolerance <= MAX_LABEL_TOLERANCE:
             raise ValueError(f"label_tolerance must be 0..{MAX_LABEL_TOLERANCE} frames, got {label_tolerance}")
@@ -107,15 +112,25 @@ class PahubertDataset(HubertDataset):
         self.channels = channels
         self.hop = frames.hop_length(sample_rate)
         self.num_skipped = 0
+        self.seed = seed
+        self.epoch = 1
+        self._collate_rng = None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def rng(self, *key: int) -> np.random.Generator:
+        """The generator of the draws for ``key`` (item index, or the batch's ids) this epoch."""
+        return np.random.default_rng([self.seed, self.epoch, *key])
 
     def path(self, index: int) -> str:
         return os.path.join(self.audio_root, self.audio_names[index])
 
-    def crop_start(self, size: int, length: int) -> int:
+    def crop_start(self, size: int, length: int, rng: np.random.Generator) -> int:
         """A frame-aligned start for a ``length``-sample crop of a ``size``-sample clip."""
         if size <= length or not self.random_crop:
             return 0
-        return self.hop * np.random.randint(0, (size - length) // self.hop + 1)
+        return self.hop * int(rng.integers(0, (size - length) // self.hop + 1))
 
     def read(self, index: int, offset: int = 0, length: Optional[int] = None) -> torch.Tensor:
         """(channels, samples) at the task rate, only [offset, offset + length) decoded."""
@@ -147,7 +162,7 @@ class PahubertDataset(HubertDataset):
     def __getitem__(self, index):
         size = self.sizes[index]
         length = min(size, self.max_sample_size)
-        start = self.crop_start(size, length)
+        start = self.crop_start(size, length, self.rng(index))
         try:
             wav = self.read(index, start, length)
         except AudioError as e:
@@ -166,22 +181,29 @@ class PahubertDataset(HubertDataset):
                 wav = F.layer_norm(wav, wav.shape)
         return wav
 
-    def crop_to_max_size(self, wav, target_size):
+    def crop_to_max_size(self, wav, target_size, rng: Optional[np.random.Generator] = None):
         """Frame-aligned crop of ``wav`` (samples, channels); returns (crop, start)."""
-        start = self.crop_start(len(wav), target_size)
+        start = self.crop_start(len(wav), target_size, self.rng(len(self)) if rng is None else rng)
         return wav[start:start + target_size], start
+
+    def collater(self, samples):
+        # fairseq's collater (items cropped to the shortest), its crops drawn for these ids
+        ids = [int(s["id"]) for s in samples if s["source"] is not None]
+        self._collate_rng = self.rng(len(self), *ids)  # len(self): never an item's key
+        return super().collater(samples)
 
     def collater_audio(self, audios, audio_size):
         """Items (samples, channels) -> batch (batch, channels, samples), padding (batch, samples)."""
         batch = audios[0].new_zeros(len(audios), self.channels, audio_size)
         padding_mask = torch.zeros(len(audios), audio_size, dtype=torch.bool)
         starts = [0] * len(audios)
+        rng = self._collate_rng
         for i, audio in enumerate(audios):
             if len(audio) < audio_size:
                 assert self.pad_audio, "shorter item without pad_audio"
                 batch[i, :, : len(audio)] = audio.t()
                 padding_mask[i, len(audio):] = True
             else:
-                crop, starts[i] = self.crop_to_max_size(audio, audio_size)
+                crop, starts[i] = self.crop_to_max_size(audio, audio_size, rng)
                 batch[i] = crop.t()
         return batch, padding_mask, starts

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import List
 
+from omegaconf import II, OmegaConf
+
 from fairseq.data import Dictionary
 from fairseq.tasks import register_task
 from fairseq.tasks.hubert_pretraining import (
@@ -54,6 +56,10 @@ class PahubertPretrainingConfig(HubertPretrainingConfig):
     )
     min_sample_size: int = field(
         default=88200, metadata={"help": "skip manifest rows shorter than this many samples"}
+    )
+    seed: int = field(
+        default=II("common.seed"),
+        metadata={"help": "seed of the random crops (with the epoch and the item index)"},
     )
 
 
@@ -100,4 +106,14 @@ class PahubertPretrainingTask(HubertPretrainingTask):
             random_crop=self.cfg.random_crop,
             single_target=self.cfg.single_target,
             label_tolerance=self.cfg.label_tolerance,
+            seed=self.crop_seed(),
         )
+
+    def crop_seed(self) -> int:
+        """``task.seed`` (= ``common.seed`` under fairseq-hydra-train); 1 where it cannot be
+        resolved (a task config built on its own, an old checkpoint's task config)."""
+        if not OmegaConf.is_config(self.cfg):
+            seed = getattr(self.cfg, "seed", None)
+        else:
+            seed = OmegaConf.select(self.cfg, "seed", default=None, throw_on_resolution_failure=False)
+        return 1 if seed is None or isinstance(seed, str) else int(seed)
