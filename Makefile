@@ -17,6 +17,12 @@ $(STAMP): setup.py Makefile
 	@command -v ffmpeg >/dev/null || { echo "[setup] installing Debian ffmpeg (musdb/stempeg need it)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg; }
+	@{ command -v fluidsynth >/dev/null && test -f /usr/share/sounds/sf2/TimGM6mb.sf2 \
+	  && test -f /usr/share/sounds/sf3/MuseScore_General_Lite.sf3; } || { \
+	  echo "[setup] installing Debian fluidsynth + GM soundfonts (pahubert-midi-corpus needs them)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    fluidsynth musescore-general-soundfont-small timgm6mb-soundfont; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(BUILD_PINS)
 	$(PIP) install -q $(TORCH_PINS)

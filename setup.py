@@ -24,6 +24,7 @@ setup(
         "tqdm==4.67.1",
         "matplotlib==3.10.7",
         "scipy==1.17.1",
+        "mido==1.3.3",
     ],
     extras_require={
         "test": ["pytest==8.4.2"],
@@ -36,6 +37,7 @@ setup(
             "pahubert-check-labels = pahubert_plugin.clustering.check_labels:main",
             "pahubert-label-quality = pahubert_plugin.clustering.label_quality:main",
             "pahubert-toy-corpus = pahubert_plugin.data.toy_corpus:main",
+            "pahubert-midi-corpus = pahubert_plugin.data.midi_corpus:main",
             "pahubert-evaluate = pahubert_plugin.evaluate:main",
             "pahubert-separate = pahubert_plugin.separate:main",
             "pahubert-port-hubert = pahubert_plugin.port_hubert:main",
