@@ -38,7 +38,7 @@ test-quick: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 demo: setup
-	PATH=$(abspath $(BIN)):$$PATH bash examples/toy/run.sh $(DEMO_ARGS)
+	PATH=$(abspath $(BIN)):$$PATH bash examples/demo/run.sh $(DEMO_ARGS)
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b; done

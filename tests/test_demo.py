@@ -15,7 +15,7 @@ from helpers import REPO
 def test_quick_demo_end_to_end(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     work, results = tmp_path / "work", tmp_path / "results"
-    proc = subprocess.run(["bash", "examples/toy/run.sh", "--quick", "--work", str(work), "--results", str(results)],
+    proc = subprocess.run(["bash", "examples/demo/run.sh", "--quick", "--work", str(work), "--results", str(results)],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:]
@@ -37,7 +37,7 @@ def test_quick_demo_end_to_end(tmp_path):
     # validation SDR was logged along the way for both arms
     assert all(len(v) >= 2 for v in summary["valid_curves"].values())
     # a re-run reuses every finished step
-    rerun = subprocess.run(["bash", "examples/toy/run.sh", "--quick", "--work", str(work), "--results", str(results),
+    rerun = subprocess.run(["bash", "examples/demo/run.sh", "--quick", "--work", str(work), "--results", str(results),
                             "--stage", "4"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:]

@@ -197,6 +197,14 @@ def test_bad_tracks_stop_with_the_track_name(tmp_path):
 
 # ----------------------------------------------------------------------------- fairseq runs
 
+def lr_overrides(config, lr, warmup):
+    """Learning rate and warm-up overrides for a recipe config (pahubert_* use a composite optimizer)."""
+    if OmegaConf.load(CONF / f"{config}.yaml").optimizer._name == "composite":
+        group = "optimizer.groups.default"
+        return [f"{group}.lr_float={lr}", f"{group}.lr_scheduler.warmup_updates={warmup}"]
+    return [f"optimization.lr=[{lr}]", f"lr_scheduler.warmup_updates={warmup}"]
+
+
 def finetune(config, data, save_dir, extra=(), max_update=20):
     args = [
         "fairseq_cli.hydra_train", "--config-dir", CONF, "--config-name", config,
@@ -204,7 +212,7 @@ def finetune(config, data, save_dir, extra=(), max_update=20):
         "common.log_interval=5", "task.segment=0.5", "task.samples_per_track=10", "dataset.batch_size=2",
         "task.valid_seconds=3.0", "task.valid_segment=1.0", "dataset.validate_interval=100",
         "dataset.validate_interval_updates=10", f"optimization.max_update={max_update}",
-        "lr_scheduler.warmup_updates=2", "optimization.lr=[0.003]", f"hydra.run.dir={save_dir}/hydra", *extra,
+        *lr_overrides(config, 0.003, 2), f"hydra.run.dir={save_dir}/hydra", *extra,
     ]
     log = run_fairseq(args, cwd=save_dir.parent, timeout=900)
     losses = [float(x) for x in re.findall(r"train_inner.* loss=([0-9.]+)", log)]
@@ -323,7 +331,7 @@ def test_evaluate_scores_whole_tracks_at_another_rate(resunet_ckpt, tmp_path):
 
 # ----------------------------------------------------------------------------- pahubert_resunet
 
-def make_pretraining_checkpoint(path: Path):
+def make_pretraining_checkpoint(path: Path, **model_kw):
     """A fairseq-style `pahubert` checkpoint from PahubertModel built directly (random weights)."""
     from fairseq import checkpoint_utils
 
@@ -334,6 +342,7 @@ def make_pretraining_checkpoint(path: Path):
                       conv_pos=16, conv_pos_groups=4, stem_channels=[4, 8, 16], stem_freq_strides=[2, 2, 2],
                       stem_time_strides=[1, 1, 2], stem_units=1, attention_dropout=0.0, encoder_layerdrop=0.0,
                       final_dim=16)
+    model_over.update(model_kw)
     root = OmegaConf.create({"model": model_over, "task": {"_name": "pahubert_pretraining", "sample_rate": SR,
                                                            "channels": 2, "label_rate": 100}})
     model = PahubertModel(OmegaConf.merge(OmegaConf.structured(PahubertConfig), root.model), [8])
@@ -368,6 +377,72 @@ def test_pahubert_resunet_copies_encoder_exactly(tmp_path):
     frozen.train()(torch.randn(1, 2, 4000)).abs().mean().backward()
     assert all(p.grad is None for p in frozen.encoder.parameters())
     assert frozen.proj.weight.grad is not None
+
+
+def test_pahubert_resunet_decoder_skips_route_through_the_transformer(tmp_path):
+    """decoder_skips=N keeps the N shallowest stem skips; the others never reach the output."""
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetModel
+
+    make_pretraining_checkpoint(tmp_path / "pre.pt")
+    full = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt")).eval()
+    assert full.decoder.uses_skip == [True, True, True]
+    one = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", decoder_skips=1)).eval()
+    assert one.decoder.uses_skip == [False, False, True]  # deepest first: only block 1's skip is used
+    none = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", decoder_skips=0)).eval()
+    with torch.no_grad():
+        enc = full.encoder(torch.randn(1, 2, 3200))
+    x, skips = enc["bottleneck"], enc["skips"]  # shapes of a real forward pass
+    other = [torch.randn_like(s) for s in skips]
+    with torch.no_grad():
+        assert torch.equal(none.decoder(x, skips), none.decoder(x, other))
+        kept = [other[0]] + skips[1:]
+        assert torch.equal(one.decoder(x, skips), one.decoder(x, [skips[0]] + other[1:]))
+        assert not torch.equal(one.decoder(x, skips), one.decoder(x, kept))
+        assert not torch.equal(full.decoder(x, skips), full.decoder(x, [skips[0], other[1], skips[2]]))
+    for model in (one, none):
+        assert model(torch.randn(1, 2, 3001)).shape == (1, 4, 2, 3001)
+
+
+def test_pahubert_resunet_layer_weights_mix_every_layer(tmp_path):
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetModel
+
+    make_pretraining_checkpoint(tmp_path / "pre.pt")
+    plain = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt")).eval()
+    mixed = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", layer_weights=True)).eval()
+    assert mixed.layer_weights.shape == (2,)  # one weight per transformer layer
+    mixed.load_state_dict({**plain.state_dict(), "layer_weights": torch.tensor([-1e4, 1e4])})
+    wav = torch.randn(1, 2, 4000)
+    with torch.no_grad():  # all weight on the last layer: the plain model's output exactly
+        torch.testing.assert_close(mixed(wav), plain(wav), rtol=0, atol=1e-6)
+        mixed.layer_weights.copy_(torch.tensor([1e4, -1e4]))  # all on layer 1: something else
+        assert (mixed(wav) - plain(wav)).abs().max() > 1e-4
+    with torch.no_grad():
+        mixed.layer_weights.zero_()  # a softmax saturated at +-1e4 has no gradient
+    mixed.train()(wav).abs().mean().backward()
+    assert mixed.layer_weights.grad is not None and mixed.layer_weights.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="encoder_layerdrop=0"):
+        PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", layer_weights=True,
+                                                              encoder_layerdrop=0.1))
+
+
+def test_stem_norm_group_has_no_running_statistics(tmp_path):
+    """stem_norm=group: GroupNorm in stem, bottleneck and decoder; train and eval mode agree."""
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetModel
+
+    make_pretraining_checkpoint(tmp_path / "gn.pt", stem_norm="group", dropout=0.0, dropout_input=0.0)
+    model = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "gn.pt"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) > 10
+    wav = torch.randn(2, 2, 4000)
+    with torch.no_grad():
+        torch.testing.assert_close(model.train()(wav), model.eval()(wav))
+    # a checkpoint written before the option existed (no stem_norm key) still builds with BatchNorm
+    make_pretraining_checkpoint(tmp_path / "bn.pt")
+    state = torch.load(tmp_path / "bn.pt", weights_only=False)
+    state["cfg"]["model"].pop("stem_norm", None)
+    torch.save(state, tmp_path / "old.pt")
+    old = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "old.pt"))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in old.encoder.stem.modules())
 
 
 def test_pahubert_resunet_rejects_wrong_checkpoints(tmp_path):

@@ -3,23 +3,35 @@
 Plain ``nn.Module``s shared by the Pac-HuBERT encoder stem and the Res-U-Net separator.
 Tensors are ``(batch, channels, freq, frames)`` throughout.
 """
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 Stride = Tuple[int, int]  # (freq, time)
+NORMS = ("batch", "group")
+
+
+def norm_layer(channels: int, norm: str = "batch", momentum: float = 0.01) -> nn.Module:
+    """``batch``: BatchNorm2d (Kong et al.); ``group``: GroupNorm with up to 8 groups, which
+    keeps no running statistics (nothing to re-estimate when a pretrained stem meets new data)."""
+    if norm == "batch":
+        return nn.BatchNorm2d(channels, momentum=momentum)
+    if norm == "group":
+        groups = max(g for g in (8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
 class ResUnit(nn.Module):
-    """BN -> LeakyReLU(0.01) -> 3x3 conv, twice, plus a (1x1 if needed) shortcut."""
+    """Norm -> LeakyReLU(0.01) -> 3x3 conv, twice, plus a (1x1 if needed) shortcut."""
 
-    def __init__(self, in_channels: int, out_channels: int, momentum: float = 0.01):
+    def __init__(self, in_channels: int, out_channels: int, momentum: float = 0.01, norm: str = "batch"):
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(in_channels, momentum=momentum), nn.LeakyReLU(0.01),
+            norm_layer(in_channels, norm, momentum), nn.LeakyReLU(0.01),
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels, momentum=momentum), nn.LeakyReLU(0.01),
+            norm_layer(out_channels, norm, momentum), nn.LeakyReLU(0.01),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
         )
         self.shortcut = (
@@ -30,9 +42,9 @@ class ResUnit(nn.Module):
         return self.shortcut(x) + self.body(x)
 
 
-def res_block(in_channels: int, out_channels: int, units: int) -> nn.Sequential:
+def res_block(in_channels: int, out_channels: int, units: int, norm: str = "batch") -> nn.Sequential:
     return nn.Sequential(
-        *[ResUnit(in_channels if i == 0 else out_channels, out_channels) for i in range(units)]
+        *[ResUnit(in_channels if i == 0 else out_channels, out_channels, norm=norm) for i in range(units)]
     )
 
 
@@ -52,14 +64,15 @@ class ResUNetEncoder(nn.Module):
     be multiples of the total strides ``(Sf, St)``; :meth:`pad` does that.
     """
 
-    def __init__(self, in_channels: int, channels: Sequence[int], strides: Sequence[Stride], units: int):
+    def __init__(self, in_channels: int, channels: Sequence[int], strides: Sequence[Stride], units: int,
+                 norm: str = "batch"):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"{len(channels)} channel sizes but {len(strides)} strides")
         self.channels, self.strides = list(channels), [tuple(s) for s in strides]
         self.stride = total_stride(self.strides)
         ins = [in_channels] + self.channels[:-1]
-        self.blocks = nn.ModuleList(res_block(i, o, units) for i, o in zip(ins, self.channels))
+        self.blocks = nn.ModuleList(res_block(i, o, units, norm) for i, o in zip(ins, self.channels))
         self.pools = nn.ModuleList(nn.AvgPool2d(s) for s in self.strides)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,21 +94,30 @@ class ResUNetDecoder(nn.Module):
     """Mirror of :class:`ResUNetEncoder`: transposed-conv upsampling, concatenated skips.
 
     ``forward(bottleneck (batch, in_channels, F/Sf, T/St), skips)`` ->
-    ``(batch, out_channels, F, T)``.
+    ``(batch, out_channels, F, T)``.  ``num_skips`` (None: all) keeps only the skips of the
+    ``num_skips`` shallowest encoder blocks; deeper levels see the upsampled bottleneck alone,
+    so everything they carry has passed through the bottleneck (for ``pahubert_resunet``: the
+    transformer) instead of bypassing it.
     """
 
     def __init__(self, in_channels: int, channels: Sequence[int], strides: Sequence[Stride],
-                 units: int, out_channels: int):
+                 units: int, out_channels: int, num_skips: Optional[int] = None, norm: str = "batch"):
         super().__init__()
+        depth = len(channels)
+        self.num_skips = depth if num_skips is None or num_skips < 0 else min(num_skips, depth)
         self.ups, self.blocks = nn.ModuleList(), nn.ModuleList()
+        self.uses_skip = []
         prev = in_channels
-        for ch, (sf, st) in zip(reversed(channels), reversed([tuple(s) for s in strides])):
+        for level, (ch, (sf, st)) in enumerate(zip(reversed(channels), reversed([tuple(s) for s in strides]))):
+            use = depth - 1 - level < self.num_skips  # encoder block index counted from the input
+            self.uses_skip.append(use)
             self.ups.append(nn.ConvTranspose2d(prev, ch, kernel_size=(sf, st), stride=(sf, st)))
-            self.blocks.append(res_block(2 * ch, ch, units))
+            self.blocks.append(res_block(2 * ch if use else ch, ch, units, norm))
             prev = ch
         self.head = nn.Conv2d(prev, out_channels, 1)
 
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
-        for up, block, skip in zip(self.ups, self.blocks, reversed(skips)):
-            x = block(torch.cat([up(x), skip], dim=1))
+        for up, block, skip, use in zip(self.ups, self.blocks, reversed(skips), self.uses_skip):
+            x = up(x)
+            x = block(torch.cat([x, skip], dim=1) if use else x)
         return self.head(x)

@@ -275,10 +275,10 @@ class DemucsHubertEncoder(nn.Module):
         self.feature_grad_mult = cfg.feature_grad_mult
 
     def apply_mask(self, x, padding_mask, target_list=None):
-        """fairseq's HubertModel.apply_mask: x (batch, steps, dim) -> (x, mask (batch, steps))."""
-        from fairseq.models.hubert.hubert import HubertModel
+        """fairseq's HubertModel.apply_mask, seeded: x (batch, steps, dim) -> (x, mask (batch, steps))."""
+        from .pahubert import seeded_apply_mask
 
-        return HubertModel.apply_mask(self, x, padding_mask, target_list)
+        return seeded_apply_mask(self, x, padding_mask, target_list)
 
     @property
     def hop(self) -> float:

@@ -28,6 +28,7 @@ import torch
 from omegaconf import II, DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from fairseq.data.data_utils import compute_mask_indices
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 from fairseq.models.wav2vec.wav2vec2 import TransformerEncoder
@@ -38,6 +39,38 @@ from .blocks import ResUNetEncoder
 from .spectral import Spectrogram, compress
 
 logger = logging.getLogger(__name__)
+
+
+def seeded_apply_mask(module, x, padding_mask, target_list=None):
+    """fairseq's ``HubertModel.apply_mask`` with masks that follow torch's seed.
+
+    fairseq's ``compute_mask_indices`` draws every row from ``np.random.default_rng(None)``
+    (fresh OS entropy) unless it is given ``seed``, ``epoch`` and ``indices``; HubertModel
+    gives none, so no two runs mask alike.  The seed is drawn here from torch's generator,
+    which fairseq reseeds every update (``common.seed + num_updates``): masks are then as
+    reproducible as dropout.  ``module`` has HubertModel's mask attributes.
+    """
+    B, T, C = x.shape
+    mask_indices = None
+    if module.mask_prob > 0:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        mask_indices = compute_mask_indices(
+            (B, T), padding_mask, module.mask_prob, module.mask_length, module.mask_selection,
+            module.mask_other, min_masks=2, no_overlap=module.no_mask_overlap,
+            min_space=module.mask_min_space, seed=seed, epoch=0, indices=torch.arange(B),
+        )
+        mask_indices = torch.from_numpy(mask_indices).to(x.device)
+        x[mask_indices] = module.mask_emb
+    if module.mask_channel_prob > 0:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        mask_channel_indices = compute_mask_indices(
+            (B, C), None, module.mask_channel_prob, module.mask_channel_length,
+            module.mask_channel_selection, module.mask_channel_other,
+            no_overlap=module.no_mask_channel_overlap, min_space=module.mask_channel_min_space,
+            seed=seed, epoch=0, indices=torch.arange(B),
+        )
+        x[torch.from_numpy(mask_channel_indices).to(x.device).unsqueeze(1).expand(-1, T, -1)] = 0
+    return x, mask_indices
 
 
 @dataclass
@@ -83,6 +116,12 @@ class PahubertConfig(HubertConfig):
                           "100 Hz frames per token (targets are subsampled to match)"},
     )
     stem_units: int = field(default=2, metadata={"help": "residual units per stem block"})
+    stem_norm: str = field(
+        default="batch",
+        metadata={"help": "normalisation in the stem's residual units: batch (BatchNorm, Kong et al.) or "
+                          "group (GroupNorm: no running statistics carried from pretraining data into "
+                          "fine-tuning, and the same behaviour in training and eval mode)"},
+    )
     stem_bn_momentum: float = field(
         default=0.01,
         metadata={"help": "BatchNorm momentum of the stem (Kong et al.: 0.01); short runs need more "
@@ -109,7 +148,8 @@ class PahubertEncoder(nn.Module):
         self.audio_channels = int(cfg.audio_channels)
         self.spectrogram = Spectrogram(self.sample_rate, cfg.n_fft or None)
         strides = list(zip(cfg.stem_freq_strides, cfg.stem_time_strides))
-        self.stem = ResUNetEncoder(self.audio_channels, cfg.stem_channels, strides, cfg.stem_units)
+        self.stem = ResUNetEncoder(self.audio_channels, cfg.stem_channels, strides, cfg.stem_units,
+                                   getattr(cfg, "stem_norm", None) or "batch")  # older checkpoints: batch
         for module in self.stem.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = cfg.stem_bn_momentum
@@ -135,7 +175,7 @@ class PahubertEncoder(nn.Module):
 
         self.transformer = TransformerEncoder(cfg)
 
-    apply_mask = HubertModel.apply_mask
+    apply_mask = seeded_apply_mask
 
     def num_tokens(self, num_samples: int) -> int:
         """Tokens the encoder makes for ``num_samples`` samples."""

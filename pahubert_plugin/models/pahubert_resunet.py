@@ -59,6 +59,13 @@ class PahubertResUNetConfig(FairseqDataclass):
     bottleneck_units: int = field(default=1, metadata={
         "help": "residual units applied to the projected transformer output (0: none)"})
     decoder_units: int = field(default=2, metadata={"help": "residual units per decoder block"})
+    decoder_skips: int = field(default=-1, metadata={
+        "help": "stem skips the decoder takes, shallowest first (-1: all, Res-U-Net style; 0: none, so "
+                "everything the decoder knows beyond the mixture passes through the transformer)"})
+    layer_weights: bool = field(default=False, metadata={
+        "help": "decode a learned softmax-weighted sum of every transformer layer's output (SUPERB "
+                "style) instead of the last layer's, whose features are the most specific to the "
+                "pretraining labels"})
 
 
 def load_pretraining_state(path: str) -> dict:
@@ -94,13 +101,20 @@ class PahubertResUNetModel(SpectralSeparator):
                 f"the pretrained encoder takes {enc_cfg.audio_channels} channels at {enc_cfg.sample_rate} Hz "
                 f"but the task has {self.audio_channels} at {self.sample_rate} Hz; set task.sample_rate and "
                 f"task.audio_channels to match")
+        if cfg.layer_weights and float(enc_cfg.encoder_layerdrop) > 0:
+            raise ValueError("model.layer_weights=true needs every layer's output: set model.encoder_layerdrop=0")
         self.encoder = PahubertEncoder(enc_cfg)
         self.spectrogram = self.encoder.spectrogram  # same STFT for analysis and synthesis
         stem = self.encoder.stem
         c_last, f_last = self.encoder.bottleneck_shape
         self.proj = nn.Linear(self.encoder.embed_dim, c_last * f_last)
-        self.bottleneck = res_block(c_last, c_last, cfg.bottleneck_units) if cfg.bottleneck_units > 0 else nn.Identity()
-        self.decoder = ResUNetDecoder(c_last, stem.channels, stem.strides, cfg.decoder_units, self.mask_head.out_channels)
+        norm = getattr(enc_cfg, "stem_norm", None) or "batch"
+        self.bottleneck = (res_block(c_last, c_last, cfg.bottleneck_units, norm) if cfg.bottleneck_units > 0
+                           else nn.Identity())
+        self.decoder = ResUNetDecoder(c_last, stem.channels, stem.strides, cfg.decoder_units,
+                                      self.mask_head.out_channels, num_skips=cfg.decoder_skips, norm=norm)
+        self.layer_weights = (nn.Parameter(torch.zeros(int(enc_cfg.encoder_layers)))
+                              if cfg.layer_weights else None)
         self.freeze_encoder_updates = cfg.freeze_encoder_updates
         self.num_updates = 0
         if cfg.encoder_lr_scale != 1.0:
@@ -138,6 +152,10 @@ class PahubertResUNetModel(SpectralSeparator):
             out = self.encoder(padded, mask=False)
         spec, n_frames = out["spec"], out["num_frames"]  # (batch, channels, freq, frames) complex
         feats = out["features"]  # (batch, tokens, D)
+        if self.layer_weights is not None:  # layer_results: (tokens, batch, D) after each layer
+            stacked = torch.stack([r[0] for r in out["layer_results"]], dim=0).transpose(1, 2)
+            weights = torch.softmax(self.layer_weights, dim=0).to(stacked.dtype)
+            feats = (weights[:, None, None, None] * stacked).sum(0)
         c_last, f_last = self.encoder.bottleneck_shape
         # (batch, tokens, C_last * F') -> (batch, C_last, F', tokens): the decoder's bottleneck map
         x = self.proj(feats).view(feats.shape[0], feats.shape[1], c_last, f_last).permute(0, 2, 3, 1)

@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# The embedded default (`make demo`): the whole Pac-HuBERT method end to end, scratch vs pretrained.
+#
+#   1 corpus      pahubert-midi-corpus: procedurally composed songs rendered stem by stem with sampled
+#                 General MIDI instruments (fluidsynth + TimGM6mb): unlabelled mixtures + a few songs with
+#                 stems (MUSDB18-HQ layout); rendered once, then cached. --corpus toy: the numpy toy synthesiser
+#   2 clustering  recipes/pahubert/run.sh stages 0-3: manifest, MFCC features, fairseq k-means, labels
+#   3 pretrain    recipes/pahubert/run.sh stage 4: tiny Pac-HuBERT on the unlabelled mixtures
+#   4 fine-tune   pahubert_resunet on the same few labelled songs, twice per setting: from scratch
+#                 (same architecture, random init) and from the pretrained encoder; same updates, same seed
+#   5 evaluate    pahubert-evaluate (museval) on the test songs, then examples/demo/report.py:
+#                 RESULTS/summary.md (+ .json) and sdr.png: per-source tables, the mixture-as-estimate
+#                 baseline, paired per-song differences with a 95 % bootstrap interval, validation curves
+#
+# Usage: bash examples/demo/run.sh [--quick] [--train-tracks 2,4] [--seeds K] [--stage N] [--work DIR]
+#   --quick             the same path, smaller (CI: a few minutes)
+#   --corpus midi|toy   development corpus (default midi; toy = numpy synthesiser, unit-test grade)
+#   --train-tracks L    comma list of labelled-song counts (the low-resource table); default 4
+#   --seeds K           repeat both fine-tuning arms for seeds 1..K (mean ± spread); default 1
+#   --stage N           start at step N (earlier outputs are reused); finished fine-tuning runs and
+#                       scored songs are skipped, clustering stages 0-3 run again
+#   --work DIR          work folder (default exp/demo/<corpus>, exp/demo/<corpus>_quick with --quick)
+#   --results DIR       results folder (default results/demo, results/demo_quick with --quick)
+#   --tag NAME          name of this fine-tuning setting (folders finetune/NAME, RESULTS/NAME when not
+#                       "main"): variants share the corpus and the pretraining (default main)
+#   --pretrain-updates N, --finetune-updates N, --unlabelled-hours H   override the sizes below
+#   --pretrain-args "K=V ..."   extra hydra overrides for pretraining (stage 4)
+#   --ft-args "K=V ..."         extra hydra overrides for both fine-tuning arms
+#   --pretrained-args "K=V ..." / --scratch-args "K=V ..."   extra overrides for one arm only
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-python}
+orig_args=("$@")
+
+quick=false
+corpus_kind=midi
+train_tracks=4
+seeds=1
+stage=1
+work=
+results=
+tag=main
+pretrain_updates=
+finetune_updates=
+unlabelled_hours=
+pretrain_args=
+ft_args=
+pretrained_args=
+scratch_args=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=true; shift ;;
+    --corpus) corpus_kind=$2; shift 2 ;;
+    --train-tracks) train_tracks=$2; shift 2 ;;
+    --seeds) seeds=$2; shift 2 ;;
+    --stage) stage=$2; shift 2 ;;
+    --work) work=$2; shift 2 ;;
+    --results) results=$2; shift 2 ;;
+    --tag) tag=$2; shift 2 ;;
+    --pretrain-updates) pretrain_updates=$2; shift 2 ;;
+    --finetune-updates) finetune_updates=$2; shift 2 ;;
+    --unlabelled-hours) unlabelled_hours=$2; shift 2 ;;
+    --pretrain-args) pretrain_args=$2; shift 2 ;;
+    --ft-args) ft_args=$2; shift 2 ;;
+    --pretrained-args) pretrained_args=$2; shift 2 ;;
+    --scratch-args) scratch_args=$2; shift 2 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
+  esac
+done
+case $corpus_kind in midi|toy) ;; *) echo "run.sh: --corpus must be midi or toy, got $corpus_kind" >&2; exit 1 ;; esac
+
+# ---- sizes: everything the demo does is here ---------------------------------------------------
+sample_rate=16000
+if $quick; then
+  suffix=_quick; hours=0.05; n_test=2; seconds=8; n_clusters=16
+  p_updates=40; f_updates=24
+else
+  suffix=; hours=1.0; n_test=8; seconds=20; n_clusters=50
+  p_updates=600; f_updates=600
+fi
+hours=${unlabelled_hours:-$hours}
+pretrain_updates=${pretrain_updates:-$p_updates}
+finetune_updates=${finetune_updates:-$f_updates}
+work=${work:-exp/demo/${corpus_kind}$suffix}
+results=${results:-results/demo$suffix}
+[ "$tag" = main ] || results=$results/$tag
+corpus=$work/corpus
+max_n=$(tr ',' '\n' <<< "$train_tracks" | sort -n | tail -n 1)
+n_train=$(( max_n + 1 > 9 ? max_n + 1 : 9 ))  # the last training song is held out for validation
+mkdir -p "$work" "$results"
+abs() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+plugin_dir=$(abs pahubert_plugin)
+step() { echo; echo "==== [$1/5] $2  ($(date +%H:%M:%S))"; }
+t0=$SECONDS
+
+# ---- 1: corpus ---------------------------------------------------------------------------------
+n_unlabelled=$("$PYTHON" -c "import math; print(max(1, math.ceil($hours * 3600 / $seconds)))")
+if [ $stage -le 1 ]; then
+  step 1 "$corpus_kind corpus: $n_unlabelled unlabelled (${hours} h), $n_train train, $n_test test songs of ${seconds}s at $sample_rate Hz"
+  if [ $corpus_kind = midi ]; then
+    "$PYTHON" -m pahubert_plugin.data.midi_corpus "$corpus" --unlabelled $n_unlabelled --train $n_train \
+      --test $n_test --seconds $seconds --sample-rate $sample_rate --seed 0 --jobs 2
+  else
+    "$PYTHON" -m pahubert_plugin.data.toy_corpus "$corpus" --unlabelled $n_unlabelled --train $n_train \
+      --test $n_test --seconds $seconds --sample-rate $sample_rate --seed 0 --jobs 2
+  fi
+fi
+
+# ---- 2-3: clustering + pretraining (recipes/pahubert/run.sh) -----------------------------------
+pre=$work/pahubert
+ckpt=$pre/pretrain/iter1_mfcc_k${n_clusters}/checkpoints/checkpoint_last.pt
+recipe() {
+  bash recipes/pahubert/run.sh --audio-dir "$corpus/unlabelled" --exp-dir "$pre" --sample-rate $sample_rate \
+    --nj 2 --feature mfcc --n-clusters $n_clusters --valid-percent 0.02 --min-seconds 1 \
+    --pretrain-config tiny "$@"
+}
+if [ $stage -le 2 ]; then
+  step 2 "clustering: manifest, MFCC, fairseq k-means ($n_clusters clusters), labels"
+  recipe --stage 0 --stop-stage 3
+fi
+if [ $stage -le 3 ]; then
+  if [ -f "$ckpt" ] && [ -f "$pre/pretrain/done_$pretrain_updates" ]; then
+    step 3 "pretraining: $ckpt done before ($pretrain_updates updates), reused"
+  else
+    step 3 "pretraining tiny Pac-HuBERT for $pretrain_updates updates (log $pre/logs/stage4_pretrain.log)"
+    # shellcheck disable=SC2086
+    recipe --stage 4 --stop-stage 4 -- optimization.max_update=$pretrain_updates common.cpu=true \
+      dataset.validate_interval=100000 dataset.validate_interval_updates=$(( pretrain_updates / 4 > 0 ? pretrain_updates / 4 : 1 )) \
+      checkpoint.save_interval=100000 \
+      checkpoint.save_interval_updates=$(( pretrain_updates / 4 > 0 ? pretrain_updates / 4 : 1 )) \
+      lr_scheduler.warmup_updates=$(( pretrain_updates / 10 + 1 )) $pretrain_args
+    [ -f "$ckpt" ] || { echo "run.sh: pretraining left no $ckpt" >&2; exit 1; }
+    touch "$pre/pretrain/done_$pretrain_updates"
+  fi
+fi
+
+# ---- 4-5: fine-tune both arms, evaluate ----------------------------------------------------------
+ft_root=$work/finetune/$tag
+finetune() {  # ARM N SEED
+  local arm=$1 n=$2 seed=$3 out arm_args
+  out=$(abs "$ft_root/${arm}_n${n}_s${seed}")
+  if [ -f "$out/done" ]; then echo "  $arm, $n songs, seed $seed: done before, reused"; return; fi
+  mkdir -p "$out"
+  echo "  $arm, $n labelled songs, seed $seed: $finetune_updates updates (log $out/train.log)"
+  local scratch=false; [ $arm = scratch ] && scratch=true
+  if [ $arm = scratch ]; then arm_args=$scratch_args; else arm_args=$pretrained_args; fi
+  # shellcheck disable=SC2086
+  "$PYTHON" -m fairseq_cli.hydra_train --config-dir recipes/musdb/conf --config-name pahubert_tiny \
+    common.user_dir="$plugin_dir" common.log_format=json common.log_interval=20 common.seed=$seed \
+    task.data="$(abs "$corpus/musdb")" task.sample_rate=$sample_rate task.train_tracks=$n \
+    model.pretrained_checkpoint="$(abs "$ckpt")" model.no_pretrained_weights=$scratch \
+    optimization.max_update=$finetune_updates checkpoint.save_dir="$out/checkpoints" \
+    hydra.run.dir="$out/hydra" $ft_args $arm_args > "$out/train.log" 2>&1 \
+    || { echo "run.sh: fine-tuning failed; tail of $out/train.log:" >&2; tail -n 20 "$out/train.log" >&2; exit 1; }
+  grep -o '"valid_sdr": "[^"]*", "valid_sdr_[^}]*"valid_num_updates": "[0-9]*"' "$out/train.log" | tail -n 1 \
+    | sed 's/^/    last validation: /' || true
+  touch "$out/done"
+}
+evaluate() {  # ARM N SEED
+  local arm=$1 n=$2 seed=$3
+  "$PYTHON" -m pahubert_plugin.evaluate "$ft_root/${arm}_n${n}_s${seed}/checkpoints/checkpoint_best.pt" \
+    --musdb-root "$corpus/musdb" --is-wav --subset test --jobs 2 \
+    --out "$results/eval/${arm}_n${n}_s${seed}" > "$results/eval_${arm}_n${n}_s${seed}.log" 2>&1 \
+    || { echo "run.sh: evaluation failed; see $results/eval_${arm}_n${n}_s${seed}.log" >&2; exit 1; }
+  echo "  $arm, $n songs, seed $seed:"
+  grep -h '^| metric\|^| SDR' "$results/eval/${arm}_n${n}_s${seed}/summary.md" | sed 's/^/    /'
+}
+if [ $stage -le 4 ]; then
+  step 4 "fine-tuning pahubert_resunet ($tag): scratch vs pretrained, labelled songs {$train_tracks}, $seeds seed(s)"
+  for n in ${train_tracks//,/ }; do for seed in $(seq 1 $seeds); do
+    finetune scratch $n $seed; finetune pretrained $n $seed
+  done; done
+fi
+step 5 "evaluating on $n_test test songs with museval (SDR in dB, median over 1 s frames, then songs)"
+for n in ${train_tracks//,/ }; do for seed in $(seq 1 $seeds); do
+  evaluate scratch $n $seed; evaluate pretrained $n $seed
+done; done
+{
+  echo "# command"
+  echo "bash examples/demo/run.sh ${orig_args[*]:-}"
+  echo "# pretraining: $pretrain_updates updates on $hours h; fine-tuning: $finetune_updates updates per arm"
+  echo "# ft-args: $ft_args | pretrained-args: $pretrained_args | scratch-args: $scratch_args | pretrain-args: $pretrain_args"
+} > "$results/settings.txt"
+"$PYTHON" examples/demo/report.py --results "$results" --musdb-root "$corpus/musdb" --logs "$ft_root" \
+  --settings "$results/settings.txt"
+echo "demo finished in $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s: $results/summary.md, $results/sdr.png"
