@@ -5,8 +5,8 @@
 On tracks that have stems (MUSDB18 / MUSDB18-HQ), each 10 ms frame of the mixture gets a
 reference label, its *dominant source* (the stem with the most energy in that frame, or
 ``silence`` when the mixture is below ``--silence-db``), and a hypothesis label, the cluster that
-the k-means model (fairseq's ``ApplyKmeans``) gives the frame's features. The statistics are
-fairseq's own (``examples/hubert/measure_teacher_quality.py``, which does this for phones):
+the k-means model (fairseq's ``ApplyKmeans``, the model loaded through the allow-list of
+:mod:`pahubert_plugin.clustering.kmeans`) gives the frame's features. The statistics are fairseq's own (``examples/hubert/measure_teacher_quality.py``, which does this for phones):
 
 * ``pnmi``: mutual information / H(source), fairseq's "phone-normalised MI";
 * ``nmi``: mutual information / mean(H(source), H(cluster)), sklearn's arithmetic NMI;
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
+from pahubert_plugin.clustering.kmeans import apply_kmeans as load_apply_kmeans
 from pahubert_plugin.clustering.readers import FEATURES, build_reader
-from pahubert_plugin.clustering.simple_kmeans import import_script, simple_kmeans_dir
+from pahubert_plugin.clustering.simple_kmeans import simple_kmeans_dir
 from pahubert_plugin.data.audio import audio_info, read_audio
 from pahubert_plugin.frames import hop_length, num_frames
 
@@ -125,7 +126,7 @@ def quality(refs: Dict[str, List[str]], hyps: Dict[str, List[int]], n_clusters: 
 
 def evaluate(km_path, root, feature="mfcc", is_wav=False, subset="test", sample_rate=44100,
              max_tracks=0, max_seconds=0.0, silence_db=-50.0, seed=0, **reader_kw) -> dict:
-    apply_kmeans = import_script("dump_km_label").ApplyKmeans(km_path)
+    apply_kmeans = load_apply_kmeans(km_path)
     n_clusters = apply_kmeans.C_np.shape[1]
     reader = build_reader(feature, sample_rate, **reader_kw)
     refs, hyps = {}, {}
@@ -184,8 +185,12 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     reader_kw = dict(ckpt=args.ckpt, layer=args.layer, device=args.device) if args.feature == "hubert" else {}
-    result = evaluate(args.km_model, args.musdb_root, args.feature, args.is_wav, args.subset, args.sample_rate,
-                      args.max_tracks, args.max_seconds, args.silence_db, **reader_kw)
+    try:
+        result = evaluate(args.km_model, args.musdb_root, args.feature, args.is_wav, args.subset,
+                          args.sample_rate, args.max_tracks, args.max_seconds, args.silence_db, **reader_kw)
+    except (ValueError, FileNotFoundError) as e:
+        logger.error(str(e))
+        return 2
     out = args.out or args.km_model + ".quality.json"
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

@@ -3,7 +3,7 @@
 #   0  manifest   audio folder -> $data_dir/{train,valid}.tsv (+ .meta.tsv, skipped.tsv)
 #   1  features   mfcc|primitive per frame, $nj shards per split (fairseq dump_feature + our reader)
 #   2  k-means    fairseq learn_kmeans.py on the train features -> $km_path
-#   3  labels     fairseq dump_km_label.py per shard -> $label_dir/{split}.km + dict.km.txt, checked
+#   3  labels     fairseq's dump_km_label per shard (model loaded safely) -> $label_dir/{split}.km + dict.km.txt, checked
 #   4  pretrain   fairseq-hydra-train (conf/pretrain/$pretrain_config.yaml) on those labels -> $iter1_dir
 #   5  relabel    layer $hubert_layer of iteration 1 (dump_features --feature hubert), k-means, labels
 #   6  pretrain   iteration 2 on the stage-5 labels -> $iter2_dir
@@ -141,7 +141,7 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
     ns=$(nshard $split)
     for rank in $(seq 0 $((ns - 1))); do
       queue "$log_dir/stage3_labels.$split.$rank.log" \
-        "$PYTHON" "$kmeans_dir/dump_km_label.py" "$feat_dir" $split "$km_path" $ns $rank "$label_dir/shards"
+        "$PYTHON" -m pahubert_plugin.clustering.kmeans "$feat_dir" $split "$km_path" $ns $rank "$label_dir/shards"
     done
     run_parallel
     # fairseq's shards are contiguous slices of the manifest: concatenating them keeps its order
@@ -202,7 +202,7 @@ if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
     ns=$(nshard $split)
     for rank in $(seq 0 $((ns - 1))); do
       queue "$log_dir/stage5_labels.$split.$rank.log" \
-        "$PYTHON" "$kmeans_dir/dump_km_label.py" "$feat2_dir" $split "$km2_path" $ns $rank "$label2_dir/shards"
+        "$PYTHON" -m pahubert_plugin.clustering.kmeans "$feat2_dir" $split "$km2_path" $ns $rank "$label2_dir/shards"
     done
     run_parallel
     for rank in $(seq 0 $((ns - 1))); do cat "$label2_dir/shards/${split}_${rank}_${ns}.km"; done > "$label2_dir/$split.km"

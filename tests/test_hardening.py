@@ -1,0 +1,112 @@
+"""Issue 11 (hardening): no code run from a model file, nothing lost on a kill, no silent damage."""
+import os
+import pickle
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+class _Evil:
+    """Unpickling this runs ``touch TARGET``."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def _fit_kmeans(path, k=4, dim=5, seed=0):
+    from sklearn.cluster import MiniBatchKMeans
+
+    feats = np.random.default_rng(seed).standard_normal((200, dim)).astype(np.float32)
+    km = MiniBatchKMeans(n_clusters=k, n_init=1, random_state=seed, batch_size=50).fit(feats)
+    joblib.dump(km, path)  # exactly what fairseq's learn_kmeans.py does
+    return km, feats
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, *map(str, args)], env=ENV, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+# ---- item 3: k-means model files -------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["joblib", "pickle", "object_array"])
+def test_malicious_kmeans_is_refused(tmp_path, how):
+    from pahubert_plugin.clustering.kmeans import KmeansRefused, apply_kmeans, load_kmeans
+
+    marker, path = tmp_path / "pwned", tmp_path / "evil.km"
+    if how == "joblib":
+        joblib.dump(_Evil(marker), path)
+    elif how == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"cluster_centers_": _Evil(marker)}, f)
+    else:  # joblib reads numpy object arrays with plain pickle.load
+        joblib.dump(np.array([_Evil(marker), 1], dtype=object), path)
+    for load in (load_kmeans, apply_kmeans):
+        with pytest.raises(KmeansRefused, match=rf"{path}: refused to load this k-means model"):
+            load(path)
+    assert not marker.exists()
+
+
+def test_genuine_kmeans_loads_and_labels_identically(tmp_path):
+    from pahubert_plugin.clustering.kmeans import apply_kmeans, load_kmeans
+    from pahubert_plugin.clustering.simple_kmeans import import_script
+
+    km, feats = _fit_kmeans(tmp_path / "k.km")
+    loaded = load_kmeans(tmp_path / "k.km")
+    assert type(loaded) is type(km) and np.array_equal(loaded.cluster_centers_, km.cluster_centers_)
+    fairseq_apply = import_script("dump_km_label").ApplyKmeans(str(tmp_path / "k.km"))  # plain joblib.load
+    assert np.array_equal(apply_kmeans(tmp_path / "k.km")(feats), fairseq_apply(feats))
+    assert np.array_equal(apply_kmeans(tmp_path / "k.km")(feats), km.predict(feats))
+
+
+def _write_feature_shard(feat_dir, feats, split="train", nshard=1, rank=0):
+    os.makedirs(feat_dir, exist_ok=True)
+    np.save(os.path.join(feat_dir, f"{split}_{rank}_{nshard}.npy"), feats)
+    with open(os.path.join(feat_dir, f"{split}_{rank}_{nshard}.len"), "w") as f:
+        f.write("120\n80\n")
+
+
+def test_label_dumping_cli_is_safe_and_matches_fairseq(tmp_path):
+    """The recipe's stage-3/5 command: fairseq's dump_label output, and a malicious model is refused."""
+    from pahubert_plugin.clustering.simple_kmeans import simple_kmeans_dir
+
+    km, feats = _fit_kmeans(tmp_path / "k.km")
+    _write_feature_shard(tmp_path / "feat", feats)
+    ours = _run(["-m", "pahubert_plugin.clustering.kmeans", tmp_path / "feat", "train", tmp_path / "k.km", 1, 0,
+                 tmp_path / "ours"])
+    assert ours.returncode == 0, ours.stderr
+    theirs = _run([os.path.join(simple_kmeans_dir(), "dump_km_label.py"), tmp_path / "feat", "train",
+                   tmp_path / "k.km", 1, 0, tmp_path / "theirs"])
+    assert theirs.returncode == 0, theirs.stderr
+    assert (tmp_path / "ours" / "train_0_1.km").read_text() == (tmp_path / "theirs" / "train_0_1.km").read_text()
+
+    marker = tmp_path / "pwned"
+    joblib.dump(_Evil(marker), tmp_path / "evil.km")
+    bad = _run(["-m", "pahubert_plugin.clustering.kmeans", tmp_path / "feat", "train", tmp_path / "evil.km", 1, 0,
+                tmp_path / "bad"])
+    assert bad.returncode == 2 and f"{tmp_path / 'evil.km'}: refused to load" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stderr and not marker.exists() and not (tmp_path / "bad").exists()
+
+
+def test_recipe_uses_the_safe_label_dumper():
+    with open(os.path.join(REPO, "recipes", "pahubert", "run.sh")) as f:
+        text = f.read()
+    assert "dump_km_label.py" not in text and text.count("-m pahubert_plugin.clustering.kmeans") == 2
+
+
+def test_label_quality_refuses_malicious_kmeans(tmp_path, caplog):
+    from pahubert_plugin.clustering import label_quality
+
+    marker = tmp_path / "pwned"
+    joblib.dump(_Evil(marker), tmp_path / "evil.km")
+    assert label_quality.main([str(tmp_path / "evil.km"), str(tmp_path), "--is-wav"]) == 2
+    assert f"{tmp_path / 'evil.km'}: refused to load" in caplog.text and not marker.exists()
