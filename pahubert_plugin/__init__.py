@@ -1,8 +1,9 @@
 """pahubert: Pac-HuBERT self-supervised music source separation as a fairseq user dir.
 
 ``import pahubert_plugin`` (or ``common.user_dir=/path/to/pahubert_plugin``) registers
-every task, model and criterion of the package and allow-lists fairseq's checkpoint
-classes for torch's ``weights_only`` loader.
+every task, model and criterion of the package, allow-lists fairseq's checkpoint
+classes for torch's ``weights_only`` loader, and makes fairseq's checkpoint copies atomic and
+its resume robust to a truncated checkpoint_last.pt (:func:`checkpoint.install_fairseq_patches`).
 """
 import logging as _logging
 
@@ -12,6 +13,7 @@ _root_state = (_root.level, list(_root.handlers))
 from . import checkpoint  # noqa: E402
 
 checkpoint.register_safe_globals()
+checkpoint.install_fairseq_patches()
 
 from . import criterions, models, tasks  # noqa: E402,F401  (registration side effects)
 

@@ -110,3 +110,87 @@ def test_label_quality_refuses_malicious_kmeans(tmp_path, caplog):
     joblib.dump(_Evil(marker), tmp_path / "evil.km")
     assert label_quality.main([str(tmp_path / "evil.km"), str(tmp_path), "--is-wav"]) == 2
     assert f"{tmp_path / 'evil.km'}: refused to load" in caplog.text and not marker.exists()
+
+
+# ---- item 4: one message for refused checkpoints --------------------------------------------
+
+RAW_ADVICE = ("weights_only` set to `False", "weights_only=False", "add_safe_globals")
+
+
+@pytest.fixture
+def evil_pt(tmp_path):
+    import torch
+
+    marker, path = tmp_path / "pwned_pt", tmp_path / "evil.pt"
+    torch.save({"model": {}, "cfg": None, "payload": _Evil(marker)}, path)
+    yield path
+    assert not marker.exists()
+
+
+def _assert_one_message(text, path):
+    assert f"{path}: refused to load: the checkpoint holds objects outside the allow-list" in text, text
+    assert "posix.system" in text
+    for advice in RAW_ADVICE:
+        assert advice not in text, text
+
+
+def test_refused_checkpoint_message_in_fairseq_loaders(evil_pt):
+    from fairseq import checkpoint_utils
+
+    import pahubert_plugin  # noqa: F401
+    from pahubert_plugin.checkpoint import CheckpointRefused, load_checkpoint
+
+    for load in (load_checkpoint, checkpoint_utils.load_checkpoint_to_cpu,
+                 lambda p: checkpoint_utils.load_model_ensemble_and_task([str(p)])):
+        with pytest.raises(CheckpointRefused) as e:
+            load(evil_pt)
+        _assert_one_message(str(e.value), evil_pt)
+
+
+def test_refused_checkpoint_separate_and_evaluate(evil_pt, tmp_path, caplog, capsys):
+    import soundfile as sf
+
+    from pahubert_plugin import evaluate, separate
+
+    sf.write(tmp_path / "a.wav", np.zeros((1600, 2), np.float32), 16000)
+    assert separate.main([str(evil_pt), str(tmp_path / "a.wav"), "-o", str(tmp_path / "sep")]) == 2
+    assert evaluate.main([str(evil_pt), "--musdb-root", str(tmp_path), "--is-wav", "--out", str(tmp_path / "ev")]) == 2
+    text = caplog.text + "".join(capsys.readouterr())
+    assert text.count("refused to load") == 2
+    _assert_one_message(text, evil_pt)
+
+
+def test_refused_checkpoint_dump_features_and_label_quality(evil_pt, tmp_path, caplog, capsys):
+    from pahubert_plugin.clustering import dump_features, label_quality
+
+    assert dump_features.main([str(tmp_path), "train", "1", "0", str(tmp_path / "feat"), "--feature", "hubert",
+                               "--ckpt", str(evil_pt), "--layer", "1"]) == 2
+    _fit_kmeans(tmp_path / "k.km")
+    assert label_quality.main([str(tmp_path / "k.km"), str(tmp_path), "--is-wav", "--feature", "hubert",
+                               "--ckpt", str(evil_pt), "--layer", "1"]) == 2
+    text = caplog.text + "".join(capsys.readouterr())
+    assert text.count("refused to load") == 2
+    _assert_one_message(text, evil_pt)
+
+
+class _Trainer:
+    checkpoint_suffix = ""
+
+
+def test_refused_checkpoint_on_resume(evil_pt, tmp_path):
+    import shutil
+
+    from fairseq import checkpoint_utils
+    from fairseq.dataclass.configs import CheckpointConfig
+    from omegaconf import OmegaConf
+
+    import pahubert_plugin  # noqa: F401
+    from pahubert_plugin.checkpoint import CheckpointRefused
+
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    shutil.copy(evil_pt, save / "checkpoint_last.pt")
+    cfg = OmegaConf.structured(CheckpointConfig(save_dir=str(save)))
+    with pytest.raises(CheckpointRefused) as e:
+        checkpoint_utils.load_checkpoint(cfg, _Trainer())
+    _assert_one_message(str(e.value), save / "checkpoint_last.pt")

@@ -82,8 +82,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if not 0 <= args.rank < args.nshard:
         raise SystemExit(f"rank {args.rank} is not in 0..{args.nshard - 1}")
-    reader = build_reader(args.feature, args.sample_rate, ckpt=args.ckpt, layer=args.layer,
-                          device=args.device, max_chunk=args.max_chunk)
+    try:
+        reader = build_reader(args.feature, args.sample_rate, ckpt=args.ckpt, layer=args.layer,
+                              device=args.device, max_chunk=args.max_chunk)
+    except (ValueError, OSError) as e:  # e.g. a checkpoint refused by the allow-list
+        logging.getLogger("pahubert.dump_features").error(str(e))
+        return 2
     dump_shard(reader, args.tsv_dir, args.split, args.nshard, args.rank, args.feat_dir)
     return 0
 
