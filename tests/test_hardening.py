@@ -194,3 +194,67 @@ def test_refused_checkpoint_on_resume(evil_pt, tmp_path):
     with pytest.raises(CheckpointRefused) as e:
         checkpoint_utils.load_checkpoint(cfg, _Trainer())
     _assert_one_message(str(e.value), save / "checkpoint_last.pt")
+
+
+# ---- item 1: kill during a checkpoint save ---------------------------------------------------
+
+def test_checkpoint_copy_is_atomic(tmp_path, monkeypatch):
+    import shutil
+
+    import pahubert_plugin  # noqa: F401  (installs the patch)
+    from fairseq.file_io import PathManager
+
+    src, dst = tmp_path / "checkpoint_1_2.pt", tmp_path / "checkpoint_last.pt"
+    src.write_bytes(b"new" * 1000)
+    dst.write_bytes(b"old")
+
+    def killed(inp, out, *a):  # the process dies half way through the copy
+        out.write(inp.read(10))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfileobj", killed)
+    with pytest.raises(KeyboardInterrupt):
+        PathManager.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == [src.name, dst.name]
+    monkeypatch.undo()
+    assert PathManager.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["empty", "half"])
+def test_resume_after_truncated_checkpoint_last(tmp_path, damage):
+    """A real tiny fairseq run, checkpoint_last.pt cut (as by a kill in a plain copy), then a resume."""
+    import re
+
+    from helpers import run_fairseq, stock_hubert_overrides, train_stock_hubert
+
+    save, log = train_stock_hubert(tmp_path, max_update=2)
+    last = save / "checkpoint_last.pt"
+    data = last.read_bytes()
+    last.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    log2 = run_fairseq(["fairseq_cli.hydra_train", *stock_hubert_overrides(tmp_path / "data", save, 3)],
+                       cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert re.search(rf"{re.escape(str(last))}: not a readable checkpoint .*resuming from .*checkpoint_best\.pt",
+                     log2), log2[-3000:]
+    # fairseq's hubert config keeps only best and last: best (2 updates) is the newest intact one
+    assert re.search(r"Loaded checkpoint .*checkpoint_best\.pt \(epoch \d+ @ 2 updates\)", log2), log2[-3000:]
+    assert re.findall(r'"num_updates": "(\d+)"', log2)[-1] == "3"
+    from pahubert_plugin.checkpoint import checkpoint_updates
+
+    assert checkpoint_updates(str(last)) == 3  # the next save replaced the damaged file
+
+
+def test_resume_without_intact_checkpoint_names_file_and_fix(tmp_path):
+    from fairseq import checkpoint_utils
+    from fairseq.dataclass.configs import CheckpointConfig
+    from omegaconf import OmegaConf
+
+    import pahubert_plugin  # noqa: F401
+    from pahubert_plugin.checkpoint import CheckpointCorrupt
+
+    (tmp_path / "checkpoint_last.pt").write_bytes(b"")
+    (tmp_path / "checkpoint_1_1.pt").write_bytes(b"PK\x03\x04 truncated")
+    cfg = OmegaConf.structured(CheckpointConfig(save_dir=str(tmp_path)))
+    with pytest.raises(CheckpointCorrupt, match=rf"{tmp_path / 'checkpoint_last.pt'}: not a readable checkpoint "
+                                                r".*No intact checkpoint .* move .* away"):
+        checkpoint_utils.load_checkpoint(cfg, _Trainer())
