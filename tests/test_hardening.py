@@ -1,6 +1,7 @@
 """Issue 11 (hardening): no code run from a model file, nothing lost on a kill, no silent damage."""
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -258,3 +259,95 @@ def test_resume_without_intact_checkpoint_names_file_and_fix(tmp_path):
     with pytest.raises(CheckpointCorrupt, match=rf"{tmp_path / 'checkpoint_last.pt'}: not a readable checkpoint "
                                                 r".*No intact checkpoint .* move .* away"):
         checkpoint_utils.load_checkpoint(cfg, _Trainer())
+
+
+# ---- item 5: out-of-range labels ------------------------------------------------------------
+
+def _bad_label(data, row=2, value="999"):
+    path = os.path.join(data, "train.km")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    labels = lines[row - 1].split()
+    labels[len(labels) // 2] = value
+    lines[row - 1] = " ".join(labels)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def test_pretraining_dataset_rejects_labels_outside_the_dictionary(tmp_path):
+    from omegaconf import OmegaConf
+    from test_pretraining import SR, write_corpus
+
+    from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
+
+    data = write_corpus(tmp_path / "data", n_train=3, n_valid=1, seed=3, min_s=0.6, max_s=1.0)
+    cfg = OmegaConf.structured(PahubertPretrainingConfig(data=str(data), label_dir=str(data), sample_rate=SR,
+                                                         channels=2, max_sample_size=20000, min_sample_size=1000))
+    task = PahubertPretrainingTask.setup_task(cfg)
+    task.load_dataset("train")  # genuine labels load
+    path = _bad_label(data)
+    with pytest.raises(ValueError, match=rf"{path} row 2: label '999' is not in {data / 'dict.km.txt'}"):
+        task.load_dataset("train")
+
+
+def test_check_labels_finds_the_dictionary_beside_the_labels(tmp_path, capsys):
+    from test_pretraining import SR, write_corpus
+
+    from pahubert_plugin.clustering import check_labels
+
+    data = write_corpus(tmp_path / "data", n_train=3, n_valid=1, seed=3, min_s=0.6, max_s=1.0)
+    args = [str(data / "train.tsv"), str(data / "train.km"), "--sample-rate", str(SR)]
+    assert check_labels.main(args) == 0
+    assert f"labels in {data / 'dict.km.txt'}" in capsys.readouterr().out
+    _bad_label(data)
+    assert check_labels.main(args) == 1
+    err = capsys.readouterr().err
+    assert "row 2 " in err and "'999'" in err and str(data / "dict.km.txt") in err
+
+
+# ---- item 11: one broken track does not abort the evaluation ---------------------------------
+
+class _FakeSeparator:
+    def __init__(self, sources):
+        self.sources = list(sources)
+
+    def separate(self, mixture, rate):
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        return {s: mixture / len(self.sources) + 1e-3 * torch.randn(mixture.shape, generator=g)
+                for s in self.sources}
+
+
+@pytest.mark.slow  # museval on one track: about 45 s on the shared CI cores
+def test_evaluate_skips_broken_tracks_and_scores_the_rest(tmp_path, monkeypatch, caplog):
+    import json
+
+    import soundfile as sf
+    from omegaconf import OmegaConf
+    from test_separation import SOURCES, write_layout
+
+    from pahubert_plugin import evaluate, separate
+
+    root = write_layout(tmp_path / "musdb", train=0, test=3, seconds=1.0)
+    os.remove(root / "test" / "test_01" / "bass.wav")
+    vocals, sr = sf.read(root / "test" / "test_02" / "vocals.wav")
+    sf.write(root / "test" / "test_02" / "vocals.wav", vocals[: len(vocals) // 2], sr)
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"stand-in: the model is replaced below")
+
+    class Model:
+        sources = SOURCES
+
+    monkeypatch.setattr(separate, "load_separation_model",
+                        lambda path, device="cpu": (Model(), OmegaConf.create({"task": {"sample_rate": sr}})))
+    monkeypatch.setattr(evaluate, "_init_worker",
+                        lambda *a: setattr(evaluate, "_SEPARATOR", _FakeSeparator(SOURCES)))
+    out = tmp_path / "eval"
+    assert evaluate.main([str(ckpt), "--musdb-root", str(root), "--is-wav", "--out", str(out)]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_tracks"] == 1 and (out / "test" / "test_00.json").is_file()
+    assert re.search(r"skipping track test_01: .*missing stem bass\.wav", caplog.text)
+    assert re.search(r"skipping track test_02: .*stems differ in length", caplog.text)
+    assert "2 track(s) skipped or failed" in caplog.text

@@ -2,8 +2,9 @@
 
 ``python -m pahubert_plugin.clustering.check_labels TSV KM --sample-rate SR [--dict dict.km.txt]``
 verifies one label line per manifest row and, per row, that the number of labels equals
-``num_frames(num_samples, SR)`` within ``--tolerance`` frames; with ``--dict`` also that every label
-is in the dictionary. It exits 1 on the first problems, naming the row, the file and both counts.
+``num_frames(num_samples, SR)`` within ``--tolerance`` frames, and that every label is in the
+dictionary (``--dict``; by default ``dict.<ext>.txt`` beside KM, where fairseq's task reads it).
+It exits 1 on the first problems, naming the row, the file and both counts.
 """
 import argparse
 import os
@@ -77,12 +78,27 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("km", help="label file, e.g. labels/train.km")
     parser.add_argument("--sample-rate", type=int, required=True, help="rate the manifest's num_samples use")
     parser.add_argument("--tolerance", type=int, default=1, help="allowed difference in frames per row")
-    parser.add_argument("--dict", dest="dictionary", help="dict.km.txt; also check every label is in it")
+    parser.add_argument("--dict", dest="dictionary",
+                        help="label dictionary; every label must be in it (default: dict.<ext>.txt beside KM, "
+                             "e.g. labels/dict.km.txt for labels/train.km, if it exists)")
+    parser.add_argument("--no-dict", action="store_true", help="do not check labels against a dictionary")
     return parser
+
+
+def default_dict(km: str) -> Optional[str]:
+    """``dict.<ext>.txt`` in the folder of ``km`` (``train.km`` -> ``dict.km.txt``), if it exists."""
+    ext = os.path.splitext(km)[1].lstrip(".") or "km"
+    path = os.path.join(os.path.dirname(os.path.abspath(km)), f"dict.{ext}.txt")
+    return path if os.path.isfile(path) else None
 
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
+    if args.dictionary is None and not args.no_dict:
+        args.dictionary = default_dict(args.km)
+        if args.dictionary is None:
+            print(f"warning: no dictionary beside {args.km} (looked for dict.*.txt); label values are not "
+                  f"checked: pass --dict", file=sys.stderr)
     for path in (args.tsv, args.km) + ((args.dictionary,) if args.dictionary else ()):
         if not os.path.isfile(path):
             print(f"error: {path} not found", file=sys.stderr)
@@ -94,7 +110,8 @@ def main(argv=None) -> int:
             print("  " + p, file=sys.stderr)
         return 1
     _, rows = read_manifest(args.tsv)
-    print(f"OK {args.km}: {len(rows)} rows aligned with {args.tsv} at {args.sample_rate} Hz")
+    checked = f", labels in {args.dictionary}" if args.dictionary else ""
+    print(f"OK {args.km}: {len(rows)} rows aligned with {args.tsv} at {args.sample_rate} Hz{checked}")
     return 0
 
 

@@ -68,6 +68,25 @@ def check_label_lengths(manifest_path: str, label_path: str, label_rate: float, 
             )
 
 
+def check_label_values(label_path: str, dictionary, dict_path: str = "the label dictionary") -> None:
+    """Raise ValueError at the first label (file, row, value) that ``dictionary`` does not hold.
+
+    fairseq's LabelEncoder maps unknown symbols to ``<unk>`` silently, so a label 999 from another
+    k-means model would train as a target; ``dictionary`` is a fairseq Dictionary (its special
+    symbols do not count as labels).
+    """
+    allowed = set(dictionary.symbols[dictionary.nspecial:])
+    with open(label_path) as f:
+        for row, line in enumerate(f, start=1):
+            unknown = set(line.split()) - allowed
+            if unknown:
+                value = sorted(unknown)[0]
+                raise ValueError(
+                    f"{label_path} row {row}: label {value!r} is not in {dict_path} ({len(allowed)} labels); "
+                    f"the labels come from another k-means model or the dictionary is wrong: re-run the "
+                    f"labelling stage (labels and dict.*.txt together)")
+
+
 class PahubertDataset(HubertDataset):
     """Items: ``source`` (samples, channels) -- time first so fairseq's collater, which
     measures items with ``len()``, works unchanged -- and ``label_list`` sliced to the crop.
@@ -94,6 +113,8 @@ class PahubertDataset(HubertDataset):
         single_target: bool = False,
         label_tolerance: int = 2,
         seed: int = 1,
+        dictionaries: Optional[List[Any]] = None,
+        dict_paths: Optional[List[str]] = None,
     ):
         if not 0 <= label_tolerance <= MAX_LABEL_TOLERANCE:
             raise ValueError(f"label_tolerance must be 0..{MAX_LABEL_TOLERANCE} frames, got {label_tolerance}")
@@ -101,6 +122,8 @@ class PahubertDataset(HubertDataset):
         for path, rate in zip(label_paths, rates):
             check_label_lengths(manifest_path, path, rate, sample_rate, label_tolerance,
                                 max_keep_sample_size, min_keep_sample_size)
+        for i, (path, dictionary) in enumerate(zip(label_paths, dictionaries or [])):
+            check_label_values(path, dictionary, dict_paths[i] if dict_paths else "the label dictionary")
         super().__init__(
             manifest_path, sample_rate=sample_rate, label_paths=label_paths,
             label_rates=[float(r) for r in rates], pad_list=pad_list, eos_list=eos_list,

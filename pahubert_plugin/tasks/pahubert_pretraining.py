@@ -107,6 +107,8 @@ class PahubertPretrainingTask(HubertPretrainingTask):
             single_target=self.cfg.single_target,
             label_tolerance=self.cfg.label_tolerance,
             seed=self.crop_seed(),
+            dictionaries=dicts,
+            dict_paths=[os.path.join(self.get_label_dir(), f"dict.{l}.txt") for l in self.cfg.labels],
         )
 
     def crop_seed(self) -> int:
