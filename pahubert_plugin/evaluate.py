@@ -6,6 +6,8 @@ overlap-add, :class:`~pahubert_plugin.separate.Separator`), score all sources wi
 and write museval's own per-track JSON (``museval.TrackStore``) to
 ``OUT/<subset>/<track>.json``.  Tracks run in parallel (``--jobs``, one model per worker);
 a track whose JSON exists is skipped on re-run, so an interrupted evaluation resumes.
+A broken track (missing stem, stems of different lengths, unreadable file) is skipped with its
+reason, the others are scored, and the exit status is 1.
 Finally ``OUT/summary.json`` and ``OUT/summary.md``: median over frames per track, median
 over tracks, per source and their mean (the numbers papers report).
 
@@ -28,6 +30,7 @@ from tqdm import tqdm
 
 from . import metrics
 from .data.audio import AudioError, write_audio
+from .data import stems_dataset
 from .data.stems_dataset import StemTrack, list_tracks
 
 logger = logging.getLogger("pahubert_plugin.evaluate")
@@ -87,6 +90,32 @@ def evaluate_track(track: StemTrack, json_path: str, estimates_dir: Optional[str
         f.write(store.json)
     os.replace(tmp, json_path)
     return track.name
+
+
+def usable_tracks(root: str, subset: str, sources: List[str], sample_rate: int, is_wav: bool):
+    """``(tracks, skipped)``: the tracks that can be scored and ``{name: reason}`` for broken ones.
+
+    A broken track (missing stem, unreadable stem, stems of different lengths) is skipped with its
+    reason instead of stopping the evaluation (MUSDB18-HQ wav layout; the .stem.mp4 layout is
+    listed by musdb, where a bad track still stops the listing). A missing or empty subset folder
+    is still a ValueError.
+    """
+    if not is_wav:
+        return list_tracks(root, subset, sources, sample_rate, is_wav), {}
+    folder = os.path.join(root, subset)
+    if not os.path.isdir(folder):
+        return list_tracks(root, subset, sources, sample_rate, is_wav), {}  # its clear ValueError
+    names = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not names:
+        raise ValueError(f"{folder} holds no track folders")
+    tracks, skipped = [], {}
+    for name in names:
+        try:
+            tracks.append(stems_dataset._wav_track(os.path.join(folder, name), name, sources, sample_rate))
+        except (ValueError, AudioError) as e:
+            skipped[name] = str(e)
+            logger.error(f"skipping track {name}: {e}")
+    return tracks, skipped
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -173,7 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         model, cfg = load_separation_model(args.checkpoint)  # validates the checkpoint once, up front
         sources = list(model.sources)
         del model
-        tracks = list_tracks(args.musdb_root, args.subset, sources, int(cfg.task.sample_rate), args.is_wav)
+        tracks, skipped = usable_tracks(args.musdb_root, args.subset, sources, int(cfg.task.sample_rate),
+                                        args.is_wav)
         check_provenance(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         logger.error(str(e))
@@ -215,8 +245,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     bar.close()
     summary = summarize(args.out, args.subset, names, sources)
     print(open(os.path.join(args.out, "summary.md")).read())
+    failed = list(skipped) + failed
     if failed:
-        logger.error(f"{len(failed)} track(s) failed and are missing from the summary: {', '.join(failed)}")
+        logger.error(f"{len(failed)} track(s) skipped or failed and are missing from the summary: "
+                     f"{', '.join(failed)}")
         return 1
     logger.info(f"mean SDR {summary['mean']['SDR']:.3f} dB over {summary['num_tracks']} tracks")
     return 0
