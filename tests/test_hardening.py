@@ -351,3 +351,40 @@ def test_evaluate_skips_broken_tracks_and_scores_the_rest(tmp_path, monkeypatch,
     assert re.search(r"skipping track test_01: .*missing stem bass\.wav", caplog.text)
     assert re.search(r"skipping track test_02: .*stems differ in length", caplog.text)
     assert "2 track(s) skipped or failed" in caplog.text
+
+
+# ---- item 10: honest exit codes of the manifest and the recipe -------------------------------
+
+def _junk_folder(root, good=0):
+    import soundfile as sf
+
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "corrupt.wav"), "wb") as f:
+        f.write(np.random.default_rng(0).bytes(4000))
+    sf.write(os.path.join(root, "short.wav"), np.zeros((1600, 1), np.float32) + 0.1, 16000)
+    for i in range(good):
+        t = np.arange(32000) / 16000
+        sf.write(os.path.join(root, f"good{i}.wav"), (0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t))[:, None], 16000)
+    return root
+
+
+def test_manifest_exit_status_counts_skips_and_refuses_kept_zero(tmp_path, caplog, capsys):
+    from pahubert_plugin.data.manifest import main
+
+    bad = _junk_folder(tmp_path / "bad")
+    assert main([str(bad), str(tmp_path / "m0"), "--sample-rate", "16000", "--jobs", "1"]) == 2
+    assert f"no usable audio in {bad}" in caplog.text and "kept 0" in capsys.readouterr().out
+    mixed = _junk_folder(tmp_path / "mixed", good=2)
+    assert main([str(mixed), str(tmp_path / "m1"), "--sample-rate", "16000", "--jobs", "1"]) == 1
+    assert "2 file(s) skipped" in caplog.text and "kept 2" in capsys.readouterr().out
+    assert main([str(tmp_path / "nowhere"), str(tmp_path / "m2"), "--sample-rate", "16000"]) == 2
+
+
+def test_recipe_says_no_usable_audio(tmp_path):
+    bad = _junk_folder(tmp_path / "bad")
+    env = dict(ENV, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run(["bash", os.path.join(REPO, "recipes", "pahubert", "run.sh"), "--audio-dir", str(bad),
+                           "--exp-dir", str(tmp_path / "exp"), "--sample-rate", "16000", "--nj", "1",
+                           "--stage", "0", "--stop-stage", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and f"no usable audio in {bad}" in proc.stderr, proc.stdout + proc.stderr
+    assert "stage 1" not in proc.stdout

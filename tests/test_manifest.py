@@ -75,7 +75,7 @@ def test_manifest_rows_rates_and_skips(corpus, tmp_path):
 def test_cli_parallel_matches_serial(corpus, tmp_path, capsys):
     build_manifest(corpus, tmp_path / "serial", SR, valid_percent=0.3, jobs=1)
     assert main([str(corpus), str(tmp_path / "par"), "--sample-rate", str(SR), "--valid-percent", "0.3",
-                 "--jobs", "2"]) == 0
+                 "--jobs", "2"]) == 1  # the corpus has files to skip: counted, exit 1
     assert "kept 4" in capsys.readouterr().out
     for name in ("train.tsv", "valid.tsv", "skipped.tsv", "train.meta.tsv"):
         assert (tmp_path / "serial" / name).read_text() == (tmp_path / "par" / name).read_text()

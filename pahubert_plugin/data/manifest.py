@@ -160,6 +160,13 @@ def summary_line(train, valid, skipped, sample_rate) -> str:
 def build_manifest(audio_dir, out_dir, sample_rate, valid_percent=0.01, exts=AUDIO_EXTENSIONS,
                    min_seconds=1.0, silence_db=-60.0, seed=0, jobs=1) -> str:
     """Scan ``audio_dir`` and write the manifests into ``out_dir``; returns the summary line."""
+    return summary_line(*scan_and_write(audio_dir, out_dir, sample_rate, valid_percent, exts, min_seconds,
+                                        silence_db, seed, jobs), sample_rate)
+
+
+def scan_and_write(audio_dir, out_dir, sample_rate, valid_percent=0.01, exts=AUDIO_EXTENSIONS,
+                   min_seconds=1.0, silence_db=-60.0, seed=0, jobs=1):
+    """:func:`build_manifest`'s work; returns ``(train, valid, skipped)`` probes."""
     hop_length(sample_rate)  # a ValueError now rather than after the scan
     if not 0.0 <= valid_percent < 1.0:
         raise ValueError(f"--valid-percent is a fraction in [0, 1), got {valid_percent}")
@@ -183,14 +190,15 @@ def build_manifest(audio_dir, out_dir, sample_rate, valid_percent=0.01, exts=AUD
             f.write(f"{p.relpath}\t{p.reason}\t{p.detail}\n")
     for p in skipped:
         logger.warning("skipped %s: %s (%s)", p.relpath, p.reason, p.detail)
-    return summary_line(train, valid, skipped, sample_rate)
+    return train, valid, skipped
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pahubert-manifest",
         description="Stage 0: scan AUDIO_DIR and write fairseq manifests train.tsv/valid.tsv "
-                    "(num_samples at --sample-rate), {split}.meta.tsv (source rates) and skipped.tsv.",
+                    "(num_samples at --sample-rate), {split}.meta.tsv (source rates) and skipped.tsv. "
+                    "Exit status: 0 all files kept, 1 some skipped (manifests written), 2 nothing kept or an error.",
     )
     parser.add_argument("audio_dir", help="folder of audio, walked recursively")
     parser.add_argument("out_dir", help="where train.tsv, valid.tsv and skipped.tsv go")
@@ -214,11 +222,24 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         stream=sys.stdout)
-    summary = build_manifest(
-        args.audio_dir, args.out_dir, args.sample_rate, args.valid_percent,
-        [e for e in args.exts.split(",") if e], args.min_seconds, args.silence_db, args.seed, args.jobs,
-    )
-    print(summary, flush=True)
+    try:
+        train, valid, skipped = scan_and_write(
+            args.audio_dir, args.out_dir, args.sample_rate, args.valid_percent,
+            [e for e in args.exts.split(",") if e], args.min_seconds, args.silence_db, args.seed, args.jobs,
+        )
+    except ValueError as e:
+        logger.error(str(e))
+        return 2
+    print(summary_line(train, valid, skipped, args.sample_rate), flush=True)
+    skipped_tsv = os.path.join(args.out_dir, "skipped.tsv")
+    if not train and not valid:
+        logger.error("no usable audio in %s: all %d files were skipped (reasons in %s)",
+                     args.audio_dir, len(skipped), skipped_tsv)
+        return 2
+    if skipped:  # README's rule for bulk jobs: log, count, exit non-zero at the end
+        logger.error("%d file(s) skipped (reasons in %s); the manifests hold the other %d",
+                     len(skipped), skipped_tsv, len(train) + len(valid))
+        return 1
     return 0
 
 

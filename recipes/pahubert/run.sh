@@ -100,10 +100,20 @@ find_kmeans_dir() {
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   [ -n "$audio_dir" ] || { echo "run.sh: stage 0 needs --audio-dir" >&2; exit 1; }
   log "stage 0: manifest of $audio_dir -> $data_dir (log $log_dir/stage0_manifest.log)"
-  run "$log_dir/stage0_manifest.log" "$PYTHON" -m pahubert_plugin.data.manifest "$audio_dir" "$data_dir" \
+  # the manifest exits 1 when it skipped files (listed in skipped.tsv) and 2 when nothing is usable
+  mlog=$log_dir/stage0_manifest.log; rc=0
+  echo "# $PYTHON -m pahubert_plugin.data.manifest $audio_dir $data_dir" > "$mlog"
+  "$PYTHON" -m pahubert_plugin.data.manifest "$audio_dir" "$data_dir" \
     --sample-rate "$sample_rate" --valid-percent "$valid_percent" --exts "$exts" \
-    --min-seconds "$min_seconds" --seed "$seed" --jobs "$nj"
-  tail -n 1 "$log_dir/stage0_manifest.log"
+    --min-seconds "$min_seconds" --seed "$seed" --jobs "$nj" >> "$mlog" 2>&1 || rc=$?
+  if [ $rc != 0 ] && [ $rc != 1 ] || [ "$(rows train)" -le 0 ]; then
+    [ "$(rows train)" -gt 0 ] || [ ! -f "$data_dir/skipped.tsv" ] \
+      || echo "run.sh: no usable audio in $audio_dir (train.tsv is empty; skipped files and reasons: $data_dir/skipped.tsv)" >&2
+    echo "FAILED: stage 0 manifest of $audio_dir (exit $rc)" >&2; echo "---- tail of $mlog ----" >&2
+    tail -n 20 "$mlog" >&2; exit 1
+  fi
+  grep -h "^kept " "$mlog" | tail -n 1
+  [ $rc = 0 ] || log "  $(wc -l < "$data_dir/skipped.tsv") file(s) skipped: reasons in $data_dir/skipped.tsv"
 fi
 
 # ---- stage 1: features ------------------------------------------------------------------------
