@@ -27,6 +27,9 @@
 #   --pretrain-args "K=V ..."   extra hydra overrides for pretraining (stage 4)
 #   --ft-args "K=V ..."         extra hydra overrides for both fine-tuning arms
 #   --pretrained-args "K=V ..." / --scratch-args "K=V ..."   extra overrides for one arm only
+#   --reuse-scratch TAG         take the scratch arm of setting TAG (same scratch settings) instead of
+#                               training it again
+#   --select best|last          checkpoint to score: best validation SDR (default) or the last update
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
@@ -47,6 +50,8 @@ pretrain_args=
 ft_args=
 pretrained_args=
 scratch_args=
+reuse_scratch=
+select=best
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=true; shift ;;
@@ -64,11 +69,14 @@ while [ $# -gt 0 ]; do
     --ft-args) ft_args=$2; shift 2 ;;
     --pretrained-args) pretrained_args=$2; shift 2 ;;
     --scratch-args) scratch_args=$2; shift 2 ;;
+    --reuse-scratch) reuse_scratch=$2; shift 2 ;;
+    --select) select=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
 done
 case $corpus_kind in midi|toy) ;; *) echo "run.sh: --corpus must be midi or toy, got $corpus_kind" >&2; exit 1 ;; esac
+case $select in best|last) ;; *) echo "run.sh: --select must be best or last, got $select" >&2; exit 1 ;; esac
 
 # ---- sizes: everything the demo does is here ---------------------------------------------------
 sample_rate=16000
@@ -85,6 +93,7 @@ finetune_updates=${finetune_updates:-$f_updates}
 work=${work:-exp/demo/${corpus_kind}$suffix}
 results=${results:-results/demo$suffix}
 [ "$tag" = main ] || results=$results/$tag
+[ "$select" = best ] || results=${results}_$select
 corpus=$work/corpus
 max_n=$(tr ',' '\n' <<< "$train_tracks" | sort -n | tail -n 1)
 n_train=$(( max_n + 1 > 9 ? max_n + 1 : 9 ))  # the last training song is held out for validation
@@ -140,6 +149,11 @@ ft_root=$work/finetune/$tag
 finetune() {  # ARM N SEED
   local arm=$1 n=$2 seed=$3 out arm_args
   out=$(abs "$ft_root/${arm}_n${n}_s${seed}")
+  if [ $arm = scratch ] && [ -n "$reuse_scratch" ] && [ ! -e "$out" ]; then
+    local src; src=$(abs "$work/finetune/$reuse_scratch/${arm}_n${n}_s${seed}")
+    [ -f "$src/done" ] || { echo "run.sh: --reuse-scratch $reuse_scratch: $src is not finished" >&2; exit 1; }
+    mkdir -p "$ft_root"; ln -s "$src" "$out"
+  fi
   if [ -f "$out/done" ]; then echo "  $arm, $n songs, seed $seed: done before, reused"; return; fi
   mkdir -p "$out"
   echo "  $arm, $n labelled songs, seed $seed: $finetune_updates updates (log $out/train.log)"
@@ -159,7 +173,7 @@ finetune() {  # ARM N SEED
 }
 evaluate() {  # ARM N SEED
   local arm=$1 n=$2 seed=$3
-  "$PYTHON" -m pahubert_plugin.evaluate "$ft_root/${arm}_n${n}_s${seed}/checkpoints/checkpoint_best.pt" \
+  "$PYTHON" -m pahubert_plugin.evaluate "$ft_root/${arm}_n${n}_s${seed}/checkpoints/checkpoint_$select.pt" \
     --musdb-root "$corpus/musdb" --is-wav --subset test --jobs 2 \
     --out "$results/eval/${arm}_n${n}_s${seed}" > "$results/eval_${arm}_n${n}_s${seed}.log" 2>&1 \
     || { echo "run.sh: evaluation failed; see $results/eval_${arm}_n${n}_s${seed}.log" >&2; exit 1; }
@@ -179,7 +193,7 @@ done; done
 {
   echo "# command"
   echo "bash examples/demo/run.sh ${orig_args[*]:-}"
-  echo "# pretraining: $pretrain_updates updates on $hours h; fine-tuning: $finetune_updates updates per arm"
+  echo "# pretraining: $pretrain_updates updates on $hours h; fine-tuning: $finetune_updates updates per arm; scored: checkpoint_$select.pt"
   echo "# ft-args: $ft_args | pretrained-args: $pretrained_args | scratch-args: $scratch_args | pretrain-args: $pretrain_args"
 } > "$results/settings.txt"
 "$PYTHON" examples/demo/report.py --results "$results" --musdb-root "$corpus/musdb" --logs "$ft_root" \

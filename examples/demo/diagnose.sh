@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The diagnosis of issue 10: one fine-tuning setting per tag (examples/demo/diagnose.tsv says what each
+# changes), scratch vs pretrained on the same labelled songs, sharing the demo's corpus and pretraining.
+# Two lanes run side by side (one thread each). Then examples/demo/collect.py prints the table.
+#
+#   bash examples/demo/diagnose.sh [--train-tracks 2] [--seeds 1] [--results results/diagnosis] [TAG...]
+# Needs the demo's corpus and pretraining (a finished `bash examples/demo/run.sh`) and, for gn_* tags, a
+# GroupNorm pretraining: bash examples/demo/run.sh --work exp/demo/midi_gn --pretrain-args model.stem_norm=group
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+train_tracks=2; seeds=1; results=results/diagnosis
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --train-tracks) train_tracks=$2; shift 2 ;;
+    --seeds) seeds=$2; shift 2 ;;
+    --results) results=$2; shift 2 ;;
+    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) break ;;
+  esac
+done
+export OMP_NUM_THREADS=1
+run() {  # TAG [run.sh options...]
+  local tag=$1; shift
+  bash examples/demo/run.sh --stage 4 --train-tracks "$train_tracks" --seeds "$seeds" --tag "$tag" \
+    --results "$results" "$@" > "$results/log_$tag.txt" 2>&1 && echo "[$(date +%H:%M:%S)] $tag done" \
+    || { echo "[$(date +%H:%M:%S)] $tag FAILED (see $results/log_$tag.txt)"; return 1; }
+}
+setting() {  # TAG -> run.sh options of that setting
+  case $1 in
+    s0) run s0 ;;
+    s0_last) run s0 --select last ;;
+    gn_s0) run gn_s0 --work exp/demo/midi_gn ;;
+    lrs03) run lrs03 --reuse-scratch s0 --pretrained-args "model.encoder_lr_scale=0.3" ;;
+    lrs01) run lrs01 --reuse-scratch s0 --pretrained-args "model.encoder_lr_scale=0.1" ;;
+    freeze) run freeze --reuse-scratch s0 --pretrained-args "model.freeze_encoder_updates=200" ;;
+    skips1) run skips1 --ft-args "model.decoder_skips=1" ;;
+    skips0) run skips0 --ft-args "model.decoder_skips=0" ;;
+    lw) run lw --ft-args "model.layer_weights=true" ;;
+    lr5e4) run lr5e4 --ft-args "optimizer.groups.default.lr_float=0.0005" ;;
+    crop1) run crop1 --ft-args "task.segment=1.0 dataset.batch_size=8" ;;
+    probe) run probe --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
+    *) echo "diagnose.sh: unknown setting $1 (see examples/demo/diagnose.tsv)" >&2; return 1 ;;
+  esac
+}
+mkdir -p "$results"
+tags=("$@")
+[ ${#tags[@]} -gt 0 ] || tags=(s0 gn_s0 skips1 lw lrs03 probe freeze skips0 crop1 lr5e4 s0_last lrs01)
+# the first two side by side (s0 first: later settings reuse its scratch arm), then two lanes
+lane() { local i; for ((i = $1; i < ${#tags[@]}; i += 2)); do setting "${tags[$i]}" || true; done; }
+lane 0 & lane 1 & wait
+python examples/demo/collect.py "$results" --describe examples/demo/diagnose.tsv --out "$results/table.md"
