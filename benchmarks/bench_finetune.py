@@ -31,7 +31,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
