@@ -157,8 +157,21 @@ def read_audio(
     return out.contiguous(), out_sr
 
 
+_SFC_SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile command (sndfile.h)
+
+
 def write_audio(path, wav, sample_rate: int, subtype: str = "PCM_16") -> None:
-    """Write ``(channels, samples)`` float audio; the parent folder is created."""
+    """Write ``(channels, samples)`` float audio; the parent folder is created.
+
+    Float WAVs are written without libsndfile's PEAK chunk, which holds the time of writing:
+    the same audio then gives the same bytes (the corpora promise byte-identical files).
+    """
     wav = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sf.write(path, np.ascontiguousarray(wav.T), sample_rate, subtype=subtype)
+    data = np.ascontiguousarray(wav.T)
+    with sf.SoundFile(path, "w", sample_rate, data.shape[1] if data.ndim > 1 else 1, subtype=subtype) as f:
+        if subtype in ("FLOAT", "DOUBLE"):
+            from soundfile import _ffi, _snd
+
+            _snd.sf_command(f._file, _SFC_SET_ADD_PEAK_CHUNK, _ffi.NULL, 0)
+        f.write(data)
