@@ -6,6 +6,8 @@
 #   bash examples/demo/diagnose.sh [--train-tracks 2] [--seeds 1] [--results results/diagnosis] [TAG...]
 # Needs the demo's corpus and pretraining (a finished `bash examples/demo/run.sh`) and, for gn_* tags, a
 # GroupNorm pretraining: bash examples/demo/run.sh --work exp/demo/midi_gn --pretrain-args model.stem_norm=group
+# and, for fgm0_*, one with a frozen (randomly initialised) stem: ... --work exp/demo/midi_fgm0 \
+#   --pretrain-args model.feature_grad_mult=0.0
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 train_tracks=2; seeds=1; results=results/diagnosis
@@ -30,21 +32,22 @@ setting() {  # TAG -> run.sh options of that setting
     s0) run s0 ;;
     s0_last) run s0 --select last ;;
     gn_s0) run gn_s0 --work exp/demo/midi_gn ;;
+    fgm0_s0) run fgm0_s0 --work exp/demo/midi_fgm0 ;;
     lrs03) run lrs03 --reuse-scratch s0 --pretrained-args "model.encoder_lr_scale=0.3" ;;
     lrs01) run lrs01 --reuse-scratch s0 --pretrained-args "model.encoder_lr_scale=0.1" ;;
-    freeze) run freeze --reuse-scratch s0 --pretrained-args "model.freeze_encoder_updates=200" ;;
+    freeze) run freeze --reuse-scratch s0 --pretrained-args "model.freeze_encoder_updates=100" ;;
     skips1) run skips1 --ft-args "model.decoder_skips=1" ;;
     skips0) run skips0 --ft-args "model.decoder_skips=0" ;;
     lw) run lw --ft-args "model.layer_weights=true" ;;
     lr5e4) run lr5e4 --ft-args "optimizer.groups.default.lr_float=0.0005" ;;
-    crop1) run crop1 --ft-args "task.segment=1.0 dataset.batch_size=8" ;;
+    crop2) run crop2 --ft-args "task.segment=2.0" ;;
     probe) run probe --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     *) echo "diagnose.sh: unknown setting $1 (see examples/demo/diagnose.tsv)" >&2; return 1 ;;
   esac
 }
 mkdir -p "$results"
 tags=("$@")
-[ ${#tags[@]} -gt 0 ] || tags=(s0 gn_s0 skips1 lw lrs03 probe freeze skips0 crop1 lr5e4 s0_last lrs01)
+[ ${#tags[@]} -gt 0 ] || tags=(s0 gn_s0 skips1 lw lrs03 probe freeze skips0 crop2 lr5e4 s0_last lrs01)
 # the first two side by side (s0 first: later settings reuse its scratch arm), then two lanes
 lane() { local i; for ((i = $1; i < ${#tags[@]}; i += 2)); do setting "${tags[$i]}" || true; done; }
 lane 0 & lane 1 & wait
