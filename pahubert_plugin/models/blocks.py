@@ -70,6 +70,7 @@ class ResUNetEncoder(nn.Module):
         if len(channels) != len(strides):
             raise ValueError(f"{len(channels)} channel sizes but {len(strides)} strides")
         self.channels, self.strides = list(channels), [tuple(s) for s in strides]
+        self.norm = norm  # the decoder of a separator mirrors it
         self.stride = total_stride(self.strides)
         ins = [in_channels] + self.channels[:-1]
         self.blocks = nn.ModuleList(res_block(i, o, units, norm) for i, o in zip(ins, self.channels))

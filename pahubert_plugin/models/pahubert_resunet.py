@@ -108,11 +108,10 @@ class PahubertResUNetModel(SpectralSeparator):
         stem = self.encoder.stem
         c_last, f_last = self.encoder.bottleneck_shape
         self.proj = nn.Linear(self.encoder.embed_dim, c_last * f_last)
-        norm = getattr(enc_cfg, "stem_norm", None) or "batch"
-        self.bottleneck = (res_block(c_last, c_last, cfg.bottleneck_units, norm) if cfg.bottleneck_units > 0
+        self.bottleneck = (res_block(c_last, c_last, cfg.bottleneck_units, stem.norm) if cfg.bottleneck_units > 0
                            else nn.Identity())
         self.decoder = ResUNetDecoder(c_last, stem.channels, stem.strides, cfg.decoder_units,
-                                      self.mask_head.out_channels, num_skips=cfg.decoder_skips, norm=norm)
+                                      self.mask_head.out_channels, num_skips=cfg.decoder_skips, norm=stem.norm)
         self.layer_weights = (nn.Parameter(torch.zeros(int(enc_cfg.encoder_layers)))
                               if cfg.layer_weights else None)
         self.freeze_encoder_updates = cfg.freeze_encoder_updates
