@@ -449,6 +449,38 @@ def test_stem_norm_group_has_no_running_statistics(tmp_path):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in old.encoder.stem.modules())
 
 
+def test_pahubert_resunet_fine_tuning_masks_and_stem_override(tmp_path):
+    """mask_prob > 0 masks transformer input spans in training only, reproducibly for a seed;
+    encoder_feature_grad_mult overrides the pretrained encoder's (a frozen-stem pretraining can
+    fine-tune its stem)."""
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetModel
+
+    make_pretraining_checkpoint(tmp_path / "pre.pt", dropout=0.0, dropout_input=0.0, feature_grad_mult=0.0)
+    plain = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt"))
+    masked = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", mask_prob=0.9,
+                                                                   mask_length=3))
+    masked.load_state_dict(plain.state_dict())
+    assert (plain.encoder.mask_prob, masked.encoder.mask_prob, masked.encoder.mask_length) == (0.0, 0.9, 3)
+    wav = torch.randn(2, 2, 8000, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(masked.train()(wav))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)  # same seed, same masks
+    torch.manual_seed(3)
+    assert not torch.allclose(runs[0], plain.train()(wav))  # masking changed the training forward
+    masked.load_state_dict(plain.state_dict())  # the same BatchNorm statistics
+    with torch.no_grad():
+        torch.testing.assert_close(masked.eval()(wav), plain.eval()(wav), rtol=0, atol=0)  # never at test time
+    # the stem: frozen as pretrained (feature_grad_mult 0) unless the fine-tuning config overrides it
+    for model, trains in ((plain, False), (PahubertResUNetModel.build_model(pahubert_resunet_cfg(
+            tmp_path / "pre.pt", encoder_feature_grad_mult=1.0)), True)):
+        model.zero_grad()
+        model.train()(wav).abs().mean().backward()
+        grads = [p.grad for p in model.encoder.stem.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) == trains
+
+
 def test_pahubert_resunet_rejects_wrong_checkpoints(tmp_path):
     from fairseq import checkpoint_utils
 

@@ -41,6 +41,11 @@ setting() {  # TAG -> run.sh options of that setting
     lw) run lw --ft-args "model.layer_weights=true" ;;
     lr5e4) run lr5e4 --ft-args "optimizer.groups.default.lr_float=0.0005" ;;
     crop2) run crop2 --ft-args "task.segment=2.0" ;;
+    fgm0_ft1) run fgm0_ft1 --work exp/demo/midi_fgm0 --reuse-scratch exp/demo/midi/finetune/s0 \
+                --ft-args "model.encoder_feature_grad_mult=1" ;;
+    iter2) run iter2 --stage 3 --iteration 2 --reuse-scratch s0 ;;
+    mask05) run mask05 --ft-args "model.mask_prob=0.5" ;;
+    mask08) run mask08 --ft-args "model.mask_prob=0.8" ;;
     probe) run probe --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     *) echo "diagnose.sh: unknown setting $1 (see examples/demo/diagnose.tsv)" >&2; return 1 ;;
   esac

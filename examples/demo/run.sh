@@ -28,8 +28,13 @@
 #   --ft-args "K=V ..."         extra hydra overrides for both fine-tuning arms
 #   --pretrained-args "K=V ..." / --scratch-args "K=V ..."   extra overrides for one arm only
 #   --reuse-scratch TAG         take the scratch arm of setting TAG (same scratch settings) instead of
-#                               training it again
+#                               training it again; a path (with a /) names another work folder's
+#                               finetune/TAG
 #   --select best|last          checkpoint to score: best validation SDR (default) or the last update
+#   --iteration 1|2             fine-tune from HuBERT iteration 1 (MFCC clusters, default) or iteration 2
+#                               (recipe stages 5-6: k-means of iteration 1's layer --iter2-layer into
+#                               --iter2-clusters clusters, then a second pretraining of the same size)
+#   --iter2-layer L, --iter2-clusters K   defaults 3 and 100
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
@@ -52,6 +57,9 @@ pretrained_args=
 scratch_args=
 reuse_scratch=
 select=best
+iteration=1
+iter2_layer=3
+iter2_clusters=100
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=true; shift ;;
@@ -71,12 +79,16 @@ while [ $# -gt 0 ]; do
     --scratch-args) scratch_args=$2; shift 2 ;;
     --reuse-scratch) reuse_scratch=$2; shift 2 ;;
     --select) select=$2; shift 2 ;;
+    --iteration) iteration=$2; shift 2 ;;
+    --iter2-layer) iter2_layer=$2; shift 2 ;;
+    --iter2-clusters) iter2_clusters=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
 done
 case $corpus_kind in midi|toy) ;; *) echo "run.sh: --corpus must be midi or toy, got $corpus_kind" >&2; exit 1 ;; esac
 case $select in best|last) ;; *) echo "run.sh: --select must be best or last, got $select" >&2; exit 1 ;; esac
+case $iteration in 1|2) ;; *) echo "run.sh: --iteration must be 1 or 2, got $iteration" >&2; exit 1 ;; esac
 
 # ---- sizes: everything the demo does is here ---------------------------------------------------
 sample_rate=16000
@@ -120,29 +132,44 @@ fi
 
 # ---- 2-3: clustering + pretraining (recipes/pahubert/run.sh) -----------------------------------
 pre=$work/pahubert
-ckpt=$pre/pretrain/iter1_mfcc_k${n_clusters}/checkpoints/checkpoint_last.pt
+ckpt1=$pre/pretrain/iter1_mfcc_k${n_clusters}/checkpoints/checkpoint_last.pt
+ckpt2=$pre/pretrain/iter2_mfcc_k${n_clusters}_l${iter2_layer}_k${iter2_clusters}/checkpoints/checkpoint_last.pt
+if [ $iteration = 1 ]; then ckpt=$ckpt1; else ckpt=$ckpt2; fi
 recipe() {
   bash recipes/pahubert/run.sh --audio-dir "$corpus/unlabelled" --exp-dir "$pre" --sample-rate $sample_rate \
     --nj 2 --feature mfcc --n-clusters $n_clusters --valid-percent 0.02 --min-seconds 1 \
-    --pretrain-config tiny "$@"
+    --pretrain-config tiny --hubert-layer $iter2_layer --n-clusters-iter2 $iter2_clusters "$@"
+}
+pretrain_overrides() {  # the hydra overrides of both pretraining iterations
+  local v=$(( pretrain_updates / 4 > 0 ? pretrain_updates / 4 : 1 ))
+  echo "optimization.max_update=$pretrain_updates common.cpu=true dataset.validate_interval=100000" \
+    "dataset.validate_interval_updates=$v checkpoint.save_interval=100000 checkpoint.save_interval_updates=$v" \
+    "lr_scheduler.warmup_updates=$(( pretrain_updates / 10 + 1 )) $pretrain_args"
 }
 if [ $stage -le 2 ]; then
   step 2 "clustering: manifest, MFCC, fairseq k-means ($n_clusters clusters), labels"
   recipe --stage 0 --stop-stage 3
 fi
 if [ $stage -le 3 ]; then
-  if [ -f "$ckpt" ] && [ -f "$pre/pretrain/done_$pretrain_updates" ]; then
-    step 3 "pretraining: $ckpt done before ($pretrain_updates updates), reused"
+  if [ -f "$ckpt1" ] && [ -f "$pre/pretrain/done_$pretrain_updates" ]; then
+    step 3 "pretraining: $ckpt1 done before ($pretrain_updates updates), reused"
   else
     step 3 "pretraining tiny Pac-HuBERT for $pretrain_updates updates (log $pre/logs/stage4_pretrain.log)"
-    # shellcheck disable=SC2086
-    recipe --stage 4 --stop-stage 4 -- optimization.max_update=$pretrain_updates common.cpu=true \
-      dataset.validate_interval=100000 dataset.validate_interval_updates=$(( pretrain_updates / 4 > 0 ? pretrain_updates / 4 : 1 )) \
-      checkpoint.save_interval=100000 \
-      checkpoint.save_interval_updates=$(( pretrain_updates / 4 > 0 ? pretrain_updates / 4 : 1 )) \
-      lr_scheduler.warmup_updates=$(( pretrain_updates / 10 + 1 )) $pretrain_args
-    [ -f "$ckpt" ] || { echo "run.sh: pretraining left no $ckpt" >&2; exit 1; }
+    # shellcheck disable=SC2046
+    recipe --stage 4 --stop-stage 4 -- $(pretrain_overrides)
+    [ -f "$ckpt1" ] || { echo "run.sh: pretraining left no $ckpt1" >&2; exit 1; }
     touch "$pre/pretrain/done_$pretrain_updates"
+  fi
+  done2=$pre/pretrain/done2_l${iter2_layer}_k${iter2_clusters}_$pretrain_updates
+  if [ $iteration = 2 ] && [ -f "$ckpt2" ] && [ -f "$done2" ]; then
+    echo "  iteration 2: $ckpt2 done before, reused"
+  elif [ $iteration = 2 ]; then
+    echo "  iteration 2: layer $iter2_layer of iteration 1 -> $iter2_clusters clusters -> $pretrain_updates updates" \
+      "(logs $pre/logs/stage5_*.log, stage6_pretrain.log)"
+    # shellcheck disable=SC2046
+    recipe --stage 5 --stop-stage 6 -- $(pretrain_overrides)
+    [ -f "$ckpt2" ] || { echo "run.sh: iteration 2 left no $ckpt2" >&2; exit 1; }
+    touch "$done2"
   fi
 fi
 
@@ -152,7 +179,9 @@ finetune() {  # ARM N SEED
   local arm=$1 n=$2 seed=$3 out arm_args
   out=$(abs "$ft_root/${arm}_n${n}_s${seed}")
   if [ $arm = scratch ] && [ -n "$reuse_scratch" ] && [ ! -e "$out" ]; then
-    local src; src=$(abs "$work/finetune/$reuse_scratch/${arm}_n${n}_s${seed}")
+    local src  # a setting of this work folder, or a finetune/<setting> folder of another
+    case $reuse_scratch in */*) src=$(abs "$reuse_scratch/${arm}_n${n}_s${seed}") ;;
+                           *) src=$(abs "$work/finetune/$reuse_scratch/${arm}_n${n}_s${seed}") ;; esac
     [ -f "$src/done" ] || { echo "run.sh: --reuse-scratch $reuse_scratch: $src is not finished" >&2; exit 1; }
     mkdir -p "$ft_root"; ln -s "$src" "$out"
   fi
@@ -203,7 +232,7 @@ done; done
 {
   echo "# command"
   echo "bash examples/demo/run.sh ${orig_args[*]:-}"
-  echo "# pretraining: $pretrain_updates updates on $hours h; fine-tuning: $finetune_updates updates per arm; scored: checkpoint_$select.pt"
+  echo "# pretraining: iteration $iteration ($(basename "$(dirname "$(dirname "$ckpt")")")), $pretrain_updates updates on $hours h; fine-tuning: $finetune_updates updates per arm; scored: checkpoint_$select.pt"
   echo "# ft-args: $ft_args | pretrained-args: $pretrained_args | scratch-args: $scratch_args | pretrain-args: $pretrain_args"
 } > "$results/settings.txt"
 "$PYTHON" examples/demo/report.py --results "$results" --musdb-root "$corpus/musdb" --logs "$ft_root" \

@@ -56,6 +56,15 @@ class PahubertResUNetConfig(FairseqDataclass):
         "help": "override the pretrained encoder's layerdrop during fine-tuning (-1: keep)"})
     encoder_dropout: float = field(default=-1.0, metadata={
         "help": "override the pretrained encoder's dropout during fine-tuning (-1: keep)"})
+    encoder_feature_grad_mult: float = field(default=-1.0, metadata={
+        "help": "override the pretrained encoder's feature_grad_mult during fine-tuning (-1: keep; "
+                "1: the stem trains, e.g. after pretraining with a frozen random stem; 0: stem frozen)"})
+    mask_prob: float = field(default=0.0, metadata={
+        "help": "fine-tuning with masking, as fairseq's hubert_asr / wav2vec2 fine-tuning (apply_mask): in "
+                "training, spans of transformer input tokens are replaced by the encoder's mask embedding "
+                "with this probability (0: off). The stem skips still see every frame"})
+    mask_length: int = field(default=-1, metadata={
+        "help": "span length of fine-tuning masks in tokens (-1: the pretrained encoder's)"})
     bottleneck_units: int = field(default=1, metadata={
         "help": "residual units applied to the projected transformer output (0: none)"})
     decoder_units: int = field(default=2, metadata={"help": "residual units per decoder block"})
@@ -96,6 +105,8 @@ class PahubertResUNetModel(SpectralSeparator):
                 enc_cfg.encoder_layerdrop = cfg.encoder_layerdrop
             if cfg.encoder_dropout >= 0:
                 enc_cfg.dropout = cfg.encoder_dropout
+            if getattr(cfg, "encoder_feature_grad_mult", -1.0) >= 0:  # older fine-tuned checkpoints lack it
+                enc_cfg.feature_grad_mult = cfg.encoder_feature_grad_mult
         if int(enc_cfg.sample_rate) != self.sample_rate or int(enc_cfg.audio_channels) != self.audio_channels:
             raise ValueError(
                 f"the pretrained encoder takes {enc_cfg.audio_channels} channels at {enc_cfg.sample_rate} Hz "
@@ -114,6 +125,10 @@ class PahubertResUNetModel(SpectralSeparator):
                                       self.mask_head.out_channels, num_skips=cfg.decoder_skips, norm=stem.norm)
         self.layer_weights = (nn.Parameter(torch.zeros(int(enc_cfg.encoder_layers)))
                               if cfg.layer_weights else None)
+        self.encoder.mask_prob = float(getattr(cfg, "mask_prob", 0.0))  # older fine-tuned checkpoints: off
+        if getattr(cfg, "mask_length", -1) > 0:
+            self.encoder.mask_length = int(cfg.mask_length)
+        self.encoder.mask_channel_prob = 0.0
         self.freeze_encoder_updates = cfg.freeze_encoder_updates
         self.num_updates = 0
         if cfg.encoder_lr_scale != 1.0:
@@ -148,7 +163,7 @@ class PahubertResUNetModel(SpectralSeparator):
     def estimate_spec(self, padded: torch.Tensor) -> torch.Tensor:
         frozen = self.training and self.num_updates < self.freeze_encoder_updates
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            out = self.encoder(padded, mask=False)
+            out = self.encoder(padded, mask=self.training and self.encoder.mask_prob > 0)
         spec, n_frames = out["spec"], out["num_frames"]  # (batch, channels, freq, frames) complex
         feats = out["features"]  # (batch, tokens, D)
         if self.layer_weights is not None:  # layer_results: (tokens, batch, D) after each layer
