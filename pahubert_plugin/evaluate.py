@@ -6,6 +6,8 @@ overlap-add, :class:`~pahubert_plugin.separate.Separator`), score all sources wi
 and write museval's own per-track JSON (``museval.TrackStore``) to
 ``OUT/<subset>/<track>.json``.  Tracks run in parallel (``--jobs``, one model per worker);
 a track whose JSON exists is skipped on re-run, so an interrupted evaluation resumes.
+Workers die with the main process, however it ends (SIGKILL included); SIGTERM or Ctrl-C
+stops the workers, says how far it got and exits 130.
 A broken track (missing stem, stems of different lengths, unreadable file) is skipped with its
 reason, the others are scored, and the exit status is 1.
 Finally ``OUT/summary.json`` and ``OUT/summary.md``: median over frames per track, median
@@ -17,11 +19,15 @@ worker holds about ``2 x sources`` copies of one track in float64.
 """
 import argparse
 import concurrent.futures
+import ctypes
 import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -36,6 +42,36 @@ from .data.stems_dataset import StemTrack, list_tracks
 logger = logging.getLogger("pahubert_plugin.evaluate")
 
 _SEPARATOR = None  # one per worker process
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, poll: float = 1.0) -> None:
+    """End this (worker) process when process ``parent`` ends, however it ends.
+
+    On Linux the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``); a
+    daemon thread polling the parent pid is the fallback elsewhere (and for a parent that died
+    before the prctl call).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _init_pool_worker(parent: int, *init) -> None:
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    _init_worker(*init)
 
 
 def _init_worker(checkpoint: str, device: str, segment: Optional[float], overlap: float, threads: int) -> None:
@@ -190,6 +226,52 @@ def summarize(out: str, subset: str, names: List[str], sources: List[str]) -> di
     return summary
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_jobs(jobs, init, num_jobs: int, bar) -> List[str]:
+    """Score ``jobs`` (in ``num_jobs`` worker processes); returns the names of failed tracks.
+
+    On KeyboardInterrupt (Ctrl-C, or SIGTERM via :func:`_raise_interrupt`) the workers are
+    killed before it propagates: no orphan keeps scoring.
+    """
+    failed = []
+    if num_jobs == 1 or len(jobs) <= 1:
+        if jobs:
+            _init_worker(*init)
+        for job in jobs:
+            try:
+                evaluate_track(*job)
+            except (AudioError, ValueError) as e:
+                logger.error(f"track {job[0].name}: {e}")
+                failed.append(job[0].name)
+            bar.update()
+        return failed
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    pool = concurrent.futures.ProcessPoolExecutor(num_jobs, mp_context=ctx, initializer=_init_pool_worker,
+                                                  initargs=(os.getpid(), *init))
+    try:
+        futures = {pool.submit(evaluate_track, *job): job[0].name for job in jobs}
+        for fut in concurrent.futures.as_completed(futures):
+            try:
+                fut.result()
+            except (AudioError, ValueError) as e:
+                logger.error(f"track {futures[fut]}: {e}")
+                failed.append(futures[fut])
+            bar.update()
+    except BaseException:
+        workers = list((pool._processes or {}).values())  # shutdown() alone waits for running tracks
+        for p in workers:
+            p.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in workers:
+            p.join(5)
+        raise
+    pool.shutdown()
+    return failed
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -216,32 +298,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.info(f"{len(tracks) - len(todo)} of {len(tracks)} tracks already scored in {args.out}; skipping them")
     estimates_dir = os.path.join(args.out, "estimates", args.subset) if args.save_estimates else None
     jobs = [(t, os.path.join(args.out, args.subset, f"{t.name}.json"), estimates_dir) for t in todo]
-    failed = []
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     init = (args.checkpoint, args.device, args.segment, args.overlap, threads)
     bar = tqdm(total=len(jobs), desc="evaluating", unit="track")
-    if args.jobs == 1 or len(jobs) <= 1:
-        if jobs:
-            _init_worker(*init)
-        for job in jobs:
-            try:
-                evaluate_track(*job)
-            except (AudioError, ValueError) as e:
-                logger.error(f"track {job[0].name}: {e}")
-                failed.append(job[0].name)
-            bar.update()
-    else:
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker,
-                                                    initargs=init) as pool:
-            futures = {pool.submit(evaluate_track, *job): job[0].name for job in jobs}
-            for fut in concurrent.futures.as_completed(futures):
-                try:
-                    fut.result()
-                except (AudioError, ValueError) as e:
-                    logger.error(f"track {futures[fut]}: {e}")
-                    failed.append(futures[fut])
-                bar.update()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        failed = run_jobs(jobs, init, args.jobs, bar)
+    except KeyboardInterrupt:
+        bar.close()
+        done = sum(os.path.isfile(j[1]) for j in jobs)
+        logger.error(f"interrupted: {done} of {len(jobs)} remaining tracks scored in {args.out}; "
+                     f"run the same command again to resume")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     bar.close()
     summary = summarize(args.out, args.subset, names, sources)
     print(open(os.path.join(args.out, "summary.md")).read())
