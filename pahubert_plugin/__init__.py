@@ -4,24 +4,48 @@
 every task, model and criterion of the package, allow-lists fairseq's checkpoint
 classes for torch's ``weights_only`` loader, and makes fairseq's checkpoint copies atomic and
 its resume robust to a truncated checkpoint_last.pt (:func:`checkpoint.install_fairseq_patches`).
+
+The one exception is our own console scripts (``pahubert-*``): importing fairseq and torch takes
+seconds, so there the package defers :func:`register` until ``main()`` has parsed its
+arguments; ``--help`` and argument errors then answer at once.
 """
 import logging as _logging
-
-_root = _logging.getLogger()
-_root_state = (_root.level, list(_root.handlers))
-
-from . import checkpoint  # noqa: E402
-
-checkpoint.register_safe_globals()
-checkpoint.install_fairseq_patches()
-
-from . import criterions, models, tasks  # noqa: E402,F401  (registration side effects)
-
-# fairseq.models.wav2vec.wav2vec2_classification calls logging.basicConfig(level=DEBUG) when
-# imported; undo that so our CLIs (and users' scripts) keep their own logging setup.
-if (_root.level, _root.handlers) != _root_state:
-    for _h in [h for h in _root.handlers if h not in _root_state[1]]:
-        _root.removeHandler(_h)
-    _root.setLevel(_root_state[0])
+import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
+
+_registered = False
+
+
+def register() -> None:
+    """Register our fairseq components and checkpoint allow-list (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    root = _logging.getLogger()
+    root_state = (root.level, list(root.handlers))
+
+    from . import checkpoint
+
+    checkpoint.register_safe_globals()
+    checkpoint.install_fairseq_patches()
+
+    from . import criterions, models, tasks  # noqa: F401  (registration side effects)
+
+    # fairseq.models.wav2vec.wav2vec2_classification calls logging.basicConfig(level=DEBUG) when
+    # imported; undo that so our CLIs (and users' scripts) keep their own logging setup.
+    if (root.level, root.handlers) != root_state:
+        for h in [h for h in root.handlers if h not in root_state[1]]:
+            root.removeHandler(h)
+        root.setLevel(root_state[0])
+    _registered = True
+
+
+def _in_console_script() -> bool:
+    """True when the running program is one of our ``pahubert-*`` console scripts."""
+    return bool(_sys.argv) and _os.path.basename(_sys.argv[0] or "").startswith("pahubert-")
+
+
+if not _in_console_script():
+    register()

@@ -2,42 +2,49 @@
 
 Python::
 
-    from pahubert_plugin.separate import Separator
-    sep = Separator.from_checkpoint("exp/musdb/checkpoint_best.pt")
+    from pahubert_plugin.separate import Separator, save_stems
+    sep = Separator.from_checkpoint("exp/musdb/checkpoint_best.pt", shifts=2)
     stems = sep.separate(waveform, sample_rate)   # {"drums": (channels, samples), ...}
+    stems, sr = sep.separate_file("song.flac", two_stems="vocals")  # {"vocals": ..., "no_vocals": ...}
+    save_stems(stems, sr, "separated", track="song", fmt="flac", bits=24)
 
-Command line::
+Command line (the options of ``demucs``)::
 
-    python -m pahubert_plugin.separate CHECKPOINT song.mp3 other.flac -o separated/
+    pahubert-separate CHECKPOINT song.mp3 other.flac -o separated/ [--two-stems vocals]
+        [--mp3 | --flac] [--int24 | --float32] [--clip-mode rescale|clamp|none] [--shifts N]
+        [--filename "{track}/{stem}.{ext}"] [-d cuda] [-j 2]
 
 writes ``separated/<file name>/<source>.wav`` at the input's sample rate, length and
 channel count.  Any format soundfile reads works (wav, flac, ogg, mp3), at any sample rate
-(resampled to the model's rate and back), mono or stereo.  A file that cannot be read is
-reported by name and skipped; the others are still separated and the exit status is 1.
+(resampled to the model's rate and back), mono or stereo.  A file that cannot be read or
+written is reported by name and skipped; the others are still separated and the exit status is 1.
+Heavy imports (torch, fairseq) happen after the arguments are checked, so ``--help`` is instant.
 """
 import argparse
+import concurrent.futures
 import logging
 import os
+import random
 import sys
-from typing import Dict, List, Optional, Sequence, Union
-
-import numpy as np
-import torch
-import torchaudio.functional as AF
-from tqdm import tqdm
-
-from .apply import iter_apply
-from .data.audio import AudioError, audio_info, read_audio, write_audio
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger("pahubert_plugin.separate")
 
+FORMATS = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}
+CLIP_MODES = ("rescale", "clamp", "none")
+DEFAULT_FILENAME = "{track}/{stem}.{ext}"
+MAX_SHIFT_SECONDS = 0.5  # demucs' random time shift range
 
-def load_separation_model(path: str, device: Union[str, torch.device] = "cpu"):
+
+def load_separation_model(path: str, device="cpu"):
     """Load a fine-tuned separation checkpoint (any model of the ``music_separation`` contract).
 
     Returns ``(model, cfg)``; the model is in eval mode on ``device``.
     """
-    import pahubert_plugin  # noqa: F401  (registers our components, allow-lists checkpoint classes)
+    import pahubert_plugin
+
+    pahubert_plugin.register()  # our components and the checkpoint allow-list
     from fairseq import checkpoint_utils
 
     if not os.path.isfile(path):
@@ -51,34 +58,60 @@ def load_separation_model(path: str, device: Union[str, torch.device] = "cpu"):
     return model.to(device).eval(), cfg
 
 
+def check_options(segment: Optional[float] = None, overlap: float = 0.25, batch_size: int = 1,
+                  shifts: int = 0) -> None:
+    """ValueError naming the option when a chunking option is out of range."""
+    if segment is not None and not segment > 0:
+        raise ValueError(f"segment must be > 0 seconds, got {segment}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1) (a fraction of the segment), got {overlap}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1 chunk, got {batch_size}")
+    if shifts < 0:
+        raise ValueError(f"shifts must be >= 0 (0 = no random shift), got {shifts}")
+
+
+def split_two_stems(stems: Dict, stem: str) -> Dict:
+    """``{stem, no_stem}``: the chosen source and the sum of all the others (demucs ``--two-stems``)."""
+    if stem not in stems:
+        raise ValueError(f"--two-stems {stem}: the model's sources are {', '.join(stems)}")
+    rest = [v for k, v in stems.items() if k != stem]
+    return {stem: stems[stem], f"no_{stem}": sum(rest[1:], rest[0].clone())}
+
+
 class Separator:
     """Chunked separation of whole recordings with any separation model.
 
-    ``segment`` (seconds) and ``overlap`` (fraction) control the overlap-add chunks;
+    ``segment`` (seconds) and ``overlap`` (fraction in [0, 1)) control the overlap-add chunks;
     memory for activations is bounded by ``batch_size`` chunks of ``segment`` seconds.
+    ``shifts`` > 0 averages that many passes over the input delayed by a random 0-0.5 s
+    (demucs' shift trick; the offsets come from ``seed``, so results are reproducible).
     """
 
-    def __init__(self, model: torch.nn.Module, segment: float, overlap: float = 0.25, batch_size: int = 1,
-                 device: Union[str, torch.device] = "cpu"):
+    def __init__(self, model, segment: float, overlap: float = 0.25, batch_size: int = 1,
+                 device="cpu", shifts: int = 0, seed: int = 0):
+        import torch
+
+        check_options(segment, overlap, batch_size, shifts)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.sources: List[str] = list(model.sources)
         self.sample_rate: int = int(model.sample_rate)
         self.audio_channels: int = int(model.audio_channels)
-        if segment <= 0:
-            raise ValueError(f"segment must be > 0 seconds, got {segment}")
         self.segment, self.overlap, self.batch_size = float(segment), float(overlap), int(batch_size)
+        self.shifts, self.seed = int(shifts), int(seed)
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: Union[str, torch.device] = "cpu", segment: Optional[float] = None,
-                        overlap: float = 0.25, batch_size: int = 1) -> "Separator":
+    def from_checkpoint(cls, path: str, device="cpu", segment: Optional[float] = None,
+                        overlap: float = 0.25, batch_size: int = 1, shifts: int = 0) -> "Separator":
         """``segment`` defaults to the task's validation chunk (``valid_segment`` or ``segment``)."""
+        check_options(segment, overlap, batch_size, shifts)
         model, cfg = load_separation_model(path, device)
         if segment is None:
             segment = float(cfg.task.get("valid_segment", 0) or cfg.task.get("segment", 10.0))
-        return cls(model, segment, overlap, batch_size, device)
+        return cls(model, segment, overlap, batch_size, device, shifts)
 
-    def _to_model_channels(self, wav: torch.Tensor) -> torch.Tensor:
+    def _to_model_channels(self, wav):
         have, want = wav.shape[0], self.audio_channels
         if have == want:
             return wav
@@ -88,10 +121,48 @@ class Separator:
             return wav.mean(0, keepdim=True)
         raise ValueError(f"input has {have} channels; the model takes {want} (or mono)")
 
-    def separate(self, waveform: Union[torch.Tensor, np.ndarray], sample_rate: int,
-                 progress: bool = False) -> Dict[str, torch.Tensor]:
+    def _apply(self, x, bar, scale: float = 1.0):
+        """``x (channels, samples)`` at the model's rate -> ``(sources, channels, samples)``;
+        ``bar`` advances by ``scale`` seconds per second of ``x``."""
+        import torch
+
+        from .apply import iter_apply
+
+        segment = int(round(self.segment * self.sample_rate))
+        out = torch.zeros(len(self.sources), self.audio_channels, x.shape[-1])
+        for start, block in iter_apply(self.model, x, segment, self.overlap, self.batch_size, self.device):
+            out[..., start:start + block.shape[-1]] = block
+            step = scale * block.shape[-1] / self.sample_rate
+            bar.update(min(step, bar.total - bar.n))  # past its total tqdm drops the total
+        return out
+
+    def _apply_shifted(self, x, bar):
+        """Average of ``shifts`` passes over ``x`` delayed by random offsets (demucs ``apply_model``)."""
+        import torch
+
+        if not self.shifts:
+            return self._apply(x, bar)
+        rng = random.Random(self.seed)
+        max_shift = int(MAX_SHIFT_SECONDS * self.sample_rate)
+        length = x.shape[-1]
+        out = 0
+        for _ in range(self.shifts):
+            delay = rng.randint(0, max_shift)
+            shifted = torch.nn.functional.pad(x, (delay, 0))  # the input starts `delay` samples later
+            out = out + self._apply(shifted, bar, length / shifted.shape[-1])[..., delay:delay + length]
+        return out / self.shifts
+
+    def separate(self, waveform, sample_rate: int, progress: bool = False, desc: Optional[str] = None,
+                 position: Optional[int] = None) -> Dict:
         """``waveform (channels, samples)`` or ``(samples,)`` at ``sample_rate`` ->
-        ``{source: (channels, samples)}`` with the input's rate, length and channel count."""
+        ``{source: (channels, samples)}`` with the input's rate, length and channel count.
+
+        ``progress`` shows a bar (seconds of audio done) named ``desc`` at tqdm ``position``."""
+        import numpy as np
+        import torch
+        import torchaudio.functional as AF
+        from tqdm import tqdm
+
         wav = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, torch.Tensor) else waveform)
         wav = wav.float()
         squeeze = wav.dim() == 1
@@ -103,13 +174,10 @@ class Separator:
         x = self._to_model_channels(wav)
         if sample_rate != self.sample_rate:
             x = AF.resample(x, sample_rate, self.sample_rate)
-        segment = int(round(self.segment * self.sample_rate))
-        out = torch.zeros(len(self.sources), self.audio_channels, x.shape[-1])
-        bar = tqdm(total=x.shape[-1] / self.sample_rate, unit="s", disable=not progress, leave=False,
+        bar = tqdm(total=max(1, self.shifts) * x.shape[-1] / self.sample_rate, unit="s", disable=not progress,
+                   desc=desc, position=position, leave=position is None,
                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s")
-        for start, block in iter_apply(self.model, x, segment, self.overlap, self.batch_size, self.device):
-            out[..., start:start + block.shape[-1]] = block
-            bar.update(block.shape[-1] / self.sample_rate)
+        out = self._apply_shifted(x, bar)
         bar.close()
         if sample_rate != self.sample_rate:
             out = AF.resample(out, self.sample_rate, sample_rate)
@@ -123,9 +191,111 @@ class Separator:
         result = {s: out[i].contiguous() for i, s in enumerate(self.sources)}
         return {s: v[0] for s, v in result.items()} if squeeze else result
 
+    def separate_file(self, path: str, two_stems: Optional[str] = None, progress: bool = False,
+                      position: Optional[int] = None) -> Tuple[Dict, int]:
+        """Read ``path`` (any format soundfile decodes) and separate it.
+
+        Returns ``({stem: (channels, samples)}, sample_rate)`` at the file's rate, length and
+        channel count; ``two_stems="vocals"`` gives ``{"vocals", "no_vocals"}``.  An unreadable
+        file raises :class:`~pahubert_plugin.data.audio.AudioError` (a ValueError) naming it."""
+        from .data.audio import audio_info, read_audio
+
+        if two_stems is not None and two_stems not in self.sources:
+            raise ValueError(f"two_stems={two_stems!r}: the model's sources are {', '.join(self.sources)}")
+        info = audio_info(path)
+        wav, sr = read_audio(path, info=info)
+        stems = self.separate(wav, sr, progress=progress, desc=os.path.basename(path), position=position)
+        return (split_two_stems(stems, two_stems) if two_stems else stems), sr
+
+
+def prevent_clip(wav, mode: str = "rescale"):
+    """demucs' clip modes: ``rescale`` the whole stem below full scale, ``clamp`` samples, or ``none``."""
+    if mode == "rescale":
+        return wav / max(1.01 * float(wav.abs().max()), 1.0)
+    if mode == "clamp":
+        return wav.clamp(-0.99, 0.99)
+    if mode == "none":
+        return wav
+    raise ValueError(f"clip mode must be one of {', '.join(CLIP_MODES)}, got {mode!r}")
+
+
+def subtype_for(fmt: str, bits: int = 16, as_float: bool = False) -> str:
+    """soundfile subtype of an output format; a ValueError for combinations it cannot store."""
+    if fmt not in FORMATS:
+        raise ValueError(f"output format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "mp3":
+        if as_float or bits != 16:
+            raise ValueError("mp3 output has no bit depth: drop --int24/--float32")
+        return "MPEG_LAYER_III"
+    if as_float:
+        if fmt == "flac":
+            raise ValueError("FLAC stores integers only: use --int24 for FLAC, or --float32 with wav")
+        return "FLOAT"
+    if bits not in (16, 24):
+        raise ValueError(f"bits must be 16 or 24, got {bits}")
+    return f"PCM_{bits}"
+
+
+def check_mp3_writer() -> None:
+    """A ValueError when the installed libsndfile cannot encode mp3 (it can from 1.1.0)."""
+    import soundfile as sf
+
+    if "MP3" not in sf.available_formats():
+        raise ValueError(f"--mp3 needs libsndfile >= 1.1.0 with mp3 support; this soundfile uses libsndfile "
+                         f"{sf.__libsndfile_version__}. Write --flac or wav and convert, or upgrade soundfile")
+
+
+def stem_path(out_dir: str, filename: str, track: str, stem: str, ext: str, trackext: str = "") -> str:
+    """``out_dir/filename`` with demucs' template fields ``{track} {trackext} {stem} {ext}``."""
+    try:
+        rel = filename.format(track=track, trackext=trackext, stem=stem, ext=ext)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"--filename {filename!r}: unknown or bad field ({e}); use {{track}}, {{trackext}}, "
+                         f"{{stem}} and {{ext}}, e.g. {DEFAULT_FILENAME!r}") from None
+    return os.path.join(out_dir, rel)
+
+
+def save_stems(stems: Dict, sample_rate: int, out_dir: str, track: str, filename: str = DEFAULT_FILENAME,
+               fmt: str = "wav", bits: int = 16, as_float: bool = False, clip_mode: str = "rescale",
+               mp3_bitrate: int = 320, trackext: str = "") -> List[str]:
+    """Write ``{stem: (channels, samples)}`` as ``out_dir/filename`` (wav/flac/mp3); returns the paths.
+
+    Every stem goes through :func:`prevent_clip` (``clip_mode``) first, as in demucs; mp3 is
+    constant bit rate ``mp3_bitrate`` kbit/s (libsndfile's LAME encoder)."""
+    import soundfile as sf
+    import torch
+
+    from .data.audio import write_audio
+
+    subtype = subtype_for(fmt, bits, as_float)
+    if fmt == "mp3":
+        check_mp3_writer()
+    paths = []
+    for stem, wav in stems.items():
+        wav = prevent_clip(torch.as_tensor(wav).float(), clip_mode)
+        path = stem_path(out_dir, filename, track, stem, fmt, trackext)
+        if fmt == "mp3":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            data = wav.detach().cpu().numpy().T if wav.dim() > 1 else wav.detach().cpu().numpy()
+            with sf.SoundFile(path, "w", sample_rate, data.shape[1] if data.ndim > 1 else 1, subtype=subtype,
+                              format="MP3", bitrate_mode="CONSTANT",
+                              compression_level=_mp3_level(mp3_bitrate)) as f:
+                f.write(data)
+        else:
+            write_audio(path, wav, sample_rate, subtype=subtype)
+        paths.append(path)
+    return paths
+
+
+def _mp3_level(kbps: int) -> float:
+    """libsndfile's compression level for a constant mp3 bit rate: 0 = 320 kbit/s ... 1 = 32 kbit/s."""
+    if not 32 <= kbps <= 320:
+        raise ValueError(f"mp3 bit rate must be 32-320 kbit/s, got {kbps}")
+    return min((320 - kbps) / (320 - 32), 0.99)  # libsndfile refuses 1.0; 0.99 is 32 kbit/s too
+
 
 def output_names(paths: Sequence[str]) -> List[str]:
-    """Folder name per input (the file name without extension); a ValueError on clashes."""
+    """Track name per input (the file name without extension); a ValueError on clashes."""
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     seen = {}
     for p, n in zip(paths, names):
@@ -136,58 +306,151 @@ def output_names(paths: Sequence[str]) -> List[str]:
     return names
 
 
+def check_out_dir(path: str) -> None:
+    """Create the output folder now; a ValueError when it is a file or cannot be written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"-o {path}: exists and is not a folder; choose another output folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"-o {path}: cannot create the output folder ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"-o {path}: the output folder is not writable; choose another one")
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pahubert-separate",
         description="Separate audio files into the sources of a fine-tuned checkpoint "
                     "(e.g. drums, bass, other, vocals). Writes OUTDIR/<name>/<source>.wav at the "
-                    "input's sample rate, length and channel count.")
+                    "input's sample rate, length and channel count. Options follow demucs.")
     p.add_argument("checkpoint", help="fine-tuned checkpoint (task=music_separation)")
     p.add_argument("audio", nargs="+", help="input files: any format soundfile reads (wav, flac, ogg, mp3)")
-    p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default cpu)")
+    p.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--filename", default=DEFAULT_FILENAME,
+                   help="output path under OUTDIR, with fields {track} (file name without extension), "
+                        "{trackext} (its extension), {stem} and {ext} (default %(default)s)")
+    p.add_argument("-d", "--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="files separated in parallel (default 1)")
+    p.add_argument("--two-stems", metavar="STEM",
+                   help="write only STEM and no_STEM (the sum of the other sources), e.g. --two-stems vocals")
+    # model application
     p.add_argument("--segment", type=float, default=None,
                    help="chunk length in seconds (default: the checkpoint's validation chunk)")
-    p.add_argument("--overlap", type=float, default=0.25, help="overlap between chunks, a fraction (default 0.25)")
-    p.add_argument("--batch-size", type=int, default=1, help="chunks per forward pass (default 1)")
-    p.add_argument("--float", dest="float32", action="store_true",
-                   help="write 32-bit float wav (default 16-bit PCM, clipped to [-1, 1])")
+    p.add_argument("--overlap", type=float, default=0.25,
+                   help="overlap between chunks, a fraction in [0, 1) (default 0.25)")
+    p.add_argument("--batch-size", type=int, default=1, help="chunks per forward pass, >= 1 (default 1)")
+    p.add_argument("--shifts", type=int, default=0,
+                   help="average N passes over the input shifted by a random 0-0.5 s (demucs' shift trick; "
+                        "N times slower; default 0 = one unshifted pass)")
+    # output format
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--mp3", action="store_const", const="mp3", dest="format", help="write mp3 (default wav)")
+    fmt.add_argument("--flac", action="store_const", const="flac", dest="format", help="write FLAC (default wav)")
+    depth = p.add_mutually_exclusive_group()
+    depth.add_argument("--int24", action="store_true", help="24-bit integer wav/FLAC (default 16-bit)")
+    depth.add_argument("--float32", "--float", dest="float32", action="store_true", help="32-bit float wav")
+    p.add_argument("--clip-mode", default="rescale", choices=CLIP_MODES,
+                   help="avoid clipping: rescale a stem whose peak exceeds full scale, clamp samples, "
+                        "or none (default rescale, as demucs)")
+    p.add_argument("--mp3-bitrate", type=int, default=320, help="mp3 constant bit rate in kbit/s (default 320)")
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        logger.error("--device cuda requested but CUDA is not available")
-        return 2
+def _check_args(args) -> None:
+    """Every check that needs neither the model nor torch, so a bad command fails at once."""
+    check_options(args.segment, args.overlap, args.batch_size, args.shifts)
+    if args.jobs < 1:
+        raise ValueError(f"-j/--jobs must be >= 1, got {args.jobs}")
+    args.format = args.format or "wav"
+    subtype_for(args.format, 24 if args.int24 else 16, args.float32)
+    if args.format == "mp3":
+        _mp3_level(args.mp3_bitrate)
+        check_mp3_writer()
+    stem_path(args.out, args.filename, "track", "stem", args.format)
+    output_names(args.audio)
+    check_out_dir(args.out)
+
+
+def _resolve_device(device: Optional[str]) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but CUDA is not available; use -d cpu")
     try:
+        torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: {e}") from None
+    return device
+
+
+def _check_paths(args, names: List[str], stems: List[str]) -> None:
+    """A ValueError when --filename would write two stems (or two files) to one path."""
+    seen = {}
+    for path, track in zip(args.audio, names):
+        ext = os.path.splitext(path)[1].lstrip(".")
+        for stem in stems:
+            out = os.path.normpath(stem_path(args.out, args.filename, track, stem, args.format, ext))
+            if out in seen:
+                raise ValueError(f"--filename {args.filename!r} writes both {seen[out]} and {path}:{stem} to {out}; "
+                                 f"include {{track}} and {{stem}} in it")
+            seen[out] = f"{path}:{stem}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _check_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        device = _resolve_device(args.device)
         names = output_names(args.audio)
-        sep = Separator.from_checkpoint(args.checkpoint, args.device, args.segment, args.overlap, args.batch_size)
+        sep = Separator.from_checkpoint(args.checkpoint, device, args.segment, args.overlap, args.batch_size,
+                                        args.shifts)
+        if args.two_stems is not None and args.two_stems not in sep.sources:
+            raise ValueError(f"--two-stems {args.two_stems}: the checkpoint's sources are {', '.join(sep.sources)}")
+        _check_paths(args, names, [args.two_stems, f"no_{args.two_stems}"] if args.two_stems else sep.sources)
     except (ValueError, FileNotFoundError) as e:
         logger.error(str(e))
         return 2
-    failed = []
-    for path, name in tqdm(list(zip(args.audio, names)), desc="separating", unit="file"):
+    from .data.audio import AudioError
+
+    slots = list(range(args.jobs))  # tqdm bar positions, one per running file
+    lock = threading.Lock()
+
+    def one(path: str, track: str) -> Optional[str]:
+        with lock:
+            slot = slots.pop(0)
         try:
-            info = audio_info(path)
-            wav, sr = read_audio(path, info=info)
-            stems = sep.separate(wav, sr, progress=True)
+            stems, sr = sep.separate_file(path, args.two_stems, progress=True,
+                                          position=slot if args.jobs > 1 else None)
         except AudioError as e:
-            logger.error(f"skipping {path}: {e.reason}")
-            failed.append(path)
-            continue
+            return f"skipping {path}: {e.reason}"
         except ValueError as e:  # e.g. more channels than the model takes
-            logger.error(f"skipping {path}: {e}")
-            failed.append(path)
-            continue
-        for src, est in stems.items():
-            if not args.float32:
-                est = est.clamp(-1.0, 1.0)
-            write_audio(os.path.join(args.out, name, f"{src}.wav"), est, sr,
-                        subtype="FLOAT" if args.float32 else "PCM_16")
-    done = len(args.audio) - len(failed)
-    logger.info(f"separated {done} of {len(args.audio)} files into {args.out}")
+            return f"skipping {path}: {e}"
+        finally:
+            with lock:
+                slots.append(slot)
+        try:
+            save_stems(stems, sr, args.out, track, args.filename, args.format, 24 if args.int24 else 16,
+                       args.float32, args.clip_mode, args.mp3_bitrate,
+                       trackext=os.path.splitext(path)[1].lstrip("."))
+        except (OSError, RuntimeError) as e:  # soundfile's LibsndfileError is a RuntimeError
+            return f"could not write the stems of {path}: {e}"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        errors = list(pool.map(one, args.audio, names))
+    failed = [p for p, e in zip(args.audio, errors) if e]
+    for e in filter(None, errors):
+        logger.error(e)
+    logger.info(f"separated {len(args.audio) - len(failed)} of {len(args.audio)} files into {args.out}")
     if failed:
         logger.error(f"{len(failed)} file(s) could not be separated: {', '.join(failed)}")
         return 1
