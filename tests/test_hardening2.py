@@ -1,5 +1,6 @@
 """Issue 11 (hardening), items 2, 6, 7, 8, 9, 13, 14: no orphans, no silent damage, clear errors."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -140,3 +141,170 @@ def test_evaluate_stops_cleanly_on_sigterm_and_resumes(tmp_path, sig):
     done = subprocess.run(cmd, env=dict(env, SLEEP="0"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["num_tracks"] == 4
+
+
+# ---- items 6, 8, 9: the manifest lists each real, tsv-safe, readable file once ---------------
+
+def _manifest(audio, out, *extra):
+    from pahubert_plugin.data.manifest import main
+
+    return main([str(audio), str(out), "--sample-rate", str(SR), "--jobs", "1", *extra])
+
+
+def _rows(path):
+    with open(path) as f:
+        return [line.rstrip("\n").split("\t") for line in f][1:]
+
+
+def test_manifest_walks_each_real_file_once_through_symlink_loops(tmp_path):
+    audio = tmp_path / "audio"
+    for i in range(6):
+        _tone(audio / ("sub" if i % 2 else "") / f"f{i}.wav", f0=200 + 30 * i)
+    os.symlink("..", audio / "sub" / "loop")  # sub/loop/sub/loop/... would list every file 41 times
+    os.symlink("f0.wav", audio / "alias.wav")  # a second name for one file
+    assert _manifest(audio, tmp_path / "m", "--valid-percent", "0.5") == 1  # the alias is a counted skip
+    train, valid = _rows(tmp_path / "m" / "train.tsv"), _rows(tmp_path / "m" / "valid.tsv")
+    listed = [r[0] for r in train + valid]
+    assert sorted(listed) == ["f0.wav", "f2.wav", "f4.wav", "sub/f1.wav", "sub/f3.wav", "sub/f5.wav"]
+    real = [os.path.realpath(audio / p) for p in listed]
+    assert len(set(real)) == len(real) and train and valid  # so no file is in both splits
+    skipped = (tmp_path / "m" / "skipped.tsv").read_text().splitlines()
+    assert skipped == ["alias.wav\tduplicate\tthe same file as f0.wav"]
+
+
+def test_manifest_skips_tab_and_newline_names_with_a_reason(tmp_path, capsys):
+    audio = tmp_path / "audio"
+    _tone(audio / "good.wav")
+    _tone(audio / "tab\there.wav")
+    _tone(audio / "new\nline" / "x.wav")
+    assert _manifest(audio, tmp_path / "m", "--valid-percent", "0") == 1
+    assert "bad_name 2" in capsys.readouterr().out
+    rows = _rows(tmp_path / "m" / "train.tsv") + _rows(tmp_path / "m" / "valid.tsv")
+    assert [r for r in rows] == [["good.wav", str(int(1.5 * SR))]]
+    skipped = [line.split("\t") for line in (tmp_path / "m" / "skipped.tsv").read_text().splitlines()]
+    assert sorted(r[0] for r in skipped) == ["new\\nline/x.wav", "tab\\there.wav"]
+    assert all(len(r) == 3 and r[1] == "bad_name" for r in skipped)
+    # fairseq's own readers parse what was written
+    from fairseq.data.audio.hubert_dataset import load_audio
+
+    assert load_audio(str(tmp_path / "m" / "train.tsv"), None, None)[3] == 1
+
+
+def test_manifest_keeps_only_what_the_pretraining_dataset_reads(tmp_path):
+    """One channel policy: 8-channel files are skipped by the manifest, everything kept loads."""
+    from pahubert_plugin.data.hubert_dataset import PahubertDataset
+
+    audio = tmp_path / "audio"
+    for ch in (1, 2, 3, 8):
+        _tone(audio / f"ch{ch}.wav", channels=ch)
+    assert _manifest(audio, tmp_path / "m", "--valid-percent", "0") == 1
+    skipped = (tmp_path / "m" / "skipped.tsv").read_text().splitlines()
+    assert [s.split("\t")[:2] for s in skipped] == [["ch3.wav", "channels"], ["ch8.wav", "channels"]]
+    rows = _rows(tmp_path / "m" / "train.tsv")
+    assert [r[0] for r in rows] == ["ch1.wav", "ch2.wav"]
+    (tmp_path / "m" / "train.km").write_text("".join(" ".join(["0"] * 150) + "\n" for _ in rows))
+    for channels in (1, 2):
+        ds = PahubertDataset(str(tmp_path / "m" / "train.tsv"), SR, [str(tmp_path / "m" / "train.km")], 100.0,
+                             [0], [1], channels=channels, max_sample_size=SR)
+        for i in range(len(ds)):  # what __getitem__ reads for a crop
+            assert ds.read(i, 0, SR).shape == (channels, SR)
+    with pytest.raises(ValueError, match="task.channels must be 1 .* or 2 .*got 8"):
+        PahubertDataset(str(tmp_path / "m" / "train.tsv"), SR, [str(tmp_path / "m" / "train.km")], 100.0,
+                        [0], [1], channels=8)
+
+
+# ---- item 7: the manifest records its rate and every consumer checks it ----------------------
+
+@pytest.fixture
+def manifest_16k(tmp_path):
+    audio = tmp_path / "audio"
+    for i in range(3):
+        _tone(audio / f"f{i}.wav", seconds=1.2, sr=44100, f0=200 + 50 * i)
+    assert _manifest(audio, tmp_path / "m", "--valid-percent", "0") == 0
+    return tmp_path / "m"
+
+
+def test_manifest_records_its_rate(manifest_16k):
+    from pahubert_plugin.data.manifest import manifest_rate
+
+    assert manifest_rate(str(manifest_16k / "train.tsv")) == SR
+    header = (manifest_16k / "train.meta.tsv").read_text().splitlines()[0].split("\t")
+    assert header[:3] == ["relpath", "num_samples", "source_rate"] and header[-1] == "sample_rate"
+    assert manifest_rate(str(manifest_16k / "valid.tsv")) is None  # no rows: nothing to mis-time
+    (manifest_16k / "train.meta.tsv").unlink()
+    assert manifest_rate(str(manifest_16k / "train.tsv")) is None  # e.g. fairseq's wav2vec_manifest.py
+
+
+def test_dump_features_refuses_another_rate(manifest_16k, tmp_path, caplog):
+    from pahubert_plugin.clustering import dump_features
+
+    feat = tmp_path / "feat"
+    assert dump_features.main([str(manifest_16k), "train", "1", "0", str(feat), "--sample-rate", "44100"]) == 2
+    assert re.search(rf"{manifest_16k / 'train.tsv'} counts num_samples at 16000 Hz .* but --sample-rate is "
+                     r"44100 Hz", caplog.text), caplog.text
+    assert not feat.exists() or not any(p.suffix == ".npy" for p in feat.iterdir())
+    assert dump_features.main([str(manifest_16k), "train", "1", "0", str(feat)]) == 0  # the recorded rate
+    lens = (feat / "train_0_1.len").read_text().split()
+    assert lens == [str(int(1.2 * SR) // 160)] * 3
+
+
+def test_pretraining_dataset_and_check_labels_refuse_another_rate(manifest_16k, capsys):
+    from pahubert_plugin.clustering import check_labels
+    from pahubert_plugin.data.hubert_dataset import PahubertDataset
+
+    tsv, km = manifest_16k / "train.tsv", manifest_16k / "train.km"
+    km.write_text(("0 " * 120 + "\n") * 3)
+    PahubertDataset(str(tsv), SR, [str(km)], 100.0, [0], [1], channels=1)  # its own rate loads
+    with pytest.raises(ValueError, match=r"counts num_samples at 16000 Hz .* task.sample_rate is 44100 Hz"):
+        PahubertDataset(str(tsv), 44100, [str(km)], 100.0, [0], [1], channels=1)
+    assert check_labels.main([str(tsv), str(km), "--sample-rate", "44100", "--no-dict"]) == 2
+    err = capsys.readouterr().err
+    assert "16000 Hz" in err and "44100 Hz" in err and "FAIL" not in err
+
+
+# ---- item 13: clear one-line errors for user mistakes ----------------------------------------
+
+def _one_line_error(proc, *expected):
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text
+    assert "Traceback" not in text, text
+    for e in expected:
+        assert e in text, text
+
+
+def test_manifest_of_an_empty_missing_folder_or_onto_a_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    _tone(tmp_path / "audio" / "a.wav")
+    m = ["-m", "pahubert_plugin.data.manifest"]
+    _one_line_error(_run([*m, tmp_path / "empty", tmp_path / "o", "--sample-rate", SR]), "no files with extensions")
+    _one_line_error(_run([*m, tmp_path / "missing", tmp_path / "o", "--sample-rate", SR]), "is not a directory")
+    _one_line_error(_run([*m, tmp_path / "audio", tmp_path / "file", "--sample-rate", SR, "--jobs", 1]),
+                    f"output dir {tmp_path / 'file'} is a file")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seconds", "inf"], "--seconds must be a finite number > 0, got inf"),
+    (["--seconds", "nan"], "--seconds must be a finite number > 0, got nan"),
+    (["--sample-rate", "12345"], "sample rate 12345 Hz is not a positive multiple of the 100 Hz"),
+    ("OUT_IS_FILE", "exists and is not a folder"),
+])
+def test_toy_corpus_refuses_bad_arguments_up_front(tmp_path, args, message):
+    out = tmp_path / "toy"
+    if args == "OUT_IS_FILE":
+        out.write_text("x")
+        args = []
+    proc = _run(["-m", "pahubert_plugin.data.toy_corpus", out, "--unlabelled", 1, "--train", 0, "--test", 0,
+                 "--seconds", 1, *args], timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1
+    assert not (out / "corpus.json").exists() if out.is_dir() else True
+
+
+def test_check_labels_refuses_negative_tolerance(tmp_path):
+    (tmp_path / "t.tsv").write_text(f"{tmp_path}\na.wav\t16000\n")
+    (tmp_path / "t.km").write_text("0 " * 100 + "\n")
+    proc = _run(["-m", "pahubert_plugin.clustering.check_labels", tmp_path / "t.tsv", tmp_path / "t.km",
+                 "--sample-rate", SR, "--tolerance", "-1", "--no-dict"])
+    _one_line_error(proc, "--tolerance is a number of frames >= 0, got -1")
+    assert "FAIL" not in proc.stderr

@@ -4,13 +4,15 @@
 verifies one label line per manifest row and, per row, that the number of labels equals
 ``num_frames(num_samples, SR)`` within ``--tolerance`` frames, and that every label is in the
 dictionary (``--dict``; by default ``dict.<ext>.txt`` beside KM, where fairseq's task reads it).
-It exits 1 on the first problems, naming the row, the file and both counts.
+It exits 1 on the first problems, naming the row, the file and both counts, and 2 on a usage
+error (a missing file, a negative ``--tolerance``, a manifest written for another rate).
 """
 import argparse
 import os
 import sys
 from typing import List, Optional
 
+from pahubert_plugin.data.manifest import check_manifest_rate
 from pahubert_plugin.frames import num_frames
 
 
@@ -93,7 +95,10 @@ def default_dict(km: str) -> Optional[str]:
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.tolerance < 0:
+        parser.error(f"--tolerance is a number of frames >= 0, got {args.tolerance}")
     if args.dictionary is None and not args.no_dict:
         args.dictionary = default_dict(args.km)
         if args.dictionary is None:
@@ -103,6 +108,11 @@ def main(argv=None) -> int:
         if not os.path.isfile(path):
             print(f"error: {path} not found", file=sys.stderr)
             return 2
+    try:
+        check_manifest_rate(args.tsv, args.sample_rate)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     problems = find_problems(args.tsv, args.km, args.sample_rate, args.tolerance, args.dictionary)
     if problems:
         print(f"FAIL {args.km} vs {args.tsv}:", file=sys.stderr)

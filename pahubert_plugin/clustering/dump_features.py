@@ -18,6 +18,7 @@ import torch
 
 from pahubert_plugin.clustering.readers import FEATURES, build_reader
 from pahubert_plugin.clustering.simple_kmeans import import_script
+from pahubert_plugin.data.manifest import check_manifest_rate, manifest_rate
 
 logger = logging.getLogger("pahubert.dump_features")
 
@@ -33,6 +34,7 @@ def dump_shard(reader, tsv_dir: str, split: str, nshard: int, rank: int, feat_di
     tsv = os.path.join(tsv_dir, f"{split}.tsv")
     if not os.path.isfile(tsv):
         raise ValueError(f"manifest {tsv} not found; run stage 0 (pahubert_plugin.data.manifest) first")
+    check_manifest_rate(tsv, reader.sample_rate)  # another rate would read a fraction of each file
     generator, num = feature_utils.get_path_iterator(tsv, nshard, rank)
     final = shard_paths(feat_dir, split, nshard, rank)
     os.makedirs(feat_dir, exist_ok=True)
@@ -63,8 +65,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feature", choices=FEATURES, default="mfcc",
                         help="mfcc: Kaldi MFCC+D+DD (39); primitive: MFCC + Bregman cues (47); "
                              "hubert: a layer of a pretrained pahubert model")
-    parser.add_argument("--sample-rate", type=int, default=44100,
-                        help="rate the manifest's num_samples are counted at; audio is resampled to it")
+    parser.add_argument("--sample-rate", type=int, default=None,
+                        help="rate the manifest's num_samples are counted at; audio is resampled to it "
+                             "(default: the rate the manifest records, else 44100; another rate is refused)")
     parser.add_argument("--ckpt", help="[hubert] checkpoint of the model to read features from")
     parser.add_argument("--layer", type=int, help="[hubert] transformer layer whose output is dumped")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="[hubert] device for the model")
@@ -83,12 +86,18 @@ def main(argv=None) -> int:
     if not 0 <= args.rank < args.nshard:
         raise SystemExit(f"rank {args.rank} is not in 0..{args.nshard - 1}")
     try:
+        if args.sample_rate is None:
+            args.sample_rate = manifest_rate(os.path.join(args.tsv_dir, f"{args.split}.tsv")) or 44100
         reader = build_reader(args.feature, args.sample_rate, ckpt=args.ckpt, layer=args.layer,
                               device=args.device, max_chunk=args.max_chunk)
     except (ValueError, OSError) as e:  # e.g. a checkpoint refused by the allow-list
         logging.getLogger("pahubert.dump_features").error(str(e))
         return 2
-    dump_shard(reader, args.tsv_dir, args.split, args.nshard, args.rank, args.feat_dir)
+    try:
+        dump_shard(reader, args.tsv_dir, args.split, args.nshard, args.rank, args.feat_dir)
+    except ValueError as e:  # no manifest, or one written for another rate
+        logger.error(str(e))
+        return 2
     return 0
 
 

@@ -17,6 +17,9 @@ import torch
 import torchaudio.functional as AF
 
 AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
+# The channel policy: every reader turns mono or stereo into what it needs (mono duplicated,
+# stereo downmixed); files with more channels are skipped at manifest time.
+MAX_CHANNELS = 2
 # mp3 frame counts from the header are estimates: tolerate one decoder frame of slack.
 MP3_SLACK = 1152 * 2
 

@@ -10,6 +10,8 @@ label offsets, label collation, batching, is fairseq's):
 * crops start on a frame boundary (multiples of the hop ``sample_rate / 100``), so audio
   and 100 Hz labels stay aligned exactly;
 * batches are ``(batch, channels, samples)``;
+* the manifest's rate (its ``.meta.tsv``) must be ``sample_rate``, and ``channels`` 1 or 2
+  (the channel policy: the manifest keeps mono and stereo files only);
 * label lengths are checked up front: a label line whose length differs from
   ``frames.num_frames(num_samples, sample_rate)`` by more than ``label_tolerance`` frames
   stops with the manifest row, the file and both lengths (fairseq only warns);
@@ -29,7 +31,8 @@ import torch.nn.functional as F
 from fairseq.data.audio.hubert_dataset import HubertDataset, load_audio
 
 from .. import frames
-from .audio import MP3_SLACK, AudioError, audio_info, read_audio
+from .audio import MAX_CHANNELS, MP3_SLACK, AudioError, audio_info, read_audio
+from .manifest import check_manifest_rate
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +121,9 @@ class PahubertDataset(HubertDataset):
     ):
         if not 0 <= label_tolerance <= MAX_LABEL_TOLERANCE:
             raise ValueError(f"label_tolerance must be 0..{MAX_LABEL_TOLERANCE} frames, got {label_tolerance}")
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise ValueError(f"task.channels must be 1 (mono downmix) or 2 (stereo), got {channels}")
+        check_manifest_rate(manifest_path, sample_rate, "task.sample_rate")
         rates = label_rates if isinstance(label_rates, Sequence) else [float(label_rates)] * len(label_paths)
         for path, rate in zip(label_paths, rates):
             check_label_lengths(manifest_path, path, rate, sample_rate, label_tolerance,

@@ -9,11 +9,18 @@ Output, in ``OUT_DIR``:
     ``HubertDataset`` parse it unchanged.
 ``{split}.meta.tsv``
     Row-aligned sidecar with a header: relpath, num_samples, source_rate, source_frames,
-    channels, format. It records the source rate so a resampled file is never silently
-    mis-timed.
+    channels, format, sample_rate. It records the source rate so a resampled file is never
+    silently mis-timed, and the rate ``num_samples`` is counted at (:func:`manifest_rate`),
+    which every consumer checks against its own.
 ``skipped.tsv``
     ``relpath<TAB>reason<TAB>detail`` for every file not used; reason is one of
-    ``unreadable``, ``truncated``, ``too_short``, ``silent``.
+    ``unreadable``, ``truncated``, ``too_short``, ``silent``, ``channels`` (more than
+    :data:`~pahubert_plugin.data.audio.MAX_CHANNELS`), ``bad_name`` (a TAB or newline in the
+    path, which the tsv cannot hold; written escaped) or ``duplicate`` (the same file reached
+    again through a link).
+
+Links are followed, but each real directory is walked once (a ``sub/loop -> ..`` link is
+logged and not entered) and each real file listed once, so no file lands in both splits.
 
 Every file is decoded once in full (in blocks, at its native rate) so that truncated mp3s
 and all-silent clips (FMA has both) are caught here rather than in the middle of training.
@@ -27,17 +34,17 @@ import multiprocessing
 import os
 import sys
 from collections import Counter
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import tqdm
 
-from pahubert_plugin.data.audio import AUDIO_EXTENSIONS, AudioError, audio_info, read_audio
+from pahubert_plugin.data.audio import AUDIO_EXTENSIONS, MAX_CHANNELS, AudioError, audio_info, read_audio
 from pahubert_plugin.frames import hop_length
 
 logger = logging.getLogger("pahubert.manifest")
 
-SKIP_REASONS = ("unreadable", "truncated", "too_short", "silent")
+SKIP_REASONS = ("unreadable", "truncated", "too_short", "silent", "channels", "bad_name", "duplicate")
 _BLOCK_SECONDS = 60.0
 
 
@@ -58,16 +65,51 @@ class Probe(NamedTuple):
         return self.source_frames / self.source_rate if self.source_rate else 0.0
 
 
-def find_audio(root: str, exts: Sequence[str]) -> List[str]:
-    """Relative paths of files under ``root`` whose extension is in ``exts``, sorted."""
+def find_audio(root: str, exts: Sequence[str]) -> Tuple[List[str], List[Probe]]:
+    """``(relpaths, skipped)``: files under ``root`` whose extension is in ``exts``, sorted.
+
+    Links are followed, each real directory and file once (real folders are walked before
+    links): a directory reached again is logged and not entered, and of several paths to one
+    file the one without links is kept, the others skipped as ``duplicate``. A path holding a
+    TAB or newline is skipped as ``bad_name``.
+    """
     exts = {"." + e.lower().lstrip(".") for e in exts}
-    found = []
+    skipped, seen_dirs, paths = [], set(), {}  # paths: (st_dev, st_ino) -> relpaths
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            logger.warning("not entering %s: it leads back to %s, already scanned (a symlink loop or "
+                           "a second link to it)", dirpath, os.path.realpath(dirpath))
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames.sort(key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
         for name in filenames:
-            if os.path.splitext(name)[1].lower() in exts:
-                found.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return sorted(found)
+            if os.path.splitext(name)[1].lower() not in exts:
+                continue
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if any(c in rel for c in "\t\n\r"):
+                skipped.append(Probe(_escaped(rel), "bad_name", "a TAB or newline in the path, which a tsv "
+                                     "manifest cannot hold: rename the file"))
+                continue
+            try:
+                st = os.stat(path)
+            except OSError as e:  # a dangling link
+                skipped.append(Probe(rel, "unreadable", f"cannot stat ({e.strerror})"))
+                continue
+            paths.setdefault((st.st_dev, st.st_ino), []).append(rel)
+    found = []
+    for rels in paths.values():
+        rels.sort(key=lambda r: (os.path.realpath(os.path.join(root, r)) != os.path.join(root, r), r))
+        found.append(rels[0])
+        skipped += [Probe(r, "duplicate", f"the same file as {rels[0]}") for r in rels[1:]]
+    return sorted(found), sorted(skipped)
+
+
+def _escaped(text: str) -> str:
+    """``text`` with TAB, newline and backslash escaped, safe in one tsv field."""
+    return text.encode("unicode_escape").decode("ascii")
 
 
 def _classify(err: AudioError) -> str:
@@ -83,6 +125,9 @@ def probe_file(root: str, relpath: str, sample_rate: int, min_seconds: float, si
         return Probe(relpath, _classify(e), e.reason)
     meta = dict(num_samples=info.frames_at(sample_rate), source_rate=info.sample_rate,
                 source_frames=info.frames, channels=info.channels, format=info.format)
+    if info.channels > MAX_CHANNELS:  # the pretraining dataset could not read it
+        return Probe(relpath, "channels", f"{info.channels} channels; mono or stereo files only: "
+                                          f"downmix to stereo first", **meta)
     if info.seconds < min_seconds:
         return Probe(relpath, "too_short", f"{info.seconds:.3f} s < {min_seconds} s", **meta)
     peak = 0.0
@@ -138,15 +183,50 @@ def split_train_valid(kept: List[Probe], valid_percent: float, seed: int):
     return train, valid
 
 
-def write_split(out_dir: str, split: str, root: str, probes: List[Probe]) -> None:
+def write_split(out_dir: str, split: str, root: str, probes: List[Probe], sample_rate: int) -> None:
     with open(os.path.join(out_dir, f"{split}.tsv"), "w") as f:
         f.write(root + "\n")
         for p in probes:
             f.write(f"{p.relpath}\t{p.num_samples}\n")
     with open(os.path.join(out_dir, f"{split}.meta.tsv"), "w") as f:
-        f.write("relpath\tnum_samples\tsource_rate\tsource_frames\tchannels\tformat\n")
+        f.write("relpath\tnum_samples\tsource_rate\tsource_frames\tchannels\tformat\tsample_rate\n")
         for p in probes:
-            f.write(f"{p.relpath}\t{p.num_samples}\t{p.source_rate}\t{p.source_frames}\t{p.channels}\t{p.format}\n")
+            f.write(f"{p.relpath}\t{p.num_samples}\t{p.source_rate}\t{p.source_frames}\t{p.channels}\t{p.format}"
+                    f"\t{sample_rate}\n")
+
+
+def meta_path(tsv: str) -> str:
+    """The sidecar of ``.../train.tsv``: ``.../train.meta.tsv``."""
+    return os.path.splitext(os.fspath(tsv))[0] + ".meta.tsv"
+
+
+def manifest_rate(tsv: str) -> Optional[int]:
+    """The rate ``tsv``'s num_samples are counted at, from its ``.meta.tsv`` sidecar.
+
+    None when it is unknown: no sidecar (a manifest written by hand or by fairseq's
+    wav2vec_manifest.py), an older sidecar without the column, or no rows.
+    """
+    path = meta_path(tsv)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if "sample_rate" not in header:
+            return None
+        col = header.index("sample_rate")
+        rates = {line.rstrip("\n").split("\t")[col] for line in f if line.strip()}
+    if len(rates) > 1:
+        raise ValueError(f"{path} mixes sample rates {sorted(rates)}; rebuild the manifest with pahubert-manifest")
+    return int(rates.pop()) if rates else None
+
+
+def check_manifest_rate(tsv: str, sample_rate: int, option: str = "--sample-rate") -> None:
+    """Raise ValueError naming both rates if ``tsv`` was written for another rate than ``sample_rate``."""
+    rate = manifest_rate(tsv)
+    if rate is not None and rate != int(sample_rate):
+        raise ValueError(f"{tsv} counts num_samples at {rate} Hz (see {meta_path(tsv)}), but {option} is "
+                         f"{sample_rate} Hz: use {option}={rate}, or rebuild the manifest with "
+                         f"pahubert-manifest --sample-rate {sample_rate}")
 
 
 def summary_line(train, valid, skipped, sample_rate) -> str:
@@ -173,18 +253,22 @@ def scan_and_write(audio_dir, out_dir, sample_rate, valid_percent=0.01, exts=AUD
     root = os.path.realpath(audio_dir)
     if not os.path.isdir(root):
         raise ValueError(f"audio dir {audio_dir} is not a directory")
-    relpaths = find_audio(root, exts)
-    if not relpaths:
+    if "\n" in root:
+        raise ValueError(f"audio dir {root!r} holds a newline, which the manifest's first line cannot hold")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output dir {out_dir} is a file; give a folder for the manifests")
+    relpaths, skipped = find_audio(root, exts)
+    if not relpaths and not skipped:
         raise ValueError(f"no files with extensions {','.join(exts)} under {root}")
     logger.info("found %d audio files under %s", len(relpaths), root)
     probes = probe_all(root, relpaths, sample_rate, min_seconds, silence_db, jobs)
     kept = [p for p in probes if p.reason is None]
-    skipped = [p for p in probes if p.reason is not None]
+    skipped = skipped + [p for p in probes if p.reason is not None]
     train, valid = split_train_valid(kept, valid_percent, seed)
 
     os.makedirs(out_dir, exist_ok=True)
-    write_split(out_dir, "train", root, train)
-    write_split(out_dir, "valid", root, valid)
+    write_split(out_dir, "train", root, train, sample_rate)
+    write_split(out_dir, "valid", root, valid, sample_rate)
     with open(os.path.join(out_dir, "skipped.tsv"), "w") as f:
         for p in skipped:
             f.write(f"{p.relpath}\t{p.reason}\t{p.detail}\n")
@@ -197,7 +281,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pahubert-manifest",
         description="Stage 0: scan AUDIO_DIR and write fairseq manifests train.tsv/valid.tsv "
-                    "(num_samples at --sample-rate), {split}.meta.tsv (source rates) and skipped.tsv. "
+                    "(num_samples at --sample-rate), {split}.meta.tsv (source and target rates) and skipped.tsv. "
                     "Exit status: 0 all files kept, 1 some skipped (manifests written), 2 nothing kept or an error.",
     )
     parser.add_argument("audio_dir", help="folder of audio, walked recursively")

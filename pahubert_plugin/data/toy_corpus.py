@@ -42,12 +42,15 @@ import argparse
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import shutil
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from scipy import signal
+
+from ..frames import hop_length
 
 logger = logging.getLogger(__name__)
 
@@ -611,6 +614,13 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
     for name, value in (("unlabelled", unlabelled), ("train", train), ("test", test)):
         if value < 0:
             raise ValueError(f"--{name} must be >= 0, got {value}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"--seconds must be a finite number > 0, got {seconds}")
+    hop_length(sample_rate)  # a multiple of 100 Hz: one label per STFT hop
+    if sample_rate < 8000:
+        raise ValueError(f"--sample-rate must be >= 8000 Hz, got {sample_rate}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out} exists and is not a folder; give a new or existing folder as OUT")
     params = {"synth_version": SYNTH_VERSION, "unlabelled": int(unlabelled), "train": int(train),
               "test": int(test), "seconds": float(seconds), "sample_rate": int(sample_rate),
               "seed": int(seed)}
