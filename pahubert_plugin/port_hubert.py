@@ -1,10 +1,20 @@
-"""Port a fairseq speech HuBERT checkpoint into a music model's encoder.
+"""Port a speech (or music) HuBERT checkpoint into a music model's encoder.
 
-``python -m pahubert_plugin.port_hubert SPEECH_CKPT OUT_CKPT --target demucs_v2_hubert|pahubert
-[--config PRETRAIN_YAML]``
+``pahubert-port-hubert SOURCE OUT_CKPT --target demucs_v2_hubert|pahubert [--config PRETRAIN_YAML]``
 
-The speech checkpoint (``hubert_base_ls960.pt`` format: fairseq ``hubert`` model) is loaded
-safely (:func:`pahubert_plugin.checkpoint.load_checkpoint`, ``weights_only=True``).  The music
+SOURCE is either
+
+* a fairseq checkpoint (``hubert_base_ls960.pt`` format: fairseq ``hubert`` model), loaded
+  safely (:func:`pahubert_plugin.checkpoint.load_checkpoint`, ``weights_only=True``), or
+* a Hugging Face ``transformers`` folder (``config.json`` + ``model.safetensors``, sharded
+  safetensors or ``pytorch_model.bin``) of ``HubertModel``, ``Wav2Vec2Model`` or MERT
+  (``m-a-p/MERT-v1-*``, whose transformer keeps HuBERT's parameter names).  Only the JSON and
+  the tensors are read (safetensors, or torch with ``weights_only=True``): ``transformers`` is
+  not needed and no code from the folder runs.  Names are mapped to fairseq's
+  (:func:`hf_to_fairseq`).  MERT's CQT input features change only the input projection, which is
+  new here anyway; its ``deepnorm`` residual scaling has no fairseq equivalent and is refused.
+
+The music
 model's encoder is built from ``--config`` (a pretraining YAML with ``model:`` and ``task:``
 sections; dataclass defaults without one) with the transformer's shape taken from the speech
 checkpoint, then:
@@ -24,18 +34,21 @@ embeddings) are dropped.  The output is a pretraining-style checkpoint (``cfg.mo
 ``demucs_v2_hubert`` port can also continue self-supervised pretraining
 (``model.pretrained_checkpoint`` of its pretraining config; ``pahubert`` pretraining has no
 such field and starts from scratch).  A table of copied, reshaped and new
-parameters is printed.
+parameters is printed, with the source's sample rate and frame rate next to the target's.
 """
+from __future__ import annotations  # annotations name torch, imported only when a port runs
+
 import argparse
+import json
 import logging
+import math
 import os
+import re
 import sys
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
 
-import torch
-from omegaconf import OmegaConf
-
-from .checkpoint import load_checkpoint
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +78,118 @@ def _canonical(key: str) -> str:
     return key
 
 
-def load_speech_hubert(path: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
-    """(model config as a dict, state dict with canonical names) of a fairseq HuBERT checkpoint."""
+class Rates(NamedTuple):
+    sample_rate: Optional[int]  # Hz of the audio the model was trained on (None: unknown)
+    frame_rate: Optional[float]  # transformer frames per second
+    origin: str  # where the numbers come from
+
+
+# Hugging Face HuBERT/wav2vec 2.0/MERT transformer names -> fairseq's TransformerEncoder names
+_HF_NAMES = (
+    (r"^masked_spec_embed$", "mask_emb"),
+    (r"^encoder\.pos_conv_embed\.conv\.", "encoder.pos_conv.0."),
+    (r"^encoder\.layer_norm\.", "encoder.layer_norm."),
+    (r"^encoder\.layers\.(\d+)\.attention\.([qkv]|out)_proj\.", r"encoder.layers.\1.self_attn.\2_proj."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm\.", r"encoder.layers.\1.self_attn_layer_norm."),
+    (r"^encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.", r"encoder.layers.\1.fc1."),
+    (r"^encoder\.layers\.(\d+)\.feed_forward\.output_dense\.", r"encoder.layers.\1.fc2."),
+    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.final_layer_norm."),
+)
+HF_MODEL_TYPES = {"hubert": "HubertModel", "wav2vec2": "Wav2Vec2Model", "mert_model": "MERT"}
+# transformers' activation names -> fairseq's
+_HF_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "tanh": "tanh", "linear": "linear", "gelu_fast": "gelu_fast",
+                   "gelu_new": "gelu_accurate"}
+
+
+def hf_to_fairseq(key: str) -> str:
+    """fairseq name of a transformers parameter (``hubert.``/``wav2vec2.`` prefixes dropped);
+    names outside the transformer (feature extractor, projection) are returned as they are."""
+    key = re.sub(r"^(hubert|wav2vec2|mert|model)\.", "", key)
+    for pattern, repl in _HF_NAMES:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return _canonical(new)
+    return key
+
+
+def _read_tensors(folder: str) -> Dict[str, torch.Tensor]:
+    """Tensors of a transformers folder: (sharded) safetensors, else pytorch_model.bin with weights_only."""
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single) or os.path.isfile(index):
+        from safetensors.torch import load_file
+
+        if os.path.isfile(single):
+            return load_file(single)
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(os.path.join(folder, shard)).items()}
+    binary = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(binary):
+        from .checkpoint import load_checkpoint  # weights_only=True; a refusal names the file
+
+        return load_checkpoint(binary)
+    raise ValueError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
+                     f"expected a transformers save_pretrained folder")
+
+
+def load_hf_folder(folder: str) -> Tuple[Dict, Dict[str, torch.Tensor], Rates]:
+    """(fairseq-style model config, fairseq-named weights, rates) of a transformers folder."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{folder}: no config.json; expected a transformers folder (config.json + "
+                         f"model.safetensors or pytorch_model.bin) or a fairseq .pt checkpoint")
+    with open(config_path) as f:
+        hf = json.load(f)
+    kind = hf.get("model_type")
+    if kind not in HF_MODEL_TYPES:
+        raise ValueError(f"{config_path}: model_type {kind!r} is not one of {', '.join(HF_MODEL_TYPES)} "
+                         f"(HubertModel, Wav2Vec2Model, MERT)")
+    if hf.get("deepnorm"):
+        raise ValueError(f"{config_path}: a MERT model with deepnorm=true scales its residuals by "
+                         f"(2 x layers)^0.25, which fairseq's transformer does not; its layers cannot be reused")
+    if hf.get("conv_pos_batch_norm") or hf.get("position_embeddings_type") not in (None, "conv"):
+        raise ValueError(f"{config_path}: only convolutional positional embeddings without batch norm port")
+    act = hf.get("hidden_act", "gelu")
+    if act not in _HF_ACTIVATIONS:
+        raise ValueError(f"{config_path}: activation {act!r} has no fairseq equivalent "
+                         f"({', '.join(_HF_ACTIVATIONS)} do)")
+    model_cfg = {
+        "_name": HF_MODEL_TYPES[kind],
+        "encoder_embed_dim": hf["hidden_size"], "encoder_ffn_embed_dim": hf["intermediate_size"],
+        "encoder_attention_heads": hf["num_attention_heads"], "activation_fn": _HF_ACTIVATIONS[act],
+        "layer_type": "transformer", "layer_norm_first": bool(hf.get("do_stable_layer_norm", False)),
+        "conv_pos": hf.get("num_conv_pos_embeddings", 128), "conv_pos_groups": hf.get("num_conv_pos_embedding_groups", 16),
+        "conv_pos_batch_norm": False,
+    }
+    weights = {hf_to_fairseq(k): v for k, v in _read_tensors(folder).items()}
+    if not any(k.startswith("encoder.layers.") for k in weights):
+        raise ValueError(f"{folder}: no transformer layers (encoder.layers.*) among its tensors")
+    rate, origin = hf.get("sample_rate"), "config.json sample_rate"
+    pre = os.path.join(folder, "preprocessor_config.json")
+    if rate is None and os.path.isfile(pre):
+        with open(pre) as f:
+            rate, origin = json.load(f).get("sampling_rate"), "preprocessor_config.json sampling_rate"
+    if rate is None:
+        rate, origin = 16000, "assumed 16000 (no sample_rate in config.json or preprocessor_config.json)"
+    stride = math.prod(hf.get("conv_stride", ()))
+    return model_cfg, weights, Rates(int(rate), int(rate) / stride if stride else None, origin)
+
+
+def load_source(path: str) -> Tuple[Dict, Dict[str, torch.Tensor], Rates]:
+    """A transformers folder or a fairseq checkpoint: (model config, fairseq-named weights, rates)."""
+    if os.path.isdir(path):
+        return load_hf_folder(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file or folder")
+    return load_speech_hubert(path)
+
+
+def load_speech_hubert(path: str) -> Tuple[Dict, Dict[str, torch.Tensor], Rates]:
+    """(model config as a dict, state dict with canonical names, rates) of a fairseq HuBERT checkpoint."""
+    from omegaconf import OmegaConf
+
+    from .checkpoint import load_checkpoint
+
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
@@ -87,7 +210,10 @@ def load_speech_hubert(path: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
             f"{', '.join(list(weights)[:5])}, ...")
     if name not in (None, "hubert"):
         logger.warning(f"{path}: model is '{name}', not 'hubert'; porting its HuBERT-style encoder")
-    return model_cfg, weights
+    task = cfg.get("task") if cfg is not None else None
+    rate = (task.get("sample_rate") if task is not None else None) or model_cfg.get("sample_rate")
+    return model_cfg, weights, Rates(int(rate) if rate else None, _plain(model_cfg.get("label_rate")),
+                                     "fairseq task.sample_rate, model.label_rate")
 
 
 def _speech_layers(weights: Dict[str, torch.Tensor]) -> int:
@@ -98,6 +224,8 @@ def target_config(target: str, config: Optional[str], speech_cfg: Dict, num_laye
                   conv_pos: Optional[int], sample_rate: Optional[int],
                   channels: Optional[int]) -> Tuple[Dict, Dict]:
     """(model section, task section) of the ported checkpoint, as plain dicts."""
+    from omegaconf import OmegaConf
+
     model, task = {}, {}
     if config:
         loaded = OmegaConf.load(config)
@@ -132,6 +260,8 @@ def _plain(value):
 
 def build_encoder(target: str, model_cfg: Dict, task_cfg: Dict):
     """(encoder module, fully resolved model config dict) for ``target``."""
+    from omegaconf import OmegaConf
+
     if target == "demucs_v2_hubert":
         from .models.demucs import DemucsHubertEncoder
         from .models.demucs_v2_hubert import DemucsV2HubertConfig
@@ -160,6 +290,8 @@ def _transformer_prefix(encoder: torch.nn.Module) -> str:
 
 def _resize_kernel(src: torch.Tensor, size: int, pad_value: Optional[float]) -> torch.Tensor:
     """Centre-crop or pad the last axis of ``src`` to ``size`` (pad: value, or noise like src)."""
+    import torch
+
     have = src.shape[-1]
     if size <= have:
         start = (have - size) // 2
@@ -202,8 +334,9 @@ def port_weights(speech: Dict[str, torch.Tensor], encoder: torch.nn.Module
 def port(speech_path: str, target: str, config: Optional[str] = None,
          sample_rate: Optional[int] = None, channels: Optional[int] = None,
          num_layers: Optional[int] = None, conv_pos: Optional[int] = None) -> Tuple[Dict, List[Row], List[str]]:
-    """(checkpoint dict to save, rows, dropped speech keys)."""
-    speech_cfg, speech = load_speech_hubert(speech_path)
+    """(checkpoint dict to save, rows, dropped speech keys); ``speech_path`` is a fairseq
+    checkpoint or a transformers folder (:func:`load_source`)."""
+    speech_cfg, speech, source_rates = load_source(speech_path)
     layers = _speech_layers(speech)
     num_layers = num_layers or layers
     model_cfg, task_cfg = target_config(target, config, speech_cfg, num_layers, conv_pos,
@@ -212,15 +345,28 @@ def port(speech_path: str, target: str, config: Optional[str] = None,
     state, rows = port_weights(speech, encoder)
     used = {r.source for r in rows if r.source}
     dropped = [k for k in speech if k not in used]
+    hop = getattr(encoder, "hop", None)  # input samples per transformer frame, where not the label rate
+    target_rates = Rates(task_cfg["sample_rate"], task_cfg["sample_rate"] / hop if hop else task_cfg["label_rate"],
+                         "ported task.sample_rate, encoder frames")
     ckpt = {
         "args": None,
         "cfg": {"model": full_cfg, "task": task_cfg},
         "model": {"encoder." + k: v for k, v in state.items()},
         "optimizer_history": [], "extra_state": {},
-        "port": {"source": os.path.abspath(speech_path), "target": target,
+        "port": {"source": os.path.abspath(speech_path), "target": target, "source_kind": speech_cfg.get("_name"),
+                 "source_rates": source_rates._asdict(), "target_rates": target_rates._asdict(),
                  **{s: [r.name for r in rows if r.status == s] for s in ("copied", "reshaped", "new")}},
     }
     return ckpt, rows, dropped
+
+
+def format_rates(source: Dict, target: Dict) -> str:
+    """Two lines: the source's and the target's sample and frame rates (``Rates`` as dicts)."""
+    def one(r):
+        frames = f"{r['frame_rate']:g} Hz frames" if r["frame_rate"] else "frame rate unknown"
+        audio = f"{r['sample_rate']} Hz audio" if r["sample_rate"] else "sample rate unknown"
+        return f"{audio}, {frames}  ({r['origin']})"
+    return f"   source: {one(source)}\n   target: {one(target)}"
 
 
 def format_table(rows: List[Row], dropped: List[str]) -> str:
@@ -233,7 +379,7 @@ def format_table(rows: List[Row], dropped: List[str]) -> str:
     lines.append("")
     for status in ("copied", "reshaped", "new"):
         sel = [r for r in rows if r.status == status]
-        count = sum(torch.Size(r.shape).numel() for r in sel)
+        count = sum(math.prod(r.shape) for r in sel)
         lines.append(f"{status:>9}: {len(sel):4d} tensors, {count:,} values")
     groups = sorted({k.split(".layers.")[0] + (".layers.*" if ".layers." in k else "") if k.startswith("encoder.")
                      else k.split(".")[0] for k in dropped})
@@ -243,11 +389,15 @@ def format_table(rows: List[Row], dropped: List[str]) -> str:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pahubert_plugin.port_hubert",
-        description="Copy a fairseq speech HuBERT checkpoint's transformer into a music model "
+        prog="pahubert-port-hubert",
+        description="Copy the transformer of a fairseq HuBERT checkpoint or of a Hugging Face "
+                    "transformers folder (HubertModel, Wav2Vec2Model, MERT) into a music model "
                     "(demucs_v2_hubert or pahubert) and write a checkpoint that fine-tuning loads "
                     "through model.pretrained_checkpoint.")
-    p.add_argument("speech_ckpt", help="fairseq HuBERT checkpoint (e.g. hubert_base_ls960.pt)")
+    p.add_argument("speech_ckpt", metavar="SOURCE",
+                   help="fairseq HuBERT checkpoint (e.g. hubert_base_ls960.pt) or a transformers folder with "
+                        "config.json + model.safetensors/pytorch_model.bin (e.g. a local copy of "
+                        "facebook/hubert-base-ls960 or m-a-p/MERT-v1-95M); nothing is downloaded")
     p.add_argument("out_ckpt", help="where to write the ported checkpoint")
     p.add_argument("--target", required=True, choices=TARGETS, help="music model to port into")
     p.add_argument("--config", help="pretraining YAML of the target (model: and task: sections), e.g. "
@@ -265,12 +415,20 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import pahubert_plugin  # noqa: F401  (registers the models and the checkpoint allow-list)
+    import pahubert_plugin
 
-    ckpt, rows, dropped = port(args.speech_ckpt, args.target, args.config, args.sample_rate,
-                               args.channels, args.num_layers, args.conv_pos)
+    pahubert_plugin.register()  # the models and the checkpoint allow-list
+    import torch
+
+    try:
+        ckpt, rows, dropped = port(args.speech_ckpt, args.target, args.config, args.sample_rate,
+                                   args.channels, args.num_layers, args.conv_pos)
+    except ValueError as e:  # not a HuBERT-style source, a refused checkpoint, a config for another model
+        logger.error(str(e))
+        return 2
     table = format_table(rows, dropped)
     print(table if not args.quiet else table[table.index("\n\n") + 2:])
+    print(format_rates(ckpt["port"]["source_rates"], ckpt["port"]["target_rates"]))
     os.makedirs(os.path.dirname(os.path.abspath(args.out_ckpt)), exist_ok=True)
     torch.save(ckpt, args.out_ckpt)
     print(f"wrote {args.out_ckpt}: fine-tune with model.pretrained_checkpoint={os.path.abspath(args.out_ckpt)}")

@@ -115,3 +115,117 @@ def test_ported_model_finetunes(speech_ckpt, tmp_path, capsys):
     source = load_checkpoint(ported)["model"]
     for key in ("encoder.transformer.layers.0.fc1.weight", "encoder.mask_emb"):
         assert torch.allclose(weights[key].float(), source[key], atol=1e-5), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face transformers folders (HubertModel, Wav2Vec2Model, MERT), built here at random
+
+HF_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3))  # the stock test model's transformer
+
+
+def hf_folder(path, kind="hubert", binary=False, **config):
+    """save_pretrained of a tiny random transformers model; ``binary`` writes pytorch_model.bin instead."""
+    transformers = pytest.importorskip("transformers")
+    cfg_cls, model_cls = {"hubert": (transformers.HubertConfig, transformers.HubertModel),
+                          "wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model)}[kind]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**{**HF_SHAPE, **config}))
+    if binary:
+        path.mkdir(parents=True)
+        model.config.to_json_file(str(path / "config.json"))
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+    else:
+        model.save_pretrained(str(path))
+    return path, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _hf_name(fairseq_name):
+    """The transformers name a ported encoder.transformer.* / encoder.mask_emb tensor came from."""
+    if fairseq_name == "encoder.mask_emb":
+        return "masked_spec_embed"
+    name = fairseq_name[len("encoder.transformer."):]
+    for fs, hf in (("self_attn_layer_norm", "layer_norm"), ("self_attn.", "attention."),
+                   ("fc1", "feed_forward.intermediate_dense"), ("fc2", "feed_forward.output_dense"),
+                   ("pos_conv.0.weight_g", "pos_conv_embed.conv.parametrizations.weight.original0"),
+                   ("pos_conv.0.weight_v", "pos_conv_embed.conv.parametrizations.weight.original1"),
+                   ("pos_conv.0.bias", "pos_conv_embed.conv.bias")):
+        name = name.replace(fs, hf)
+    return "encoder." + name
+
+
+@pytest.mark.parametrize("kind,binary,target", [("hubert", False, "demucs_v2_hubert"),
+                                                 ("wav2vec2", False, "pahubert"),
+                                                 ("hubert", True, "pahubert")])
+def test_port_hf_folder_copies_exactly(tmp_path, capsys, kind, binary, target):
+    folder, hf = hf_folder(tmp_path / kind, kind, binary)
+    out = tmp_path / "ported.pt"
+    config = TINY if target == "demucs_v2_hubert" else PRETRAIN_CONF / "tiny.yaml"
+    text = run_port(capsys, folder, out, "--target", target, "--config", config)
+    ported = load_checkpoint(out)
+    copied = ported["port"]["copied"]
+    assert len(copied) == 2 * 16 + 3 + 2 + 1 and not ported["port"]["reshaped"]
+    for name in copied:
+        assert torch.equal(ported["model"][name], hf[_hf_name(name)]), name
+    assert not any(".transformer." in n for n in ported["port"]["new"])
+    # the table names the sources, and the rates of both sides are reported
+    assert "encoder.layers.0.self_attn.q_proj.weight" in text and "feature_extractor" in text
+    assert re.search(r"source: 16000 Hz audio, 1600 Hz frames", text)  # tiny strides 5 x 2
+    assert re.search(r"target: \d+ Hz audio, [\d.]+ Hz frames", text)
+    assert ported["port"]["source_rates"]["sample_rate"] == 16000
+    if target == "pahubert":  # the encoder rebuilds from the ported cfg and takes every tensor
+        from pahubert_plugin.models.pahubert import PahubertEncoder, encoder_config
+
+        encoder = PahubertEncoder(encoder_config(ported["cfg"]))
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in ported["model"].items()}, strict=True)
+
+
+def test_port_mert_folder_reports_its_rates(tmp_path, capsys):
+    """MERT-v1 configs: model_type mert_model, 24 kHz, CQT input features, HuBERT's parameter names."""
+    import json
+
+    folder, hf = hf_folder(tmp_path / "mert", "hubert", conv_dim=(32,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+                           conv_stride=(5, 2, 2, 2, 2, 2, 2))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="mert_model", architectures=["MERTModel"], sample_rate=24000,
+               feature_extractor_cqt=True, feature_extractor_cqt_bins=336, deepnorm=False, attention_relax=-1.0)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "ported.pt"
+    text = run_port(capsys, folder, out, "--target", "demucs_v2_hubert", "--config", TINY, "--quiet")
+    assert "source: 24000 Hz audio, 75 Hz frames" in text and "target: 16000 Hz audio" in text
+    ported = load_checkpoint(out)
+    assert ported["port"]["source_kind"] == "MERT" and len(ported["port"]["copied"]) == 38
+    cfg["deepnorm"] = True
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="deepnorm"):
+        port_hubert.port(str(folder), "demucs_v2_hubert", str(TINY))
+
+
+def test_not_a_transformers_folder_is_refused(tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        port_hubert.port(str(tmp_path / "empty"), "pahubert")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with caplog.at_level("ERROR"):
+        assert port_hubert.main([str(tmp_path / "bert"), str(tmp_path / "o.pt"), "--target", "pahubert"]) == 2
+    assert "model_type 'bert' is not one of hubert, wav2vec2, mert_model" in caplog.text
+
+
+@pytest.mark.slow
+def test_ported_hf_model_finetunes(tmp_path, capsys):
+    folder, hf = hf_folder(tmp_path / "hf")
+    ported = tmp_path / "ported.pt"
+    run_port(capsys, folder, ported, "--target", "demucs_v2_hubert", "--config", TINY, "--quiet")
+    data = write_musdb(tmp_path / "musdb")
+    save = tmp_path / "ft"
+    log = run_fairseq(finetune_args("demucs_v2_hubert_tiny.yaml", data, save, 2, *SPEECH_SHAPE,
+                                    f"model.pretrained_checkpoint={ported}", "optimization.lr=[1e-12]"),
+                      cwd=tmp_path)
+    assert updates_done(log) == 2
+    assert re.search(r"loaded \d+ encoder tensors from .*ported\.pt", log)
+    _, weights = separation_weights(save)
+    for key, src in (("encoder.transformer.layers.0.fc1.weight", "encoder.layers.0.feed_forward.intermediate_dense.weight"),
+                     ("encoder.mask_emb", "masked_spec_embed")):
+        assert torch.allclose(weights[key].float(), hf[src], atol=1e-5), key
