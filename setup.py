@@ -25,9 +25,11 @@ setup(
         "matplotlib==3.10.7",
         "scipy==1.17.1",
         "mido==1.3.3",
+        "tensorboardX==2.6.5",  # fairseq's common.tensorboard_logdir (and no "Please install" line)
+        "safetensors==0.8.0",  # pahubert-port-hubert reads transformers folders
     ],
     extras_require={
-        "test": ["pytest==8.4.2"],
+        "test": ["pytest==8.4.2", "transformers==5.24.0"],
         "bench": ["openunmix==1.3.0", "demucs==4.0.1"],
     },
     entry_points={
@@ -41,6 +43,7 @@ setup(
             "pahubert-evaluate = pahubert_plugin.evaluate:main",
             "pahubert-separate = pahubert_plugin.separate:main",
             "pahubert-port-hubert = pahubert_plugin.port_hubert:main",
+            "pahubert-plot-log = pahubert_plugin.plot_log:main",
         ],
     },
 )
