@@ -308,3 +308,82 @@ def test_check_labels_refuses_negative_tolerance(tmp_path):
                  "--sample-rate", SR, "--tolerance", "-1", "--no-dict"])
     _one_line_error(proc, "--tolerance is a number of frames >= 0, got -1")
     assert "FAIL" not in proc.stderr
+
+
+# ---- item 14: every field README tells users to set exists in the shipped YAMLs ---------------
+
+CONF = os.path.join(REPO, "recipes")
+FINETUNE_CONFS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "musdb", "conf")) if f.endswith(".yaml"))
+PRETRAIN_CONFS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "pahubert", "conf", "pretrain"))
+                        if f.endswith(".yaml"))
+# what README, recipes/*/README.md and the recipes' run.sh tell users to write (plain `key=value`)
+COMMON = ["common.user_dir=/p/pahubert_plugin", "checkpoint.save_dir=/x/ckpt", "hydra.run.dir=/x/hydra",
+          "distributed_training.distributed_world_size=8", "optimization.update_freq=[4]"]
+FINETUNE = COMMON + ["task.data=/d/musdb", "task.train_tracks=2", "task.sources=[vocals,noise]",
+                     "task.num_valid_tracks=1", "task.is_wav=true"]
+PRETRAINED = ["model.pretrained_checkpoint=/x/ported.pt", "model.no_pretrained_weights=true"]
+PRETRAIN = COMMON + ["task.data=/d/manifests", "task.label_dir=/d/labels", "task.labels=[km]",
+                     "task.sample_rate=16000", "task.label_rate=100", "model.label_rate=100"]
+
+
+def _compose(conf_dir, name, overrides):
+    """What fairseq-hydra-train --config-dir CONF_DIR --config-name NAME OVERRIDES composes, with the
+    registered dataclasses' defaults merged in (fairseq's add_defaults): a key missing from the YAML
+    (which needs `+`) or unknown to the component fails here as it does there."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from fairseq.dataclass.initialize import add_defaults, hydra_init
+
+    import pahubert_plugin  # noqa: F401  (registers our tasks and models, as common.user_dir does)
+
+    hydra_init(name)  # as fairseq_cli.hydra_train: FairseqConfig stored under the config's name
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.1"):  # as fairseq_cli.hydra_train
+        cfg = compose(config_name=name, overrides=overrides)
+    add_defaults(cfg)
+    return cfg
+
+
+# pahubert_{tiny,base}.yaml lack task.sources (those two files have another owner): remove the mark
+# once the field is there
+_NEEDS_SOURCES = pytest.mark.xfail(strict=True, reason="task.sources is not in this shipped YAML yet")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_NEEDS_SOURCES) if n.startswith("pahubert_") else n
+                                  for n in FINETUNE_CONFS])
+def test_finetuning_overrides_compose_against_shipped_yaml(name):
+    extra = PRETRAINED if name.startswith(("pahubert", "demucs_v2_hubert")) else []
+    cfg = _compose(os.path.join(CONF, "musdb", "conf"), name, FINETUNE + extra)
+    assert cfg.task.train_tracks == 2 and list(cfg.task.sources) == ["vocals", "noise"]
+    if extra:
+        assert cfg.model.pretrained_checkpoint == "/x/ported.pt" and cfg.model.no_pretrained_weights
+
+
+@pytest.mark.parametrize("name", PRETRAIN_CONFS)
+def test_pretraining_overrides_compose_against_shipped_yaml(name):
+    extra = PRETRAINED[:1] if name.startswith("demucs_v2_hubert") else []
+    cfg = _compose(os.path.join(CONF, "pahubert", "conf", "pretrain"), name, PRETRAIN + extra)
+    assert cfg.task.label_dir == "/d/labels" and cfg.distributed_training.distributed_world_size == 8
+    if extra:
+        assert cfg.model.pretrained_checkpoint == "/x/ported.pt"
+
+
+def _readme_commands():
+    """The fairseq-hydra-train commands of README.md's code blocks, continuation lines joined."""
+    import shlex
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read().replace("\\\n", " ")
+    return [shlex.split(line.strip().replace("$PWD", REPO)) for line in text.splitlines()
+            if line.strip().startswith("fairseq-hydra-train ")]
+
+
+def test_readme_fairseq_hydra_train_commands_compose():
+    commands = _readme_commands()
+    assert len(commands) >= 2
+    for argv in commands:
+        conf_dir = os.path.join(REPO, argv[argv.index("--config-dir") + 1])
+        name = argv[argv.index("--config-name") + 1]
+        overrides = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("--") and not argv[i - 1].startswith("--")]
+        cfg = _compose(conf_dir, name, overrides)
+        assert cfg.common.user_dir.endswith("pahubert_plugin"), argv
