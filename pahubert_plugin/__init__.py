@@ -5,9 +5,9 @@ every task, model and criterion of the package, allow-lists fairseq's checkpoint
 classes for torch's ``weights_only`` loader, and makes fairseq's checkpoint copies atomic and
 its resume robust to a truncated checkpoint_last.pt (:func:`checkpoint.install_fairseq_patches`).
 
-The one exception is our own console scripts (``pahubert-*``): importing fairseq and torch takes
-seconds, so there the package defers :func:`register` until ``main()`` has parsed its
-arguments; ``--help`` and argument errors then answer at once.
+The one exception is those of our console scripts whose ``main()`` calls :func:`register` itself
+once its arguments parse, or never needs fairseq (:data:`DEFERRING_SCRIPTS`): importing fairseq
+takes seconds, and there ``--help`` and argument errors answer at once.
 """
 import logging as _logging
 import os as _os
@@ -42,10 +42,18 @@ def register() -> None:
     _registered = True
 
 
-def _in_console_script() -> bool:
-    """True when the running program is one of our ``pahubert-*`` console scripts."""
-    return bool(_sys.argv) and _os.path.basename(_sys.argv[0] or "").startswith("pahubert-")
+# console scripts that register on their own when they need fairseq (or never do); the others
+# (e.g. dump-features and label-quality, whose hubert reader needs our models) register at import
+DEFERRING_SCRIPTS = frozenset({
+    "pahubert-separate", "pahubert-evaluate", "pahubert-port-hubert", "pahubert-plot-log",
+    "pahubert-manifest", "pahubert-toy-corpus", "pahubert-midi-corpus", "pahubert-check-labels",
+})
 
 
-if not _in_console_script():
+def _in_deferring_script() -> bool:
+    """True when the running program is one of :data:`DEFERRING_SCRIPTS`."""
+    return bool(_sys.argv) and _os.path.basename(_sys.argv[0] or "") in DEFERRING_SCRIPTS
+
+
+if not _in_deferring_script():
     register()

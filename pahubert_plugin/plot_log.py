@@ -1,7 +1,7 @@
 """Training and validation curves of fairseq logs: ``pahubert-plot-log LOG... -o curves.png``.
 
-Reads what ``fairseq-hydra-train`` prints (``common.log_format=json`` or ``simple``; a
-``hydra_train.log`` or a captured stdout) and draws, against ``num_updates``, one panel each for
+Reads what ``fairseq-hydra-train`` prints (``common.log_format=json`` or ``simple``; its
+``hydra_train.log``, a captured stdout or a ``fairseq-train`` log) and draws, against ``num_updates``, one panel each for
 
 * ``loss`` (train steps, train epochs, validation),
 * masked-frame accuracy ``correct_m_*`` (pretraining; HuBERT's criterion logs it),
@@ -24,6 +24,7 @@ Record = Tuple[str, Dict[str, float]]  # (split: train_inner | train | valid...,
 _JSON = re.compile(r"\| (train_inner|train|valid\w*) \| (\{.*\})\s*$")
 _SIMPLE_INNER = re.compile(r"\| train_inner \| epoch \d+:\s+\d+ / \d+ (.*)$")
 _SIMPLE_EPOCH = re.compile(r"\| (train|valid\w*) \| epoch \d+ \| (?:valid on '[^']*' subset \| )?(.*)$")
+_HYDRA = re.compile(r"\[(train_inner|train|valid\w*)\]\[[A-Z]+\] - ")  # hydra_train.log: [time][valid][INFO] - ...
 
 
 def _number(value) -> Optional[float]:
@@ -35,6 +36,7 @@ def _number(value) -> Optional[float]:
 
 def parse_line(line: str) -> Optional[Record]:
     """One fairseq stats line -> (split, metrics without the split prefix), else None."""
+    line = _HYDRA.sub(r"| \1 | ", line, count=1)
     m = _JSON.search(line)
     if m:
         split = m.group(1)
