@@ -344,13 +344,7 @@ def _compose(conf_dir, name, overrides):
     return cfg
 
 
-# pahubert_{tiny,base}.yaml lack task.sources (those two files have another owner): remove the mark
-# once the field is there
-_NEEDS_SOURCES = pytest.mark.xfail(strict=True, reason="task.sources is not in this shipped YAML yet")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_NEEDS_SOURCES) if n.startswith("pahubert_") else n
-                                  for n in FINETUNE_CONFS])
+@pytest.mark.parametrize("name", FINETUNE_CONFS)
 def test_finetuning_overrides_compose_against_shipped_yaml(name):
     extra = PRETRAINED if name.startswith(("pahubert", "demucs_v2_hubert")) else []
     cfg = _compose(os.path.join(CONF, "musdb", "conf"), name, FINETUNE + extra)
