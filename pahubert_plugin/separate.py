@@ -49,7 +49,11 @@ def load_separation_model(path: str, device="cpu"):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path])
+    try:
+        models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path])
+    except (KeyError, AttributeError, TypeError) as e:  # a torch file, but not a fairseq checkpoint
+        raise ValueError(f"{path}: not a fairseq checkpoint ({type(e).__name__}: {e}); expected "
+                         f"checkpoint_best.pt of a music_separation fine-tuning run") from None
     model = models[0]
     missing = [a for a in ("sources", "sample_rate", "audio_channels") if not hasattr(model, a)]
     if missing:
