@@ -5,9 +5,9 @@ every task, model and criterion of the package, allow-lists fairseq's checkpoint
 classes for torch's ``weights_only`` loader, and makes fairseq's checkpoint copies atomic and
 its resume robust to a truncated checkpoint_last.pt (:func:`checkpoint.install_fairseq_patches`).
 
-The one exception is those of our console scripts whose ``main()`` calls :func:`register` itself
-once its arguments parse, or never needs fairseq (:data:`DEFERRING_SCRIPTS`): importing fairseq
-takes seconds, and there ``--help`` and argument errors answer at once.
+The one exception is those of our console scripts that call :func:`register` themselves once
+their arguments parse and fairseq is needed, or never need it (:data:`DEFERRING_SCRIPTS`):
+importing fairseq takes seconds, and there ``--help`` and argument errors answer at once.
 """
 import logging as _logging
 import os as _os
@@ -42,11 +42,12 @@ def register() -> None:
     _registered = True
 
 
-# console scripts that register on their own when they need fairseq (or never do); the others
-# (e.g. dump-features and label-quality, whose hubert reader needs our models) register at import
+# console scripts that register on their own when they need fairseq (dump-features and
+# label-quality: when the hubert reader loads a checkpoint), or never do
 DEFERRING_SCRIPTS = frozenset({
     "pahubert-separate", "pahubert-evaluate", "pahubert-port-hubert", "pahubert-plot-log",
     "pahubert-manifest", "pahubert-toy-corpus", "pahubert-midi-corpus", "pahubert-check-labels",
+    "pahubert-dump-features", "pahubert-label-quality",
 })
 
 

@@ -17,6 +17,8 @@ Memory: separation holds one segment of activations per chunk batch; BSSEval v4 
 needs the whole track's references and estimates (its distortion filters are global), so a
 worker holds about ``2 x sources`` copies of one track in float64.
 """
+from __future__ import annotations
+
 import argparse
 import concurrent.futures
 import ctypes
@@ -28,16 +30,15 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from . import metrics
 from .data.audio import AudioError, write_audio
-from .data import stems_dataset
-from .data.stems_dataset import StemTrack, list_tracks
+
+if TYPE_CHECKING:  # torch, fairseq (stems_dataset) and metrics load after parsing: --help is instant
+    from .data.stems_dataset import StemTrack
 
 logger = logging.getLogger("pahubert_plugin.evaluate")
 
@@ -76,6 +77,8 @@ def _init_pool_worker(parent: int, *init) -> None:
 
 def _init_worker(checkpoint: str, device: str, segment: Optional[float], overlap: float, threads: int) -> None:
     global _SEPARATOR
+    import torch
+
     from .separate import Separator
 
     torch.set_num_threads(max(1, threads))
@@ -136,6 +139,9 @@ def usable_tracks(root: str, subset: str, sources: List[str], sample_rate: int, 
     listed by musdb, where a bad track still stops the listing). A missing or empty subset folder
     is still a ValueError.
     """
+    from .data import stems_dataset
+    from .data.stems_dataset import list_tracks
+
     if not is_wav:
         return list_tracks(root, subset, sources, sample_rate, is_wav), {}
     folder = os.path.join(root, subset)
@@ -209,6 +215,8 @@ def check_provenance(args) -> None:
 
 def summarize(out: str, subset: str, names: List[str], sources: List[str]) -> dict:
     """Read the per-track JSONs of ``names`` and write summary.json + summary.md."""
+    from . import metrics
+
     tracks = {}
     for name in names:
         path = os.path.join(out, subset, f"{name}.json")

@@ -6,8 +6,9 @@ the hop is ``sample_rate / 100`` samples.  A clip of ``n`` samples has
 hidden features, STFT tokens) trims or pads its own frame axis to this count with
 :func:`fit_frames`, so all of them agree exactly.
 """
+import sys
+
 import numpy as np
-import torch
 
 LABEL_RATE = 100
 
@@ -48,7 +49,8 @@ def fit_frames(x, n: int, axis: int = 0):
         index[axis] = slice(0, n)
         return x[tuple(index)]
     pad = n - have
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported here: a tensor means torch is loaded already
+    if torch is not None and isinstance(x, torch.Tensor):
         return torch.cat([x] + [x.narrow(axis, have - 1, 1)] * pad, dim=axis)
     last = np.take(x, [have - 1], axis=axis)
     return np.concatenate([x] + [last] * pad, axis=axis)

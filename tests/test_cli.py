@@ -12,16 +12,6 @@ from pahubert_plugin import plot_log
 
 SCRIPTS = re.findall(r'"(pahubert-[\w-]+) = ([\w.]+):(\w+)"', (REPO / "setup.py").read_text())
 HEAVY = ("torch", "torchaudio", "fairseq", "scipy", "sklearn")
-# entry modules that still import torch at their top, directly or through frames.py / data/audio.py /
-# clustering/readers.py / stems_dataset.py (fairseq): strict xfail, so making one light flags this list
-STILL_HEAVY = {"pahubert-manifest", "pahubert-dump-features", "pahubert-check-labels", "pahubert-label-quality",
-               "pahubert-toy-corpus", "pahubert-evaluate"}
-
-
-def _script_params():
-    for name, module, func in SCRIPTS:
-        marks = [pytest.mark.xfail(strict=True, reason="imports torch at module top")] if name in STILL_HEAVY else []
-        yield pytest.param(name, module, func, id=name, marks=marks)
 
 
 def test_setup_lists_the_console_scripts():
@@ -38,7 +28,7 @@ def run_script(name, module, func, args):
                           text=True, cwd=REPO, timeout=300)
 
 
-@pytest.mark.parametrize("name,module,func", list(_script_params()))
+@pytest.mark.parametrize("name,module,func", SCRIPTS, ids=[s[0] for s in SCRIPTS])
 def test_help_and_argument_errors_import_nothing_heavy(name, module, func):
     for args, code in ((["--help"], 0), (["--no-such-option"], 2)):
         proc = run_script(name, module, func, args)

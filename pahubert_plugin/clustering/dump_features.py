@@ -14,8 +14,6 @@ import shutil
 import sys
 import tempfile
 
-import torch
-
 from pahubert_plugin.clustering.readers import FEATURES, build_reader
 from pahubert_plugin.clustering.simple_kmeans import import_script
 from pahubert_plugin.data.manifest import check_manifest_rate, manifest_rate
@@ -82,6 +80,8 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         stream=sys.stdout)
+    import torch  # after parsing: --help and argument errors answer at once
+
     torch.set_num_threads(args.threads)
     if not 0 <= args.rank < args.nshard:
         raise SystemExit(f"rank {args.rank} is not in 0..{args.nshard - 1}")

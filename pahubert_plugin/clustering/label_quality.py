@@ -18,22 +18,25 @@ the k-means model (fairseq's ``ApplyKmeans``, the model loaded through the allow
 The same statistics for uniformly random labels with the same K are reported as a floor.
 A table is printed and everything is written as JSON.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import logging
 import os
 import sys
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 import numpy as np
-import torch
-import torchaudio.functional as AF
 
 from pahubert_plugin.clustering.kmeans import apply_kmeans as load_apply_kmeans
 from pahubert_plugin.clustering.readers import FEATURES, build_reader
 from pahubert_plugin.clustering.simple_kmeans import simple_kmeans_dir
 from pahubert_plugin.data.audio import audio_info, read_audio
 from pahubert_plugin.frames import hop_length, num_frames
+
+if TYPE_CHECKING:  # torch is imported where it is used: --help answers without it
+    import torch
 
 logger = logging.getLogger("pahubert.label_quality")
 SILENCE = "silence"
@@ -59,6 +62,8 @@ def dominant_source(stems: Dict[str, torch.Tensor], mixture: torch.Tensor, sampl
     Returns:
         ``num_frames(samples, sample_rate)`` names.
     """
+    import torch
+
     hop = hop_length(sample_rate)
     n = num_frames(mixture.shape[-1], sample_rate)
 
@@ -75,6 +80,8 @@ def dominant_source(stems: Dict[str, torch.Tensor], mixture: torch.Tensor, sampl
 def load_tracks(root: str, is_wav: bool, subset: str, max_tracks: int, sample_rate: int, max_seconds: float):
     """Yield (name, mixture, {stem: audio}) as ``(channels, samples)`` tensors at ``sample_rate``."""
     import musdb  # needs ffmpeg at import: only here
+    import torch
+    import torchaudio.functional as AF
 
     db = musdb.DB(root=root, is_wav=is_wav, subsets=subset)
     if not db.tracks:

@@ -11,13 +11,19 @@ and appends the ``(frames, dim)`` result to a shard. Our readers add two promise
 
 A reader that works on audio implements :meth:`FeatureReader.extract`; one that needs its own
 reading (e.g. a model with chunked inference) may override :meth:`get_feats` instead.
-"""
-from typing import Optional
 
-import torch
+This module imports no torch (the readers' own modules do), so the CLIs' parsers can use
+:data:`FEATURES` and answer ``--help`` at once.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
 
 from pahubert_plugin.data.audio import read_audio
 from pahubert_plugin.frames import hop_length, num_frames
+
+if TYPE_CHECKING:
+    import torch
 
 FEATURES = ("mfcc", "primitive", "hubert")
 
@@ -50,11 +56,13 @@ class FeatureReader:
         """Features of ``wav`` ``(channels, samples)`` -> ``(num_frames(samples, sr), dim)``."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def get_feats(self, path, ref_len: Optional[int] = None) -> torch.Tensor:
         """Features of the file at ``path``: ``(frames, dim)`` float32."""
-        wav = self.read(path, ref_len)
-        feats = self.extract(wav)
+        import torch
+
+        with torch.no_grad():
+            wav = self.read(path, ref_len)
+            feats = self.extract(wav)
         expected = num_frames(wav.shape[-1], self.sample_rate)
         assert feats.shape[0] == expected, (feats.shape, expected)
         return feats

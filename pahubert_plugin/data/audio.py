@@ -4,17 +4,24 @@ Every module that reads audio goes through :func:`read_audio` so the rules live 
 place: float32 ``(channels, samples)``; ``offset``/``num_frames`` are counted at the
 *target* rate; a crop seeks instead of decoding the whole file; an unreadable, truncated
 or non-finite file raises :class:`AudioError` naming the file and the reason.
+
+torch is imported by :func:`read_audio` when it first runs, not here: the console scripts that
+only need :data:`AUDIO_EXTENSIONS` or :func:`audio_info` answer ``--help`` at once.
 """
+from __future__ import annotations
+
 import dataclasses
 import math
 import os
 import re
-from typing import Optional, Tuple
+import sys
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional as AF
+
+if TYPE_CHECKING:
+    import torch
 
 AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
 # The channel policy: every reader turns mono or stereo into what it needs (mono duplicated,
@@ -115,6 +122,9 @@ def read_audio(
     A request that runs past the end of the file raises (it would be silently mis-timed).
     Returns the waveform and its sample rate.
     """
+    import torch
+    import torchaudio.functional as AF
+
     path = os.fspath(path)
     info = info or audio_info(path)
     src_sr = info.sample_rate
@@ -169,7 +179,9 @@ def write_audio(path, wav, sample_rate: int, subtype: str = "PCM_16") -> None:
     Float WAVs are written without libsndfile's PEAK chunk, which holds the time of writing:
     the same audio then gives the same bytes (the corpora promise byte-identical files).
     """
-    wav = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
+    torch = sys.modules.get("torch")  # not imported here: a tensor means torch is loaded already
+    is_tensor = torch is not None and isinstance(wav, torch.Tensor)
+    wav = wav.detach().cpu().numpy() if is_tensor else np.asarray(wav)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data = np.ascontiguousarray(wav.T)
     with sf.SoundFile(path, "w", sample_rate, data.shape[1] if data.ndim > 1 else 1, subtype=subtype) as f:

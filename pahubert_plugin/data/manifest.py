@@ -160,6 +160,9 @@ def probe_all(root, relpaths, sample_rate, min_seconds, silence_db, jobs) -> Lis
     if jobs <= 1 or len(tasks) < 2:
         return [_probe_star(t) for t in tqdm.tqdm(tasks, **bar)]
     # fork reuses the parent's imports (torch, soundfile): workers start in milliseconds
+    import torch  # noqa: F401  (read_audio's imports, loaded once here rather than in every worker)
+    import torchaudio.functional  # noqa: F401
+
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     ctx = multiprocessing.get_context(method)
     chunk = max(1, min(64, len(tasks) // (jobs * 8)))

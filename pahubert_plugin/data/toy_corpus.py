@@ -48,7 +48,6 @@ import shutil
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from scipy import signal
 
 from ..frames import hop_length
 
@@ -161,6 +160,8 @@ def pan(mono: np.ndarray, position: float) -> np.ndarray:
 
 def one_pole(x: np.ndarray, tau: float, sr: int, axis: int = -1) -> np.ndarray:
     """First-order low-pass smoothing with time constant ``tau`` seconds (unit DC gain)."""
+    from scipy import signal  # here, not at the top: 1-2 s that --help need not wait for
+
     a = np.exp(-1.0 / max(tau * sr, 1e-6))
     first = np.take(x, [0], axis=axis)
     y, _ = signal.lfilter([1 - a], [1, -a], x, axis=axis, zi=first * a)
@@ -169,6 +170,8 @@ def one_pole(x: np.ndarray, tau: float, sr: int, axis: int = -1) -> np.ndarray:
 
 def butter(x: np.ndarray, cutoff, sr: int, btype: str, order: int = 2, axis: int = -1):
     """Butterworth filter with cut-offs clamped below Nyquist."""
+    from scipy import signal
+
     cutoff = np.clip(np.asarray(cutoff, dtype=np.float64), 10.0, 0.45 * sr)
     sos = signal.butter(order, cutoff, btype=btype, fs=sr, output="sos")
     return signal.sosfilt(sos, x, axis=axis)
@@ -176,6 +179,8 @@ def butter(x: np.ndarray, cutoff, sr: int, btype: str, order: int = 2, axis: int
 
 def reverb(x: np.ndarray, rng, sr: int, seconds: float, wet: float) -> np.ndarray:
     """Add a decorrelated stereo noise-tail reverb to (2, samples) audio."""
+    from scipy import signal
+
     length = int(seconds * sr / 2)
     t = np.arange(length) / sr
     ir = rng.standard_normal((2, length)) * np.exp(-6.9 * t / seconds)  # RT60 = seconds, cut at -30 dB
@@ -465,6 +470,8 @@ def _formant_sos(freqs, bws, sr) -> np.ndarray:
 
 
 def vocals(plan: Plan, rng) -> Tuple[np.ndarray, dict]:
+    from scipy import signal
+
     noise = np.random.default_rng(rng.integers(2 ** 63))  # sample-length draws: choices stay rate-independent
     sr, n = plan.sr, plan.n
     female = bool(rng.random() < 0.5)
@@ -653,6 +660,8 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
                  for split in ("train", "test", "unlabelled") for i, nm in enumerate(names[split])]
     bar = tqdm(total=len(jobs_list), desc="toy corpus", unit="song", disable=not progress)
     if jobs > 1 and len(jobs_list) > 1:
+        import scipy.signal  # noqa: F401  (loaded once before the pool forks, not in every worker)
+
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
             for split, nm, info in pool.map(_make_song, jobs_list):
                 meta["songs"][split][nm] = info
