@@ -481,6 +481,25 @@ def test_pahubert_resunet_fine_tuning_masks_and_stem_override(tmp_path):
         assert any(g is not None and g.abs().sum() > 0 for g in grads) == trains
 
 
+def test_pahubert_resunet_reinit_layers_keeps_the_scratch_init_on_top(tmp_path):
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetModel
+
+    pre = make_pretraining_checkpoint(tmp_path / "pre.pt")
+    torch.manual_seed(5)
+    scratch = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", no_pretrained_weights=True))
+    torch.manual_seed(5)
+    mixed = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", reinit_layers=1))
+    layers = lambda m: m.transformer.layers if hasattr(m, "transformer") else m.encoder.transformer.layers
+    for k, v in layers(mixed)[1].state_dict().items():  # the top layer: exactly the scratch arm's init
+        assert torch.equal(v, layers(scratch)[1].state_dict()[k]), k
+    for k, v in layers(mixed)[0].state_dict().items():  # below it: the pretrained weights
+        assert torch.equal(v, layers(pre.encoder)[0].state_dict()[k]), k
+    for k, v in mixed.encoder.stem.state_dict().items():  # the stem: pretrained
+        assert torch.equal(v, pre.encoder.stem.state_dict()[k]), k
+    with pytest.raises(ValueError, match="reinit_layers=3: the encoder has 2 transformer layers"):
+        PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", reinit_layers=3))
+
+
 def test_pahubert_resunet_rejects_wrong_checkpoints(tmp_path):
     from fairseq import checkpoint_utils
 

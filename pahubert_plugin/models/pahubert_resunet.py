@@ -59,6 +59,10 @@ class PahubertResUNetConfig(FairseqDataclass):
     encoder_feature_grad_mult: float = field(default=-1.0, metadata={
         "help": "override the pretrained encoder's feature_grad_mult during fine-tuning (-1: keep; "
                 "1: the stem trains, e.g. after pretraining with a frozen random stem; 0: stem frozen)"})
+    reinit_layers: int = field(default=0, metadata={
+        "help": "keep the top N transformer layers at their random init instead of the pretrained weights "
+                "(the scratch arm's init exactly: few-sample BERT fine-tuning's re-initialisation of the "
+                "layers most specific to the pretraining targets)"})
     mask_prob: float = field(default=0.0, metadata={
         "help": "fine-tuning with masking, as fairseq's hubert_asr / wav2vec2 fine-tuning (apply_mask): in "
                 "training, spans of transformer input tokens are replaced by the encoder's mask embedding "
@@ -146,7 +150,17 @@ class PahubertResUNetModel(SpectralSeparator):
             persist_model_cfg(cfg, "encoder_cfg", OmegaConf.to_container(state["encoder_cfg"], resolve=True))
         model = cls(cfg, cfg.encoder_cfg)
         if state is not None and not cfg.no_pretrained_weights:
+            n_top = int(getattr(cfg, "reinit_layers", 0))
+            layers = model.encoder.transformer.layers
+            if not 0 <= n_top <= len(layers):
+                raise ValueError(f"model.reinit_layers={n_top}: the encoder has {len(layers)} transformer layers")
+            top = {i: {k: v.clone() for k, v in layers[i].state_dict().items()}
+                   for i in range(len(layers) - n_top, len(layers))}
             model.load_encoder(state, cfg.pretrained_checkpoint)
+            for i, init in top.items():
+                layers[i].load_state_dict(init)
+            if top:
+                logger.info(f"reinit_layers: transformer layers {sorted(i + 1 for i in top)} keep their random init")
         elif state is not None:
             logger.info(f"no_pretrained_weights: encoder architecture from {cfg.pretrained_checkpoint}, "
                         f"weights randomly initialised")
