@@ -18,6 +18,8 @@ writes ``separated/<file name>/<source>.wav`` at the input's sample rate, length
 channel count.  Any format soundfile reads works (wav, flac, ogg, mp3), at any sample rate
 (resampled to the model's rate and back), mono or stereo.  A file that cannot be read or
 written is reported by name and skipped; the others are still separated and the exit status is 1.
+The command line streams (:meth:`Separator.separate_to_files`, :mod:`pahubert_plugin.stream`):
+memory stays flat in track length, and the files equal those of ``separate_file`` + ``save_stems``.
 Heavy imports (torch, fairseq) happen after the arguments are checked, so ``--help`` is instant.
 """
 import argparse
@@ -125,6 +127,22 @@ class Separator:
             return wav.mean(0, keepdim=True)
         raise ValueError(f"input has {have} channels; the model takes {want} (or mono)")
 
+    def _to_input_channels(self, out, in_channels: int):
+        """``(sources, model channels, n)`` -> ``(sources, in_channels, n)``."""
+        if in_channels == 1 and self.audio_channels > 1:  # mono in: downmix the estimates
+            return out.mean(dim=1, keepdim=True)
+        if self.audio_channels == 1 and in_channels > 1:  # mono model: same estimate on every channel
+            return out.expand(-1, in_channels, -1)
+        return out
+
+    def _bar(self, samples: int, progress: bool, desc: Optional[str], position: Optional[int]):
+        """A tqdm bar counting seconds of model-rate audio, all shifted passes included."""
+        from tqdm import tqdm
+
+        return tqdm(total=max(1, self.shifts) * samples / self.sample_rate, unit="s", disable=not progress,
+                    desc=desc, position=position, leave=position is None,
+                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s")
+
     def _apply(self, x, bar, scale: float = 1.0):
         """``x (channels, samples)`` at the model's rate -> ``(sources, channels, samples)``;
         ``bar`` advances by ``scale`` seconds per second of ``x``."""
@@ -165,7 +183,6 @@ class Separator:
         import numpy as np
         import torch
         import torchaudio.functional as AF
-        from tqdm import tqdm
 
         wav = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, torch.Tensor) else waveform)
         wav = wav.float()
@@ -178,9 +195,7 @@ class Separator:
         x = self._to_model_channels(wav)
         if sample_rate != self.sample_rate:
             x = AF.resample(x, sample_rate, self.sample_rate)
-        bar = tqdm(total=max(1, self.shifts) * x.shape[-1] / self.sample_rate, unit="s", disable=not progress,
-                   desc=desc, position=position, leave=position is None,
-                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s")
+        bar = self._bar(x.shape[-1], progress, desc, position)
         out = self._apply_shifted(x, bar)
         bar.close()
         if sample_rate != self.sample_rate:
@@ -188,10 +203,7 @@ class Separator:
         out = out[..., :length]
         if out.shape[-1] < length:  # resampler rounding: a sample or two
             out = torch.nn.functional.pad(out, (0, length - out.shape[-1]))
-        if in_channels == 1 and self.audio_channels > 1:  # mono in: downmix the estimates
-            out = out.mean(dim=1, keepdim=True)
-        elif self.audio_channels == 1 and in_channels > 1:  # mono model: same estimate on every channel
-            out = out.expand(-1, in_channels, -1)
+        out = self._to_input_channels(out, in_channels)
         result = {s: out[i].contiguous() for i, s in enumerate(self.sources)}
         return {s: v[0] for s, v in result.items()} if squeeze else result
 
@@ -211,11 +223,92 @@ class Separator:
         stems = self.separate(wav, sr, progress=progress, desc=os.path.basename(path), position=position)
         return (split_two_stems(stems, two_stems) if two_stems else stems), sr
 
+    def separate_to_files(self, path: str, out_dir: str, track: str, two_stems: Optional[str] = None,
+                          filename: str = DEFAULT_FILENAME, fmt: str = "wav", bits: int = 16,
+                          as_float: bool = False, clip_mode: str = "rescale", mp3_bitrate: int = 320,
+                          trackext: str = "", progress: bool = False, position: Optional[int] = None) -> List[str]:
+        """:meth:`separate_file` then :func:`save_stems` (same arguments, same files) in bounded memory.
+
+        The file is read, resampled, separated, resampled back and written block by block, so
+        memory does not grow with the track.  Returns the paths written.  A read error raises
+        :class:`~pahubert_plugin.data.audio.AudioError`, a write error
+        :class:`~pahubert_plugin.stream.StemWriteError` (an OSError); either way no stem of the
+        file is left half-written."""
+        import torch
+
+        from .data.audio import audio_info
+        from .stream import StemWriter, fit_length, read_blocks, resample_stream, resampled_frames
+
+        if two_stems is not None and two_stems not in self.sources:
+            raise ValueError(f"two_stems={two_stems!r}: the model's sources are {', '.join(self.sources)}")
+        subtype = subtype_for(fmt, bits, as_float)
+        level = _mp3_level(mp3_bitrate) if fmt == "mp3" else 0.0
+        if fmt == "mp3":
+            check_mp3_writer()
+        info = audio_info(path)
+        self._to_model_channels(torch.zeros(info.channels, 0))  # channel count checked before any work
+        rate, length = info.sample_rate, info.frames
+        total = resampled_frames(length, rate, self.sample_rate)  # model-rate samples
+        x = resample_stream((self._to_model_channels(b) for b in read_blocks(info)), rate, self.sample_rate, length)
+        bar = self._bar(total, progress, os.path.basename(path), position)
+        est = fit_length(resample_stream(self._stream_estimates(x, total, bar), self.sample_rate, rate, total), length)
+        names = [two_stems, f"no_{two_stems}"] if two_stems else self.sources
+        writers = []
+        try:
+            for name in names:
+                writers.append(StemWriter(stem_path(out_dir, filename, track, name, fmt, trackext), rate,
+                                          info.channels, fmt, subtype, clip_mode, level))
+            for block in est:
+                stems = dict(zip(self.sources, self._to_input_channels(block, info.channels)))
+                stems = split_two_stems(stems, two_stems) if two_stems else stems
+                for name, writer in zip(names, writers):
+                    writer.write(stems[name])
+            for writer in writers:
+                writer.close()
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        finally:
+            bar.close()
+        return [w.path for w in writers]
+
+    def _stream_estimates(self, x, total: int, bar):
+        """Model-rate input blocks holding ``total`` samples -> ``(sources, channels, n)`` blocks,
+        the ``shifts`` passes averaged as :meth:`_apply_shifted` does."""
+        import itertools
+
+        import torch
+
+        from .stream import average_passes, crop_stream, stream_apply
+
+        segment = int(round(self.segment * self.sample_rate))
+
+        def estimates(blocks, samples):
+            for _, est in stream_apply(self.model, blocks, samples, segment, self.overlap, self.batch_size,
+                                       self.device):
+                yield est
+
+        passes = [estimates(x, total)] if not self.shifts else []
+        if self.shifts:  # every pass reads its own copy of the input stream, in lockstep
+            rng = random.Random(self.seed)
+            max_shift = int(MAX_SHIFT_SECONDS * self.sample_rate)
+            for copy in itertools.tee(x, self.shifts):
+                delay = rng.randint(0, max_shift)  # the input starts `delay` samples later
+                shifted = itertools.chain([torch.zeros(self.audio_channels, delay)], copy)
+                passes.append(crop_stream(estimates(shifted, total + delay), delay, total))
+        for est in (average_passes(passes) if self.shifts else passes[0]):
+            step = max(1, self.shifts) * est.shape[-1] / self.sample_rate
+            bar.update(min(step, bar.total - bar.n))
+            yield est
+
 
 def prevent_clip(wav, mode: str = "rescale"):
     """demucs' clip modes: ``rescale`` the whole stem below full scale, ``clamp`` samples, or ``none``."""
     if mode == "rescale":
-        return wav / max(1.01 * float(wav.abs().max()), 1.0)
+        from .stream import clip_divisor
+
+        return wav / clip_divisor(float(wav.abs().max()))
     if mode == "clamp":
         return wav.clamp(-0.99, 0.99)
     if mode == "none":
@@ -275,7 +368,7 @@ def save_stems(stems: Dict, sample_rate: int, out_dir: str, track: str, filename
     if fmt == "mp3":
         check_mp3_writer()
     paths = []
-    for stem, wav in stems.items():
+    for stem, wav in stems.items():  # the streaming twin is Separator.separate_to_files
         wav = prevent_clip(torch.as_tensor(wav).float(), clip_mode)
         path = stem_path(out_dir, filename, track, stem, fmt, trackext)
         if fmt == "mp3":
@@ -424,6 +517,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.error(str(e))
         return 2
     from .data.audio import AudioError
+    from .stream import StemWriteError
 
     slots = list(range(args.jobs))  # tqdm bar positions, one per running file
     lock = threading.Lock()
@@ -432,21 +526,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         with lock:
             slot = slots.pop(0)
         try:
-            stems, sr = sep.separate_file(path, args.two_stems, progress=True,
-                                          position=slot if args.jobs > 1 else None)
+            sep.separate_to_files(path, args.out, track, args.two_stems, args.filename, args.format,
+                                  24 if args.int24 else 16, args.float32, args.clip_mode, args.mp3_bitrate,
+                                  trackext=os.path.splitext(path)[1].lstrip("."), progress=True,
+                                  position=slot if args.jobs > 1 else None)
         except AudioError as e:
             return f"skipping {path}: {e.reason}"
         except ValueError as e:  # e.g. more channels than the model takes
             return f"skipping {path}: {e}"
+        except StemWriteError as e:
+            return f"could not write the stems of {path}: {e}"
         finally:
             with lock:
                 slots.append(slot)
-        try:
-            save_stems(stems, sr, args.out, track, args.filename, args.format, 24 if args.int24 else 16,
-                       args.float32, args.clip_mode, args.mp3_bitrate,
-                       trackext=os.path.splitext(path)[1].lstrip("."))
-        except (OSError, RuntimeError) as e:  # soundfile's LibsndfileError is a RuntimeError
-            return f"could not write the stems of {path}: {e}"
         return None
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
