@@ -430,6 +430,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--device", default=None,
                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     p.add_argument("-j", "--jobs", type=int, default=1, help="files separated in parallel (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per file (default: torch's thread count divided by --jobs, at least 1; "
+                        "every job running torch's full count oversubscribes the cores)")
     p.add_argument("--two-stems", metavar="STEM",
                    help="write only STEM and no_STEM (the sum of the other sources), e.g. --two-stems vocals")
     # model application
@@ -460,6 +463,8 @@ def _check_args(args) -> None:
     check_options(args.segment, args.overlap, args.batch_size, args.shifts)
     if args.jobs < 1:
         raise ValueError(f"-j/--jobs must be >= 1, got {args.jobs}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     args.format = args.format or "wav"
     subtype_for(args.format, 24 if args.int24 else 16, args.float32)
     if args.format == "mp3":
@@ -468,6 +473,18 @@ def _check_args(args) -> None:
     stem_path(args.out, args.filename, "track", "stem", args.format)
     output_names(args.audio)
     check_out_dir(args.out)
+
+
+def set_threads(threads: Optional[int], jobs: int) -> int:
+    """Set torch's intra-op threads for ``jobs`` files in parallel; returns the previous count.
+
+    Each job is a Python thread with its own OpenMP team of ``torch.get_num_threads()``
+    threads, so by default the count is split between the jobs (outputs do not change)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads if threads is not None else max(1, before // jobs))
+    return before
 
 
 def _resolve_device(device: Optional[str]) -> str:
@@ -516,6 +533,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         logger.error(str(e))
         return 2
+    import torch
+
+    threads_before = set_threads(args.threads, args.jobs)
+    try:
+        return _separate_all(args, sep, names)
+    finally:
+        torch.set_num_threads(threads_before)  # main() may run again in this process (tests, notebooks)
+
+
+def _separate_all(args, sep: Separator, names: List[str]) -> int:
+    """Stream every file of ``args.audio`` to its stems, ``args.jobs`` at a time; the exit status."""
     from .data.audio import AudioError
     from .stream import StemWriteError
 

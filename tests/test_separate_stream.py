@@ -165,3 +165,26 @@ def test_a_read_error_midway_leaves_no_stems(toy, tmp_path, caplog):
     assert "skipping" in caplog.text and "NaN or infinite" in caplog.text
     assert not (tmp_path / "out" / "bad").exists() or not list((tmp_path / "out" / "bad").iterdir())
     assert sorted(p.name for p in (tmp_path / "out" / "good").iterdir()) == sorted(f"{s}.wav" for s in SOURCES)
+
+
+@pytest.mark.parametrize("jobs,threads,want", [(2, None, 2), (1, None, 4), (2, 3, 3), (4, None, 1)])
+def test_threads_split_between_jobs(toy, tmp_path, monkeypatch, jobs, threads, want):
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    seen = []
+    real = Separator.separate_to_files
+    monkeypatch.setattr(Separator, "separate_to_files",
+                        lambda self, *a, **k: (seen.append(torch.get_num_threads()), real(self, *a, **k))[1])
+    extra = [] if threads is None else ["--threads", str(threads)]
+    path = song(tmp_path / "s.wav", 0.2, SR)
+    try:
+        assert separate.main(["c.pt", str(path), "-o", str(tmp_path / "o"), "-j", str(jobs), *extra]) == 0
+        assert seen == [want] and torch.get_num_threads() == 4  # restored after main
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_threads_stop_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        separate.main(["c.pt", str(tmp_path / "x.wav"), "-o", str(tmp_path / "o"), "--threads", "0"])
+    assert "--threads must be >= 1" in capsys.readouterr().err
