@@ -188,3 +188,10 @@ def test_bad_threads_stop_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         separate.main(["c.pt", str(tmp_path / "x.wav"), "-o", str(tmp_path / "o"), "--threads", "0"])
     assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_resampler_holds_one_block_plus_context():
+    rs = StreamResampler(44100, 16000, 100 * 4410)
+    for block in torch.split(torch.randn(2, 100 * 4410), 4410, -1):
+        rs.push(block)
+        assert rs.buf.shape[-1] <= 4410 + 2 * (rs.ctx + 1) * rs.o  # not the whole history

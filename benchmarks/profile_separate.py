@@ -1,0 +1,213 @@
+"""Where separation time and memory go: a per-block profile and peak RSS against track length.
+
+Two parts, each case in its own subprocess (threads set, memory not shared between cases):
+
+* **profile** (``--profile-models``): random-weight models from ``bench_separate.BUILDERS``
+  separate ``--seconds`` of stereo 44.1 kHz noise with :func:`pahubert_plugin.apply.apply_model`
+  (the model's segment, overlap 0.25) after a 1 s warm-up; forward hooks time every block
+  (STFT, each stem/encoder block with its input shape, transformer, projection, bottleneck,
+  each decoder level, mask head, iSTFT); ``overlap-add`` is the time outside the model.
+* **rss** (``--rss-models`` x ``--rss-seconds`` x ``--rss-paths``): peak RSS (``ru_maxrss``)
+  separating a WAV of that length to 16-bit stems, streaming
+  (:meth:`Separator.separate_to_files <pahubert_plugin.separate.Separator.separate_to_files>`,
+  what ``pahubert-separate`` does) or in memory (``separate_file`` + ``save_stems``).
+
+    nice -n 19 python benchmarks/profile_separate.py [--profile-models pahubert_base,base] [--seconds 10]
+        [--threads 2] [--rss-models tiny,base] [--rss-seconds 60,600] [--rss-paths stream,memory]
+"""
+import argparse
+import collections
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+SR = 44100
+
+
+def _parts(model):
+    """``[(label, module)]`` of non-nested blocks to time, in forward order."""
+    if hasattr(model, "net"):  # resunet
+        stem, trunk, bottleneck, decoder = model.net.encoder, [("input norm", model.net.input_norm)], \
+            model.net.bottleneck, model.net.decoder
+    else:  # pahubert_resunet
+        enc = model.encoder
+        stem, bottleneck, decoder = enc.stem, model.bottleneck, model.decoder
+        trunk = [("stem layer norm + proj", enc.layer_norm), ("stem layer norm + proj", enc.post_extract_proj),
+                 ("transformer", enc.transformer), ("token -> map proj", model.proj)]
+    parts = [("STFT", model.spectrogram)]
+    if hasattr(model, "net"):
+        parts += trunk
+    parts += [(f"stem block {i}", b) for i, b in enumerate(stem.blocks)]
+    parts += [(f"stem pool {i}", p) for i, p in enumerate(stem.pools)]
+    if not hasattr(model, "net"):
+        parts += trunk
+    parts += [("bottleneck", bottleneck)]
+    parts += [(f"decoder level {i}", m) for i, (u, b) in enumerate(zip(decoder.ups, decoder.blocks)) for m in (u, b)]
+    parts += [("decoder head", decoder.head), ("mask head", model.mask_head)]
+    return parts
+
+
+def profile_worker(name: str, seconds: float) -> dict:
+    import torch
+
+    import bench_separate
+    from pahubert_plugin.apply import apply_model
+
+    torch.manual_seed(0)
+    model, segment = bench_separate.BUILDERS[name]()
+    model.eval()
+    seg = int(segment * SR)
+    x = 0.1 * torch.randn(2, int(seconds * SR))
+    apply_model(model, x[:, :SR], seg)  # warm-up (allocator, oneDNN kernels)
+    spent, shapes, calls = collections.defaultdict(float), {}, collections.Counter()
+    starts = {}
+
+    def pre(label):
+        def hook(module, args):
+            starts[id(module)] = time.perf_counter()
+            shapes.setdefault(label, tuple(args[0].shape) if args and hasattr(args[0], "shape") else ())
+        return hook
+
+    def post(label):
+        def hook(module, args, out):
+            spent[label] += time.perf_counter() - starts.pop(id(module))
+            calls[label] += 1
+        return hook
+
+    for label, module in _parts(model) + [("model", model)]:
+        module.register_forward_pre_hook(pre(label))
+        module.register_forward_hook(post(label))
+    inverse = model.spectrogram.inverse
+
+    def timed_inverse(spec, length):
+        t0 = time.perf_counter()
+        out = inverse(spec, length)
+        spent["iSTFT"] += time.perf_counter() - t0
+        calls["iSTFT"] += 1
+        shapes.setdefault("iSTFT", tuple(spec.shape))
+        return out
+
+    model.spectrogram.inverse = timed_inverse
+    t0 = time.perf_counter()
+    apply_model(model, x, seg, overlap=0.25)
+    total = time.perf_counter() - t0
+    inner = sum(v for k, v in spent.items() if k != "model")
+    spent["other (inside the model)"] = spent["model"] - inner
+    spent["overlap-add, chunking (outside)"] = total - spent["model"]
+    rows = [(k, spent[k], calls.get(k, 0), shapes.get(k, "")) for k in spent if k != "model"]
+    return {"model": name, "seconds": seconds, "segment_s": segment, "chunks": calls["model"], "wall_s": total,
+            "rtf": total / seconds, "threads": torch.get_num_threads(),
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "rows": [[k, t, c, str(s)] for k, t, c, s in rows]}
+
+
+def rss_worker(name: str, path: str, mode: str) -> dict:
+    import torch
+
+    import bench_separate
+    from pahubert_plugin.separate import Separator, save_stems
+
+    torch.manual_seed(0)
+    model, segment = bench_separate.BUILDERS[name]()
+    sep = Separator(model.eval(), segment)
+    model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = tempfile.mkdtemp(prefix="rss-", dir=os.path.dirname(path))
+    t0 = time.perf_counter()
+    if mode == "stream":
+        sep.separate_to_files(path, out, "song")
+    else:
+        stems, sr = sep.separate_file(path)
+        save_stems(stems, sr, out, "song")
+    wall = time.perf_counter() - t0
+    for root, _, files in os.walk(out, topdown=False):
+        for f in files:
+            os.remove(os.path.join(root, f))
+        os.rmdir(root)
+    return {"model": name, "mode": mode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "model_rss_mb": model_rss, "wall_s": wall}
+
+
+def write_noise(path: str, seconds: float, block: int = 1 << 20) -> None:
+    """``seconds`` of stereo 44.1 kHz noise, written in blocks (this process stays small)."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    left = int(seconds * SR)
+    with sf.SoundFile(path, "w", SR, 2, subtype="PCM_16") as f:
+        while left > 0:
+            n = min(block, left)
+            f.write((0.1 * rng.standard_normal((n, 2))).astype(np.float32))
+            left -= n
+
+
+def run(args_list, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, __file__, *args_list], env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout)[-800:]}
+    return json.loads(lines[-1])
+
+
+def print_profile(r: dict) -> None:
+    print(f"\n### {r['model']} ({r['params_M']:.1f} M parameters): {r['seconds']:g} s stereo 44.1 kHz, "
+          f"{r['chunks']} chunks of {r['segment_s']:g} s, {r['threads']} threads: "
+          f"{r['wall_s']:.1f} s wall, RTF {r['rtf']:.2f}")
+    print("| block | seconds | share | calls | input shape (first call) |")
+    print("|---|---|---|---|---|")
+    for label, t, calls, shape in r["rows"]:
+        print(f"| {label} | {t:.2f} | {100 * t / r['wall_s']:.1f} % | {calls} | {shape} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile-models", default="pahubert_base,base", help="comma list ('' to skip)")
+    p.add_argument("--seconds", type=float, default=10.0, help="input length for the profile")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per case")
+    p.add_argument("--rss-models", default="tiny,base", help="comma list ('' to skip)")
+    p.add_argument("--rss-seconds", default="60,600", help="comma list of input lengths in seconds")
+    p.add_argument("--rss-paths", default="stream,memory", help="stream (pahubert-separate), memory, or both")
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        kind, *rest = args.worker
+        out = profile_worker(rest[0], float(rest[1])) if kind == "profile" else rss_worker(*rest)
+        print(json.dumps(out))
+        return 0
+    for name in filter(None, args.profile_models.split(",")):
+        r = run(["--worker", "profile", name, str(args.seconds)], args.threads)
+        print_profile(r) if "error" not in r else print(f"{name}: error {r['error']}")
+        sys.stdout.flush()
+    models = [m for m in args.rss_models.split(",") if m]
+    if not models:
+        return 0
+    print(f"\n### peak RSS separating stereo 44.1 kHz to 16-bit WAV stems ({args.threads} threads)")
+    print("| model | path | input (s) | peak RSS (MB) | RSS after model built (MB) | wall (s) |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="profile-separate-") as tmp:
+        for seconds in map(float, args.rss_seconds.split(",")):
+            path = os.path.join(tmp, f"noise{seconds:g}.wav")
+            write_noise(path, seconds)
+            for name in models:
+                for mode in filter(None, args.rss_paths.split(",")):
+                    r = run(["--worker", "rss", name, path, mode], args.threads)
+                    if "error" in r:
+                        print(f"| {name} | {mode} | {seconds:g} | error: {r['error'].splitlines()[-1]} |")
+                    else:
+                        print(f"| {name} | {mode} | {seconds:g} | {r['peak_rss_mb']:.0f} | {r['model_rss_mb']:.0f} | "
+                              f"{r['wall_s']:.1f} |")
+                    sys.stdout.flush()
+            os.remove(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
