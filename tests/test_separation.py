@@ -496,6 +496,12 @@ def test_pahubert_resunet_reinit_layers_keeps_the_scratch_init_on_top(tmp_path):
         assert torch.equal(v, layers(pre.encoder)[0].state_dict()[k]), k
     for k, v in mixed.encoder.stem.state_dict().items():  # the stem: pretrained
         assert torch.equal(v, pre.encoder.stem.state_dict()[k]), k
+    torch.manual_seed(5)
+    pos = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", reinit_pos_conv=True))
+    for k, v in pos.encoder.transformer.pos_conv.state_dict().items():
+        assert torch.equal(v, scratch.encoder.transformer.pos_conv.state_dict()[k]), k
+    for k, v in layers(pos)[1].state_dict().items():
+        assert torch.equal(v, layers(pre.encoder)[1].state_dict()[k]), k
     with pytest.raises(ValueError, match="reinit_layers=3: the encoder has 2 transformer layers"):
         PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", reinit_layers=3))
 

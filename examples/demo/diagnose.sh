@@ -48,6 +48,8 @@ setting() {  # TAG -> run.sh options of that setting
     mask08) run mask08 --ft-args "model.mask_prob=0.8" ;;
     reinit1) run reinit1 --reuse-scratch s0 --pretrained-args "model.reinit_layers=1" ;;
     reinit2) run reinit2 --reuse-scratch s0 --pretrained-args "model.reinit_layers=2" ;;
+    posconv) run posconv --reuse-scratch s0 --pretrained-args "model.reinit_pos_conv=true" ;;
+    stemonly) run stemonly --reuse-scratch s0 --pretrained-args "model.reinit_layers=4 model.reinit_pos_conv=true" ;;
     probe) run probe --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     *) echo "diagnose.sh: unknown setting $1 (see examples/demo/diagnose.tsv)" >&2; return 1 ;;
   esac

@@ -63,6 +63,9 @@ class PahubertResUNetConfig(FairseqDataclass):
         "help": "keep the top N transformer layers at their random init instead of the pretrained weights "
                 "(the scratch arm's init exactly: few-sample BERT fine-tuning's re-initialisation of the "
                 "layers most specific to the pretraining targets)"})
+    reinit_pos_conv: bool = field(default=False, metadata={
+        "help": "keep the transformer's convolutional positional embedding at its random init (the scratch "
+                "arm's) instead of the pretrained one"})
     mask_prob: float = field(default=0.0, metadata={
         "help": "fine-tuning with masking, as fairseq's hubert_asr / wav2vec2 fine-tuning (apply_mask): in "
                 "training, spans of transformer input tokens are replaced by the encoder's mask embedding "
@@ -156,11 +159,13 @@ class PahubertResUNetModel(SpectralSeparator):
                 raise ValueError(f"model.reinit_layers={n_top}: the encoder has {len(layers)} transformer layers")
             top = {i: {k: v.clone() for k, v in layers[i].state_dict().items()}
                    for i in range(len(layers) - n_top, len(layers))}
+            if getattr(cfg, "reinit_pos_conv", False):
+                top["pos_conv"] = {k: v.clone() for k, v in model.encoder.transformer.pos_conv.state_dict().items()}
             model.load_encoder(state, cfg.pretrained_checkpoint)
             for i, init in top.items():
-                layers[i].load_state_dict(init)
+                (model.encoder.transformer.pos_conv if i == "pos_conv" else layers[i]).load_state_dict(init)
             if top:
-                logger.info(f"reinit_layers: transformer layers {sorted(i + 1 for i in top)} keep their random init")
+                logger.info(f"random init kept for: {', '.join(f'layer {i + 1}' if i != 'pos_conv' else i for i in top)}")
         elif state is not None:
             logger.info(f"no_pretrained_weights: encoder architecture from {cfg.pretrained_checkpoint}, "
                         f"weights randomly initialised")
