@@ -50,6 +50,8 @@ setting() {  # TAG -> run.sh options of that setting
     reinit2) run reinit2 --reuse-scratch s0 --pretrained-args "model.reinit_layers=2" ;;
     posconv) run posconv --reuse-scratch s0 --pretrained-args "model.reinit_pos_conv=true" ;;
     stemonly) run stemonly --reuse-scratch s0 --pretrained-args "model.reinit_layers=4 model.reinit_pos_conv=true" ;;
+    fpen0_s0) run fpen0_s0 --work exp/demo/midi_fpen0 --stage 3 --pretrain-args "criterion.loss_weights=[0]" \
+                --reuse-scratch exp/demo/midi/finetune/s0 ;;
     probe) run probe --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     *) echo "diagnose.sh: unknown setting $1 (see examples/demo/diagnose.tsv)" >&2; return 1 ;;
   esac
