@@ -131,19 +131,60 @@ def evaluate_track(track: StemTrack, json_path: str, estimates_dir: Optional[str
     return track.name
 
 
+_STEM_LINKS = []  # temporary folders of usable_stem_tracks, removed at exit
+
+
+def usable_stem_tracks(root: str, subset: str, sources: List[str], sample_rate: int):
+    """:func:`usable_tracks` for ``.stem.mp4`` files: each file is listed by musdb on its own.
+
+    ``musdb.DB`` probes every file of a folder with ffprobe while listing and raises on the
+    first bad one; here each file gets a folder of its own (a symbolic link in a temporary
+    ``<tmp>/<subset>/``, kept until the process exits), so a bad file is one counted skip.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    from .data.stems_dataset import list_tracks
+
+    folder = os.path.join(root, subset)
+    if not os.path.isdir(folder):
+        return list_tracks(root, subset, sources, sample_rate, False), {}  # its clear ValueError
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".stem.mp4"))
+    if not files:
+        raise ValueError(f"{folder} holds no .stem.mp4 files")
+    if not _STEM_LINKS:
+        atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _STEM_LINKS])
+    tracks, skipped = [], {}
+    for name in files:
+        one = tempfile.mkdtemp(prefix="pahubert-stem-")
+        _STEM_LINKS.append(one)
+        os.makedirs(os.path.join(one, subset))
+        os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(one, subset, name))
+        track = name[: -len(".stem.mp4")]
+        try:
+            tracks.extend(list_tracks(one, subset, sources, sample_rate, False))
+        except ImportError:
+            raise
+        except Exception as e:  # ffmpeg.Error, ValueError, RuntimeError from stempeg/musdb
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            skipped[track] = f"{os.path.join(folder, name)}: unreadable stem file ({reason})"
+            logger.error(f"skipping track {track}: {skipped[track]}")
+    return tracks, skipped
+
+
 def usable_tracks(root: str, subset: str, sources: List[str], sample_rate: int, is_wav: bool):
     """``(tracks, skipped)``: the tracks that can be scored and ``{name: reason}`` for broken ones.
 
     A broken track (missing stem, unreadable stem, stems of different lengths) is skipped with its
-    reason instead of stopping the evaluation (MUSDB18-HQ wav layout; the .stem.mp4 layout is
-    listed by musdb, where a bad track still stops the listing). A missing or empty subset folder
-    is still a ValueError.
+    reason instead of stopping the evaluation, in the MUSDB18-HQ wav layout and in the .stem.mp4
+    layout (:func:`usable_stem_tracks`). A missing or empty subset folder is still a ValueError.
     """
     from .data import stems_dataset
     from .data.stems_dataset import list_tracks
 
     if not is_wav:
-        return list_tracks(root, subset, sources, sample_rate, is_wav), {}
+        return usable_stem_tracks(root, subset, sources, sample_rate)
     folder = os.path.join(root, subset)
     if not os.path.isdir(folder):
         return list_tracks(root, subset, sources, sample_rate, is_wav), {}  # its clear ValueError

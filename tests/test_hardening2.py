@@ -3,6 +3,7 @@ import json
 import re
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -381,3 +382,26 @@ def test_readme_fairseq_hydra_train_commands_compose():
         overrides = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("--") and not argv[i - 1].startswith("--")]
         cfg = _compose(conf_dir, name, overrides)
         assert cfg.common.user_dir.endswith("pahubert_plugin"), argv
+
+
+# ---- item 11 for the .stem.mp4 layout: one broken file is a counted skip, not the end ---------
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
+                    reason="MUSDB18 .stem.mp4 needs ffmpeg")
+def test_evaluate_skips_a_broken_stem_mp4_and_lists_the_rest(tmp_path):
+    import numpy as np
+    import stempeg
+
+    from pahubert_plugin.evaluate import usable_tracks
+
+    test = tmp_path / "musdb" / "test"
+    test.mkdir(parents=True)
+    x = (np.random.default_rng(0).standard_normal((5, 44100, 2)) * 0.05).astype(np.float32)
+    x[0] = x[1:].sum(0)  # mixture, drums, bass, other, vocals (MUSDB18 stream order)
+    stempeg.write_stems(str(test / "good.stem.mp4"), x, sample_rate=44100, writer=stempeg.StreamsWriter(codec="aac"))
+    (test / "bad.stem.mp4").write_bytes(b"not an mp4" * 100)
+    tracks, skipped = usable_tracks(str(tmp_path / "musdb"), "test", ["drums", "bass", "other", "vocals"], 44100,
+                                    is_wav=False)
+    assert [t.name for t in tracks] == ["good"]
+    assert list(skipped) == ["bad"] and "bad.stem.mp4" in skipped["bad"], skipped
+    assert abs(tracks[0].num_samples - 44100) < 2048  # aac padding
