@@ -54,48 +54,9 @@ def iter_apply(
     """
     if mixture.dim() != 2:
         raise ValueError(f"mixture must be (channels, samples), got shape {tuple(mixture.shape)}")
-    if device is None:  # where the model lives (CPU for a model without tensors)
-        tensor = next(iter(list(model.parameters()) + list(model.buffers())), None)
-        device = tensor.device if tensor is not None else torch.device("cpu")
-    device = torch.device(device)
-    total = mixture.shape[-1]
-    if total <= segment:  # one pass, no cross-fade needed
-        est = model(mixture.unsqueeze(0).to(device))[0]
-        yield 0, est.float().cpu()
-        return
+    from .stream import stream_apply  # the one overlap-add loop, fed the whole tensor as one block
 
-    starts = chunk_starts(total, segment, overlap)
-    weight = chunk_weight(segment)
-    base = 0  # first sample not yet emitted
-    acc: Optional[torch.Tensor] = None  # (sources, channels, samples from base)
-    wsum = torch.zeros(0)
-    for b in range(0, len(starts), batch_size):
-        batch_starts = starts[b:b + batch_size]
-        chunks = []
-        for s in batch_starts:
-            chunk = mixture[:, s:s + segment]
-            if chunk.shape[-1] < segment:  # last chunk: zero-pad so the batch stacks
-                chunk = nn.functional.pad(chunk, (0, segment - chunk.shape[-1]))
-            chunks.append(chunk)
-        est = model(torch.stack(chunks).to(device)).float().cpu()  # (n, sources, channels, segment)
-        for i, s in enumerate(batch_starts):
-            length = min(segment, total - s)
-            end = s + length - base  # buffer index one past this chunk
-            if acc is None:
-                acc = est.new_zeros(est.shape[1], est.shape[2], end)
-                wsum = est.new_zeros(end)
-            if end > acc.shape[-1]:  # grow the buffer to hold this chunk
-                acc = nn.functional.pad(acc, (0, end - acc.shape[-1]))
-                wsum = nn.functional.pad(wsum, (0, end - wsum.shape[-1]))
-            lo = s - base
-            acc[..., lo:end] += est[i, ..., :length] * weight[:length]
-            wsum[lo:end] += weight[:length]
-            # samples before the next chunk's start get no more contributions
-            nxt = starts[b + i + 1] if b + i + 1 < len(starts) else total
-            done = nxt - base
-            if done > 0:
-                yield base, acc[..., :done] / wsum[:done]
-                acc, wsum, base = acc[..., done:].clone(), wsum[done:].clone(), nxt
+    yield from stream_apply(model, [mixture], mixture.shape[-1], segment, overlap, batch_size, device)
 
 
 def apply_model(
