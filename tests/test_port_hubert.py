@@ -100,10 +100,9 @@ def test_config_for_another_model_is_refused(speech_ckpt, tmp_path):
         port_hubert.port(str(speech_ckpt), "demucs_v2_hubert", str(PRETRAIN_CONF / "tiny.yaml"))
 
 
-@pytest.mark.slow
-def test_ported_model_finetunes(speech_ckpt, tmp_path, capsys):
-    ported = tmp_path / "ported.pt"
-    run_port(capsys, speech_ckpt, ported, "--target", "demucs_v2_hubert", "--config", TINY, "--quiet")
+def finetune_ported(ported, tmp_path):
+    """Two fine-tuning updates of demucs_v2_hubert_tiny from ``ported`` (lr ~0: weights stay put);
+    -> the fine-tuned checkpoint's (cfg, weights)."""
     data = write_musdb(tmp_path / "musdb")
     save = tmp_path / "ft"
     log = run_fairseq(finetune_args("demucs_v2_hubert_tiny.yaml", data, save, 2, *SPEECH_SHAPE,
@@ -111,7 +110,14 @@ def test_ported_model_finetunes(speech_ckpt, tmp_path, capsys):
                       cwd=tmp_path)
     assert updates_done(log) == 2
     assert re.search(r"loaded \d+ encoder tensors from .*ported\.pt", log)
-    cfg, weights = separation_weights(save)
+    return separation_weights(save)
+
+
+@pytest.mark.slow
+def test_ported_model_finetunes(speech_ckpt, tmp_path, capsys):
+    ported = tmp_path / "ported.pt"
+    run_port(capsys, speech_ckpt, ported, "--target", "demucs_v2_hubert", "--config", TINY, "--quiet")
+    cfg, weights = finetune_ported(ported, tmp_path)
     source = load_checkpoint(ported)["model"]
     for key in ("encoder.transformer.layers.0.fc1.weight", "encoder.mask_emb"):
         assert torch.allclose(weights[key].float(), source[key], atol=1e-5), key
@@ -218,14 +224,7 @@ def test_ported_hf_model_finetunes(tmp_path, capsys):
     folder, hf = hf_folder(tmp_path / "hf")
     ported = tmp_path / "ported.pt"
     run_port(capsys, folder, ported, "--target", "demucs_v2_hubert", "--config", TINY, "--quiet")
-    data = write_musdb(tmp_path / "musdb")
-    save = tmp_path / "ft"
-    log = run_fairseq(finetune_args("demucs_v2_hubert_tiny.yaml", data, save, 2, *SPEECH_SHAPE,
-                                    f"model.pretrained_checkpoint={ported}", "optimization.lr=[1e-12]"),
-                      cwd=tmp_path)
-    assert updates_done(log) == 2
-    assert re.search(r"loaded \d+ encoder tensors from .*ported\.pt", log)
-    _, weights = separation_weights(save)
+    _, weights = finetune_ported(ported, tmp_path)
     for key, src in (("encoder.transformer.layers.0.fc1.weight", "encoder.layers.0.feed_forward.intermediate_dense.weight"),
                      ("encoder.mask_emb", "masked_spec_embed")):
         assert torch.allclose(weights[key].float(), hf[src], atol=1e-5), key
