@@ -358,6 +358,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         done = sum(os.path.isfile(j[1]) for j in jobs)
         logger.error(f"interrupted: {done} of {len(jobs)} remaining tracks scored in {args.out}; "
                      f"run the same command again to resume")
+        if args.jobs > 1 and len(jobs) > 1:
+            # the interrupt may have landed while the main thread held one of concurrent.futures'
+            # locks; its exit handler would then wait forever for the pool's manager thread (seen as
+            # a hang after SIGTERM). The workers are gone and every finished track is on disk.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(130)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
