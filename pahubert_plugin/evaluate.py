@@ -282,8 +282,8 @@ def _raise_interrupt(signum, frame):
 def run_jobs(jobs, init, num_jobs: int, bar) -> List[str]:
     """Score ``jobs`` (in ``num_jobs`` worker processes); returns the names of failed tracks.
 
-    On KeyboardInterrupt (Ctrl-C, or SIGTERM via :func:`_raise_interrupt`) the workers are
-    killed before it propagates: no orphan keeps scoring.
+    Ctrl-C or SIGTERM (serial: :func:`_raise_interrupt`; parallel: a flag polled between waits)
+    kills the workers and then raises KeyboardInterrupt: no orphan keeps scoring.
     """
     failed = []
     if num_jobs == 1 or len(jobs) <= 1:
@@ -300,15 +300,26 @@ def run_jobs(jobs, init, num_jobs: int, bar) -> List[str]:
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     pool = concurrent.futures.ProcessPoolExecutor(num_jobs, mp_context=ctx, initializer=_init_pool_worker,
                                                   initargs=(os.getpid(), *init))
+    # Ctrl-C and SIGTERM only set a flag here: raised from a signal handler, KeyboardInterrupt can land
+    # while this thread holds one of concurrent.futures' locks, and the pool's exit handler then waits
+    # forever (seen once in ~20 full test runs). The loop below polls the flag between waits instead.
+    stop: List[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         futures = {pool.submit(evaluate_track, *job): job[0].name for job in jobs}
-        for fut in concurrent.futures.as_completed(futures):
-            try:
-                fut.result()
-            except (AudioError, ValueError) as e:
-                logger.error(f"track {futures[fut]}: {e}")
-                failed.append(futures[fut])
-            bar.update()
+        pending = set(futures)
+        while pending and not stop:
+            done, pending = concurrent.futures.wait(pending, timeout=0.25,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in done:
+                try:
+                    fut.result()
+                except (AudioError, ValueError) as e:
+                    logger.error(f"track {futures[fut]}: {e}")
+                    failed.append(futures[fut])
+                bar.update()
+        if stop:
+            raise KeyboardInterrupt(f"signal {stop[0]}")
     except BaseException:
         workers = list((pool._processes or {}).values())  # shutdown() alone waits for running tracks
         for p in workers:
@@ -317,6 +328,9 @@ def run_jobs(jobs, init, num_jobs: int, bar) -> List[str]:
         for p in workers:
             p.join(5)
         raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     pool.shutdown()
     return failed
 
@@ -359,9 +373,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.error(f"interrupted: {done} of {len(jobs)} remaining tracks scored in {args.out}; "
                      f"run the same command again to resume")
         if args.jobs > 1 and len(jobs) > 1:
-            # the interrupt may have landed while the main thread held one of concurrent.futures'
-            # locks; its exit handler would then wait forever for the pool's manager thread (seen as
-            # a hang after SIGTERM). The workers are gone and every finished track is on disk.
+            # belt and braces: run_jobs stops the pool from a flag, but a signal just before it took
+            # over the handlers would still raise inside concurrent.futures; skip its exit handler
+            # (it can wait forever for the pool's manager thread). The workers are gone and every
+            # finished track is on disk.
             sys.stdout.flush()
             sys.stderr.flush()
             logging.shutdown()

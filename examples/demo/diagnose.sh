@@ -27,6 +27,10 @@ run() {  # TAG [run.sh options...]
     --results "$results" "$@" > "$results/log_$tag.txt" 2>&1 && echo "[$(date +%H:%M:%S)] $tag done" \
     || { echo "[$(date +%H:%M:%S)] $tag FAILED (see $results/log_$tag.txt)"; return 1; }
 }
+share() {  # DIR: a work folder for another pretraining on the demo's corpus, features, k-means and labels
+  mkdir -p "$1/pahubert"; [ -e "$1/corpus" ] || ln -s ../midi/corpus "$1/corpus"
+  local d; for d in data feat km labels; do [ -e "$1/pahubert/$d" ] || ln -s "../../midi/pahubert/$d" "$1/pahubert/$d"; done
+}
 setting() {  # TAG -> run.sh options of that setting
   case $1 in
     s0) run s0 ;;
@@ -41,6 +45,13 @@ setting() {  # TAG -> run.sh options of that setting
     lw) run lw --ft-args "model.layer_weights=true" ;;
     lr5e4) run lr5e4 --ft-args "optimizer.groups.default.lr_float=0.0005" ;;
     crop2) run crop2 --ft-args "task.segment=2.0" ;;
+    bs8) run bs8 --ft-args "dataset.batch_size=8" ;;
+    ft1600) run ft1600 --finetune-updates 1600 ;;
+    long3000) share exp/demo/midi_long; run long3000 --work exp/demo/midi_long --stage 3 --pretrain-updates 3000 \
+                --reuse-scratch exp/demo/midi/finetune/s0 ;;
+    long3000_probe) run long3000_probe --work exp/demo/midi_long --pretrain-updates 3000 \
+                --reuse-scratch exp/demo/midi/finetune/probe \
+                --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     fgm0_ft1) run fgm0_ft1 --work exp/demo/midi_fgm0 --reuse-scratch exp/demo/midi/finetune/s0 \
                 --ft-args "model.encoder_feature_grad_mult=1" ;;
     iter2) run iter2 --stage 3 --iteration 2 --reuse-scratch s0 ;;
@@ -50,7 +61,7 @@ setting() {  # TAG -> run.sh options of that setting
     reinit2) run reinit2 --reuse-scratch s0 --pretrained-args "model.reinit_layers=2" ;;
     posconv) run posconv --reuse-scratch s0 --pretrained-args "model.reinit_pos_conv=true" ;;
     stemonly) run stemonly --reuse-scratch s0 --pretrained-args "model.reinit_layers=4 model.reinit_pos_conv=true" ;;
-    fpen0_s0) run fpen0_s0 --work exp/demo/midi_fpen0 --stage 3 --pretrain-args "criterion.loss_weights=[0]" \
+    fpen0_s0) share exp/demo/midi_fpen0; run fpen0_s0 --work exp/demo/midi_fpen0 --stage 3 --pretrain-args "criterion.loss_weights=[0]" \
                 --reuse-scratch exp/demo/midi/finetune/s0 ;;
     probe) run probe --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     *) echo "diagnose.sh: unknown setting $1 (see examples/demo/diagnose.tsv)" >&2; return 1 ;;
