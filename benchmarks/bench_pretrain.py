@@ -23,8 +23,10 @@ would take on an idle core.
     python benchmarks/bench_pretrain.py                       # tiny on CPU (+ base on GPU if any)
     python benchmarks/bench_pretrain.py --config tiny --threads 1,2
     python benchmarks/bench_pretrain.py --config base --device cuda --updates 20
+    python benchmarks/bench_pretrain.py --config tiny --threads 1 --no-fairseq --logits-peer
 """
 import argparse
+import contextlib
 import shlex
 import sys
 import tempfile
@@ -191,6 +193,23 @@ def bench(name, device, updates, batch_size=None, seconds=None, warmup=2, data=N
     return ups, audio_s, bsz, length / sr
 
 
+@contextlib.contextmanager
+def expanded_nce():
+    """The head computes its logits with fairseq's compute_nce on (classes, tokens, dim) negatives."""
+    from pahubert_plugin.models.pahubert import MaskedPredictionHead
+
+    def fairseq_logits(self, x, target, label_embs):
+        negs = label_embs.unsqueeze(1).expand(-1, x.size(0), -1)
+        return self.compute_nce(x, torch.index_select(label_embs, 0, target.long()), negs)
+
+    fast = MaskedPredictionHead.cosine_logits
+    MaskedPredictionHead.cosine_logits = fairseq_logits
+    try:
+        yield
+    finally:
+        MaskedPredictionHead.cosine_logits = fast
+
+
 def _crit_args(name):
     crit = OmegaConf.load(CONF / f"{name}.yaml").criterion
     return crit.pred_masked_weight, crit.pred_nomask_weight, list(crit.loss_weights)
@@ -249,6 +268,10 @@ def get_parser():
                         help="comma-separated intra-op thread counts for the CPU figures (default: torch's "
                              f"default here, {torch.get_num_threads()})")
     parser.add_argument("--no-fairseq", action="store_true", help="CPU: time the step only, no fairseq run")
+    parser.add_argument("--logits-peer", action="store_true",
+                        help="CPU: also time the step with fairseq's own HubertModel.compute_nce on the expanded "
+                             "(classes, tokens, dim) negatives instead of the head's matrix-product cosine logits "
+                             "(same values), and print the ratio")
     return parser
 
 
@@ -274,10 +297,14 @@ def main(argv=None):
             data = fairseq_runs.write_pretraining_corpus(
                 Path(tmp) / "data", n_files=48, seconds=crop + 0.5, sr=task.sample_rate,
                 channels=task.channels, n_clusters=CLUSTERS[name])
-            rows = []
+            rows, peers = [], []
             for t in threads:
                 torch.set_num_threads(t)
                 ups, audio_s, bsz, crop = bench(name, device, args.updates, args.batch_size, args.seconds, data=data)
+                if args.logits_peer:
+                    with expanded_nce():
+                        p_ups = bench(name, device, args.updates, args.batch_size, args.seconds, data=data)[0]
+                    peers.append((t, ups, p_ups, fairseq_runs.load_average()))
                 f_ups = f_audio = None
                 if not args.no_fairseq:
                     f_ups, f_audio = bench_fairseq(name, data, tmp, t, args.updates, batch_size=args.batch_size,
@@ -292,6 +319,13 @@ def main(argv=None):
                     print(f"| {t} | {ups:.3f} | {audio_s:.1f} | - | - | - | {load} |")
                 else:
                     print(f"| {t} | {ups:.3f} | {audio_s:.1f} | {f_ups:.3f} | {f_audio:.1f} | {f_ups / ups:.2f} | {load} |")
+            if peers:
+                print(f"\n{name}: masked-prediction logits, {CLUSTERS[name]} clusters: matrix product (shipped) vs "
+                      f"fairseq's compute_nce on expanded negatives (same values)")
+                print("| threads | matrix product updates/s | compute_nce updates/s | speed-up | load average after |")
+                print("|---|---|---|---|---|")
+                for t, ups, p_ups, load in peers:
+                    print(f"| {t} | {ups:.3f} | {p_ups:.3f} | {ups / p_ups:.2f}x | {load} |")
     return 0
 
 

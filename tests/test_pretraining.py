@@ -355,3 +355,29 @@ def test_two_label_sets_each_with_its_weight(tmp_path):
         PahubertCriterion(task, 1.0, 0.0, None, None, [1.0])
     assert PahubertCriterion.logging_outputs_can_be_summed()
     assert PahubertCriterionConfig().label_weights is None
+
+
+def test_cosine_logits_equal_fairseq_compute_nce():
+    """The head's matrix-product logits are fairseq's HubertModel.compute_nce: same values, same -inf
+    where a label embedding equals the target's (here two duplicated rows), same gradients."""
+    from pahubert_plugin.models.pahubert import MaskedPredictionHead
+
+    torch.manual_seed(0)
+    head = MaskedPredictionHead(32, [20], 1.0, final_dim=16)
+    x = torch.randn(50, 16, requires_grad=True)
+    emb = torch.rand(20, 16)
+    emb[7] = emb[3]
+    emb.requires_grad_()
+    target = torch.randint(0, 20, (50,))
+    target[:2] = torch.tensor([3, 7])
+    fast = head.cosine_logits(x, target, emb)
+    ref = head.compute_nce(x, emb[target], emb.unsqueeze(1).expand(-1, 50, -1))
+    assert fast.shape == ref.shape == (50, 21)
+    assert torch.equal(torch.isinf(fast), torch.isinf(ref))
+    assert torch.isinf(fast[0, 1 + 7]) and torch.isinf(fast[1, 1 + 3]) and torch.isinf(fast[:, 1:]).sum() == 2 * 50 - \
+        int(((target != 3) & (target != 7)).sum())
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(fast[finite], ref[finite], atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(torch.log_softmax(lg, -1)[:, 0].sum(), [x, emb]) for lg in (fast, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
