@@ -75,14 +75,15 @@ def _init_pool_worker(parent: int, *init) -> None:
     _init_worker(*init)
 
 
-def _init_worker(checkpoint: str, device: str, segment: Optional[float], overlap: float, threads: int) -> None:
+def _init_worker(checkpoint: str, device: str, segment: Optional[float], overlap: float, threads: int,
+                 precision: str = "fp32") -> None:
     global _SEPARATOR
     import torch
 
     from .separate import Separator
 
     torch.set_num_threads(max(1, threads))
-    _SEPARATOR = Separator.from_checkpoint(checkpoint, device, segment, overlap)
+    _SEPARATOR = Separator.from_checkpoint(checkpoint, device, segment, overlap, precision=precision)
 
 
 def native_rate(track: StemTrack) -> int:
@@ -218,6 +219,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=float, default=None,
                    help="chunk length in seconds (default: the checkpoint's validation chunk)")
     p.add_argument("--overlap", type=float, default=0.25, help="overlap between chunks, a fraction (default 0.25)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="inference precision (pahubert-separate --precision); scores record it (default fp32)")
     p.add_argument("--tracks", type=int, default=0, help="score only the first N tracks (0: all)")
     p.add_argument("--force", action="store_true",
                    help="rescore every track, also when OUT holds scores of another checkpoint or settings")
@@ -236,6 +239,8 @@ def check_provenance(args) -> None:
     st = os.stat(args.checkpoint)
     want = {"checkpoint": os.path.abspath(args.checkpoint), "size": st.st_size, "mtime": st.st_mtime,
             "segment": args.segment, "overlap": args.overlap, "subset": args.subset}
+    if args.precision != "fp32":  # fp32 scores keep the provenance of earlier versions
+        want["precision"] = args.precision
     path = os.path.join(args.out, f"{args.subset}.provenance.json")
     folder = os.path.join(args.out, args.subset)
     if os.path.isfile(path):
@@ -362,7 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     estimates_dir = os.path.join(args.out, "estimates", args.subset) if args.save_estimates else None
     jobs = [(t, os.path.join(args.out, args.subset, f"{t.name}.json"), estimates_dir) for t in todo]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    init = (args.checkpoint, args.device, args.segment, args.overlap, threads)
+    init = (args.checkpoint, args.device, args.segment, args.overlap, threads, args.precision)
     bar = tqdm(total=len(jobs), desc="evaluating", unit="track")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

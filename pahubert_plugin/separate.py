@@ -95,12 +95,16 @@ class Separator:
     """
 
     def __init__(self, model, segment: float, overlap: float = 0.25, batch_size: int = 1,
-                 device="cpu", shifts: int = 0, seed: int = 0):
+                 device="cpu", shifts: int = 0, seed: int = 0, precision: str = "fp32"):
         import torch
+
+        from .apply import Autocast
 
         check_options(segment, overlap, batch_size, shifts)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.precision = precision
+        self._runner = Autocast(self.model, precision) if precision != "fp32" else self.model
         self.sources: List[str] = list(model.sources)
         self.sample_rate: int = int(model.sample_rate)
         self.audio_channels: int = int(model.audio_channels)
@@ -109,13 +113,23 @@ class Separator:
 
     @classmethod
     def from_checkpoint(cls, path: str, device="cpu", segment: Optional[float] = None,
-                        overlap: float = 0.25, batch_size: int = 1, shifts: int = 0) -> "Separator":
-        """``segment`` defaults to the task's validation chunk (``valid_segment`` or ``segment``)."""
+                        overlap: float = 0.25, batch_size: int = 1, shifts: int = 0,
+                        precision: str = "fp32", optimize: bool = True) -> "Separator":
+        """``segment`` defaults to the task's validation chunk (``valid_segment`` or ``segment``).
+        ``optimize``: :func:`~pahubert_plugin.apply.optimize_for_inference` (BatchNorm folded into
+        convolutions, channels_last; same estimates up to float rounding). ``precision="bf16"``:
+        autocast (faster on CPUs with bfloat16 units, estimates about 1e-2 of the peak off)."""
+        from .apply import PRECISIONS, optimize_for_inference
+
         check_options(segment, overlap, batch_size, shifts)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         model, cfg = load_separation_model(path, device)
+        if optimize:
+            model = optimize_for_inference(model)
         if segment is None:
             segment = float(cfg.task.get("valid_segment", 0) or cfg.task.get("segment", 10.0))
-        return cls(model, segment, overlap, batch_size, device, shifts)
+        return cls(model, segment, overlap, batch_size, device, shifts, precision=precision)
 
     def _to_model_channels(self, wav):
         have, want = wav.shape[0], self.audio_channels
@@ -152,7 +166,7 @@ class Separator:
 
         segment = int(round(self.segment * self.sample_rate))
         out = torch.zeros(len(self.sources), self.audio_channels, x.shape[-1])
-        for start, block in iter_apply(self.model, x, segment, self.overlap, self.batch_size, self.device):
+        for start, block in iter_apply(self._runner, x, segment, self.overlap, self.batch_size, self.device):
             out[..., start:start + block.shape[-1]] = block
             step = scale * block.shape[-1] / self.sample_rate
             bar.update(min(step, bar.total - bar.n))  # past its total tqdm drops the total
@@ -285,7 +299,7 @@ class Separator:
         segment = int(round(self.segment * self.sample_rate))
 
         def estimates(blocks, samples):
-            for _, est in stream_apply(self.model, blocks, samples, segment, self.overlap, self.batch_size,
+            for _, est in stream_apply(self._runner, blocks, samples, segment, self.overlap, self.batch_size,
                                        self.device):
                 yield est
 
@@ -441,6 +455,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.25,
                    help="overlap between chunks, a fraction in [0, 1) (default 0.25)")
     p.add_argument("--batch-size", type=int, default=1, help="chunks per forward pass, >= 1 (default 1)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32 (default) or bf16: autocast to bfloat16, several times faster on CPUs with AMX or "
+                        "AVX512-BF16 units, estimates about 1e-2 of the peak away from fp32 (README: Speed)")
     p.add_argument("--shifts", type=int, default=0,
                    help="average N passes over the input shifted by a random 0-0.5 s (demucs' shift trick; "
                         "N times slower; default 0 = one unshifted pass)")
@@ -526,7 +543,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         device = _resolve_device(args.device)
         names = output_names(args.audio)
         sep = Separator.from_checkpoint(args.checkpoint, device, args.segment, args.overlap, args.batch_size,
-                                        args.shifts)
+                                        args.shifts, precision=args.precision)
         if args.two_stems is not None and args.two_stems not in sep.sources:
             raise ValueError(f"--two-stems {args.two_stems}: the checkpoint's sources are {', '.join(sep.sources)}")
         _check_paths(args, names, [args.two_stems, f"no_{args.two_stems}"] if args.two_stems else sep.sources)

@@ -34,6 +34,10 @@ def test_quick_demo_end_to_end(tmp_path):
     mixture_mean = sum(v["SDR"] for v in summary["mixture"].values()) / 4
     for arm in ("scratch_n4", "pretrained_n4"):
         assert summary["runs"][arm]["1"] > mixture_mean + 1.0, (arm, summary["runs"][arm], mixture_mean)
+    # the mixture baseline is cached with the corpus (a cached corpus is not scored twice)
+    cache = json.loads((work / "corpus" / "musdb" / ".mixture_baseline_test.json").read_text())
+    assert cache["summary"] == json.loads((results / "mixture_baseline.json").read_text())
+    assert len([f for f in cache["key"]["files"] if f[0].endswith("mixture.wav")]) == 2
     # validation SDR was logged along the way for both arms
     assert all(len(v) >= 2 for v in summary["valid_curves"].values())
     # a re-run reuses every finished step

@@ -1,0 +1,84 @@
+"""Inference optimisations of issue 14 keep what a checkpoint computes (speed itself: benchmarks/)."""
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pahubert_plugin.apply import Autocast, apply_model, optimize_for_inference
+
+SR = 16000
+SOURCES = ["drums", "bass", "other", "vocals"]
+
+
+def resunet():
+    from pahubert_plugin.models.resunet import ResUNetConfig, ResUNetModel
+
+    cfg = ResUNetConfig(sources=SOURCES, sample_rate=SR, audio_channels=2, n_fft=512, channels=[8, 16, 32],
+                        strides="[[2,2],[2,2],[2,1]]", units=2, bottleneck_units=1)
+    return ResUNetModel(cfg)
+
+
+def pahubert_resunet():
+    from pahubert_plugin.models.pahubert import PahubertConfig
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetConfig, PahubertResUNetModel
+
+    enc = OmegaConf.merge(OmegaConf.structured(PahubertConfig), {
+        "sample_rate": SR, "audio_channels": 2, "label_rate": 100, "n_fft": 512, "stem_channels": [8, 16],
+        "stem_freq_strides": [4, 4], "stem_time_strides": [1, 1], "stem_units": 2, "encoder_layers": 2,
+        "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64, "encoder_attention_heads": 2, "conv_pos": 8,
+        "conv_pos_groups": 4})
+    cfg = OmegaConf.merge(OmegaConf.structured(PahubertResUNetConfig),
+                          {"sources": SOURCES, "sample_rate": SR, "audio_channels": 2})
+    return PahubertResUNetModel(cfg, OmegaConf.to_container(enc, resolve=True))
+
+
+def trained_like(model):
+    """Random BatchNorm statistics and affine weights, as after training (at init a fold is trivial)."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.2)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("build", [resunet, pahubert_resunet])
+def test_optimized_model_computes_the_same_estimates(build):
+    torch.manual_seed(0)
+    model = trained_like(build())
+    mix = torch.randn(2, 3 * SR) * 0.3
+    ref = apply_model(model, mix, SR, overlap=0.25)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    fast = optimize_for_inference(model)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) < n_bn  # some were folded
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in fast.parameters())
+    got = apply_model(fast, mix, SR, overlap=0.25)
+    peak = mix.abs().max()
+    assert (got - ref).abs().max() <= 1e-5 * peak, float((got - ref).abs().max() / peak)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = trained_like(resunet())
+    mix = torch.randn(1, 2, SR) * 0.3
+    with torch.inference_mode():
+        ref = model(mix)
+        got = Autocast(model, "bf16")(mix)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    err = float((got - ref).abs().max() / mix.abs().max())
+    assert 0 < err < 0.1, err  # bfloat16 keeps 8 bits of mantissa: close, not equal
+    with pytest.raises(ValueError, match="precision"):
+        Autocast(model, "fp8")
+
+
+def test_separator_precision_option_is_checked(tmp_path):
+    from pahubert_plugin.separate import Separator
+
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        Separator.from_checkpoint(str(tmp_path / "missing.pt"), precision="half")
+    sep = Separator(trained_like(resunet()), 1.0, precision="bf16")
+    stems = sep.separate(np.random.default_rng(0).standard_normal((2, SR // 2)).astype("float32") * 0.1, SR)
+    assert set(stems) == set(SOURCES) and all(np.isfinite(np.asarray(v)).all() for v in stems.values())
