@@ -14,6 +14,8 @@ Add a model by adding a builder to :data:`BUILDERS` (the time-domain engineer's
 where ``model(mixture (batch, 2, samples)) -> (batch, sources, 2, samples)`` at 44.1 kHz.
 
     python benchmarks/bench_separate.py [--models tiny,base,umxl,htdemucs] [--memory-seconds 300]
+    python benchmarks/bench_separate.py --models base,pahubert_base,htdemucs --variants fp32,opt,bf16 \
+        --seconds 10 --memory-seconds 0 --repeats 1
 """
 import argparse
 import json
@@ -123,18 +125,36 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def worker(name: str, mode: str, seconds: float, repeats: int) -> dict:
-    """Runs in a subprocess: one model, one measurement; returns a dict."""
+VARIANTS = ("fp32", "opt", "bf16")  # as built | optimize_for_inference | that + bf16 autocast
+
+
+def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "fp32") -> dict:
+    """Runs in a subprocess: one model, one measurement; returns a dict.
+
+    ``variant``: ``fp32`` the model as built; ``opt`` after
+    :func:`pahubert_plugin.apply.optimize_for_inference` (BatchNorm folded, channels_last);
+    ``bf16`` that under bfloat16 autocast. For ``opt`` / ``bf16`` the estimates of the first
+    segment are compared with the model as built: ``max_diff`` is the largest difference over
+    the input's peak."""
     import pahubert_plugin  # noqa: F401
-    from pahubert_plugin.apply import apply_model
+    from pahubert_plugin.apply import Autocast, apply_model, optimize_for_inference
 
     torch.manual_seed(0)
     model, segment = BUILDERS[name]()
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     x = 0.1 * torch.randn(2, int(seconds * SR))
-    base_rss = rss_mb()
     seg = int(segment * SR)
+    max_diff = None
+    if variant != "fp32":
+        with torch.inference_mode():
+            ref = model(x[None, :, :seg])
+        model = optimize_for_inference(model)
+        if variant == "bf16":
+            model = Autocast(model, "bf16")
+        with torch.inference_mode():
+            max_diff = float((model(x[None, :, :seg]) - ref).abs().max() / x[:, :seg].abs().max())
+    base_rss = rss_mb()
     if mode == "rtf":
         apply_model(model, x[:, :seg], seg)  # warm-up (allocator, mkldnn)
         times = []
@@ -142,8 +162,8 @@ def worker(name: str, mode: str, seconds: float, repeats: int) -> dict:
             t0 = time.perf_counter()
             apply_model(model, x, seg, overlap=0.25)
             times.append(time.perf_counter() - t0)
-        return {"model": name, "params_M": params / 1e6, "segment_s": segment, "seconds": seconds,
-                "wall_s": min(times), "rtf": min(times) / seconds}
+        return {"model": name, "variant": variant, "params_M": params / 1e6, "segment_s": segment,
+                "seconds": seconds, "wall_s": min(times), "rtf": min(times) / seconds, "max_diff": max_diff}
     t0 = time.perf_counter()
     apply_model(model, x, seg, overlap=0.25)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -151,10 +171,10 @@ def worker(name: str, mode: str, seconds: float, repeats: int) -> dict:
             "delta_mb": peak - base_rss, "wall_s": time.perf_counter() - t0}
 
 
-def run_worker(name, mode, seconds, repeats, threads) -> dict:
+def run_worker(name, mode, seconds, repeats, threads, variant="fp32") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--mode", mode, "--seconds", str(seconds),
-                           "--repeats", str(repeats)], env=env, capture_output=True, text=True)
+                           "--repeats", str(repeats), "--variant", variant], env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"model": name, "error": (proc.stderr or proc.stdout)[-500:]}
@@ -168,37 +188,51 @@ def main(argv=None) -> int:
     p.add_argument("--memory-seconds", type=float, default=300.0, help="input length for peak memory (0: skip)")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats (best is reported)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per model")
+    p.add_argument("--variants", default="fp32",
+                   help="comma list of fp32 (as built), opt (BatchNorm folded + channels_last, what "
+                        "pahubert-separate runs), bf16 (opt under bfloat16 autocast, --precision bf16)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="rtf", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.mode, args.seconds, args.repeats)))
+        print(json.dumps(worker(args.worker, args.mode, args.seconds, args.repeats, args.variant)))
         return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
         p.error(f"unknown models {unknown}; choose from {list(BUILDERS)}")
+    variants = [v for v in args.variants.split(",") if v]
+    if any(v not in VARIANTS for v in variants):
+        p.error(f"--variants: choose from {list(VARIANTS)}")
     results = []
     for name in names:
-        r = run_worker(name, "rtf", args.seconds, args.repeats, args.threads)
-        if args.memory_seconds > 0 and "error" not in r:
-            r.update({f"mem_{k}": v for k, v in run_worker(name, "memory", args.memory_seconds, 1, args.threads).items()
-                      if k != "model"})
-        results.append(r)
-        print(json.dumps(r), flush=True)
+        for variant in variants:
+            r = run_worker(name, "rtf", args.seconds, args.repeats, args.threads, variant)
+            if args.memory_seconds > 0 and "error" not in r and variant == variants[0]:
+                r.update({f"mem_{k}": v for k, v in
+                          run_worker(name, "memory", args.memory_seconds, 1, args.threads, variant).items()
+                          if k != "model"})
+            results.append(r)
+            print(json.dumps(r), flush=True)
     print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: "
-          f"{os.cpu_count()} cores; memory for {args.memory_seconds:g} s")
-    ref = next((r for r in results if r.get("model") == "htdemucs" and "rtf" in r), None)
-    print("| model | params (M) | segment (s) | RTF | RTF vs htdemucs | peak RSS (MB) | +RSS over model (MB) |")
-    print("|---|---|---|---|---|---|---|")
+          f"{os.cpu_count()} cores; memory for {args.memory_seconds:g} s (first variant)")
+    ref = next((r for r in results if r.get("model") == "htdemucs" and r.get("variant") == "fp32" and "rtf" in r),
+               None)
+    print("| model | variant | params (M) | segment (s) | RTF | RTF vs htdemucs fp32 | max diff vs fp32 / peak "
+          "| peak RSS (MB) | +RSS over model (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['model']} | error: {r['error'].splitlines()[-1] if r['error'] else '?'} |")
+            print(f"| {r['model']} | {r.get('variant', '?')} | error: "
+                  f"{r['error'].splitlines()[-1] if r['error'] else '?'} |")
             continue
         ratio = f"{r['rtf'] / ref['rtf']:.2f}" if ref else "-"
-        print(f"| {r['model']} | {r['params_M']:.2f} | {r['segment_s']:.1f} | {r['rtf']:.3f} | {ratio} | "
-              f"{r.get('mem_peak_rss_mb', float('nan')):.0f} | {r.get('mem_delta_mb', float('nan')):.0f} |")
+        diff = "-" if r.get("max_diff") is None else f"{r['max_diff']:.1e}"
+        print(f"| {r['model']} | {r['variant']} | {r['params_M']:.2f} | {r['segment_s']:.1f} | {r['rtf']:.3f} | "
+              f"{ratio} | {diff} | {r.get('mem_peak_rss_mb', float('nan')):.0f} | "
+              f"{r.get('mem_delta_mb', float('nan')):.0f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
