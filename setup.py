@@ -7,7 +7,6 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pahubert_plugin", "pahubert_plugin.*"]),
-    package_data={"pahubert_plugin": ["config/**/*.yaml"]},
     python_requires=">=3.9",
     install_requires=[
         "torch==2.11.0",
