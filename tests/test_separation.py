@@ -133,6 +133,30 @@ def test_decoupled_head_reconstructs_mixture():
     torch.testing.assert_close(out[:, 1].abs(), spec.abs() + 0.5, atol=1e-5, rtol=1e-4)
 
 
+def test_leaky_mask_magnitude_keeps_a_gradient_in_dead_bins():
+    """relu: a bin with |X| sigmoid(m) + q < 0 is silent and its q gets no gradient; leaky: a tiny
+    estimate (0.01 of the argument) and a gradient, so fine-tuning can revive it."""
+    from pahubert_plugin.models.resunet import DecoupledMaskHead
+
+    spec = torch.randn(1, 1, 4, 3, dtype=torch.complex64)
+    grads = {}
+    for kind in ("relu", "leaky"):
+        raw = torch.zeros(1, 1, 1, 4, 4, 3)
+        raw[:, :, :, 1] = 3.0
+        raw[:, :, :, 3] = -10.0  # residual far below zero: every bin dead under relu
+        raw.requires_grad_()
+        out = DecoupledMaskHead(1, 1, kind)(raw.flatten(1, 3), spec)
+        out.abs().sum().backward()
+        grads[kind] = raw.grad[:, :, :, 3]
+        if kind == "relu":
+            assert out.abs().max() == 0
+        else:
+            torch.testing.assert_close(out.abs(), 0.01 * (10.0 - 0.5 * spec.abs()[:, None]), atol=1e-5, rtol=1e-4)
+    assert grads["relu"].abs().max() == 0 and (grads["leaky"].abs() > 0).all()
+    with pytest.raises(ValueError, match="mask_magnitude"):
+        DecoupledMaskHead(1, 1, "softplus")
+
+
 def test_criterion_wave_and_stft_losses():
     from pahubert_plugin.criterions.separation import SeparationCriterion
 

@@ -46,6 +46,7 @@ setting() {  # TAG -> run.sh options of that setting
     lr5e4) run lr5e4 --ft-args "optimizer.groups.default.lr_float=0.0005" ;;
     crop2) run crop2 --ft-args "task.segment=2.0" ;;
     bs8) run bs8 --ft-args "dataset.batch_size=8" ;;
+    leaky) run leaky --ft-args "model.mask_magnitude=leaky" ;;
     ft1600) run ft1600 --finetune-updates 1600 ;;
     long3000) share exp/demo/midi_long; run long3000 --work exp/demo/midi_long --stage 3 --pretrain-updates 3000 \
                 --reuse-scratch exp/demo/midi/finetune/s0 ;;

@@ -30,7 +30,7 @@ from torch import nn
 from ..checkpoint import load_checkpoint, load_encoder_weights, persist_model_cfg
 from .blocks import ResUNetDecoder, res_block
 from .pahubert import PahubertEncoder, encoder_config
-from .resunet import SpectralSeparator
+from .resunet import MASK_MAGNITUDE_HELP, SpectralSeparator
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class PahubertResUNetConfig(FairseqDataclass):
     decoder_skips: int = field(default=-1, metadata={
         "help": "stem skips the decoder takes, shallowest first (-1: all, Res-U-Net style; 0: none, so "
                 "everything the decoder knows beyond the mixture passes through the transformer)"})
+    mask_magnitude: str = field(default="relu", metadata={"help": MASK_MAGNITUDE_HELP})
     layer_weights: bool = field(default=False, metadata={
         "help": "decode a learned softmax-weighted sum of every transformer layer's output (SUPERB "
                 "style) instead of the last layer's, whose features are the most specific to the "
@@ -105,7 +106,8 @@ class PahubertResUNetModel(SpectralSeparator):
     """Pac-HuBERT encoder + Res-U-Net decoder + decoupled mask head."""
 
     def __init__(self, cfg: PahubertResUNetConfig, encoder_cfg):
-        super().__init__(cfg.sources, cfg.sample_rate, cfg.audio_channels, None)
+        super().__init__(cfg.sources, cfg.sample_rate, cfg.audio_channels, None,
+                         getattr(cfg, "mask_magnitude", "relu"))  # older checkpoints: relu
         enc_cfg = OmegaConf.merge(OmegaConf.create(encoder_cfg))
         with open_dict(enc_cfg):
             if cfg.encoder_layerdrop >= 0:

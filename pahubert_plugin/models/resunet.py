@@ -24,6 +24,10 @@ from .blocks import ResUNetDecoder, ResUNetEncoder, res_block
 from .spectral import Spectrogram, compress
 
 MASK_MAPS = 4  # magnitude mask, phase real, phase imag, magnitude residual
+MAGNITUDES = ("relu", "leaky")
+MASK_MAGNITUDE_HELP = ("magnitude of the decoupled mask head, |Y| = act(|X| sigmoid(m) + q): relu (Kong et al.; "
+                       "a bin below zero outputs silence and gets no gradient) or leaky (LeakyReLU 0.01: dead bins "
+                       "keep a gradient)")
 
 
 def parse_strides(text: str) -> List[Tuple[int, int]]:
@@ -45,9 +49,11 @@ class DecoupledMaskHead(nn.Module):
     freq, frames))`` -> complex ``(batch, sources, channels, freq, frames)``.
     """
 
-    def __init__(self, num_sources: int, channels: int):
+    def __init__(self, num_sources: int, channels: int, magnitude: str = "relu"):
         super().__init__()
-        self.num_sources, self.channels = num_sources, channels
+        if magnitude not in MAGNITUDES:
+            raise ValueError(f"mask_magnitude must be one of {MAGNITUDES}, got {magnitude!r}")
+        self.num_sources, self.channels, self.magnitude = num_sources, channels, magnitude
 
     @property
     def out_channels(self) -> int:
@@ -64,7 +70,10 @@ class DecoupledMaskHead(nn.Module):
         mix = spec.unsqueeze(1)  # (batch, 1, channels, freq, frames)
         mag = mix.abs()
         cos_x, sin_x = mix.real / mag.clamp_min(1e-8), mix.imag / mag.clamp_min(1e-8)
-        out_mag = torch.relu(mag * mag_mask + residual)
+        z = mag * mag_mask + residual
+        # relu (Kong et al.): a bin with z < 0 is silent and passes no gradient, so it stays dead;
+        # leaky: slope 0.01 below zero (a tiny phase-flipped estimate), every bin keeps a gradient
+        out_mag = torch.relu(z) if self.magnitude == "relu" else nn.functional.leaky_relu(z, 0.01)
         out_cos = cos_x * cos_m - sin_x * sin_m
         out_sin = sin_x * cos_m + cos_x * sin_m
         return torch.complex(out_mag * out_cos, out_mag * out_sin)
@@ -77,11 +86,12 @@ class SpectralSeparator(BaseFairseqModel):
     hops plus one (so the last real sample sits inside full frames), runs the iSTFT and trims.
     """
 
-    def __init__(self, sources: Sequence[str], sample_rate: int, audio_channels: int, spectrogram: Spectrogram):
+    def __init__(self, sources: Sequence[str], sample_rate: int, audio_channels: int, spectrogram: Spectrogram,
+                 mask_magnitude: str = "relu"):
         super().__init__()
         self.sources, self.sample_rate, self.audio_channels = list(sources), int(sample_rate), int(audio_channels)
         self.spectrogram = spectrogram
-        self.mask_head = DecoupledMaskHead(len(self.sources), self.audio_channels)
+        self.mask_head = DecoupledMaskHead(len(self.sources), self.audio_channels, mask_magnitude)
 
     def estimate_spec(self, padded: torch.Tensor) -> torch.Tensor:
         """``padded (batch, channels, samples)`` -> complex ``(batch, sources, channels, freq, frames)``."""
@@ -113,6 +123,7 @@ class ResUNetConfig(FairseqDataclass):
         "help": "(freq, time) pooling after each encoder block, a literal list of pairs"})
     units: int = field(default=4, metadata={"help": "residual units per encoder/decoder block"})
     bottleneck_units: int = field(default=4, metadata={"help": "residual units at the bottleneck (0: none)"})
+    mask_magnitude: str = field(default="relu", metadata={"help": MASK_MAGNITUDE_HELP})
 
 
 class ResUNet(nn.Module):
@@ -146,7 +157,8 @@ class ResUNetModel(SpectralSeparator):
 
     def __init__(self, cfg: ResUNetConfig):
         super().__init__(cfg.sources, cfg.sample_rate, cfg.audio_channels,
-                         Spectrogram(cfg.sample_rate, cfg.n_fft or None))
+                         Spectrogram(cfg.sample_rate, cfg.n_fft or None),
+                         getattr(cfg, "mask_magnitude", "relu"))  # older checkpoints: relu
         self.net = ResUNet(self.audio_channels, self.spectrogram.freq_bins, list(cfg.channels),
                            parse_strides(cfg.strides), cfg.units, cfg.bottleneck_units,
                            self.mask_head.out_channels)
