@@ -50,6 +50,9 @@ setting() {  # TAG -> run.sh options of that setting
     ft1600) run ft1600 --finetune-updates 1600 ;;
     long3000) share exp/demo/midi_long; run long3000 --work exp/demo/midi_long --stage 3 --pretrain-updates 3000 \
                 --reuse-scratch exp/demo/midi/finetune/s0 ;;
+    long1500) run long1500 --work exp/demo/midi_long --reuse-scratch exp/demo/midi/finetune/s0 ;;
+    long1500_probe) run long1500_probe --work exp/demo/midi_long --reuse-scratch exp/demo/midi/finetune/probe \
+                --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     long3000_probe) run long3000_probe --work exp/demo/midi_long --pretrain-updates 3000 \
                 --reuse-scratch exp/demo/midi/finetune/probe \
                 --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
