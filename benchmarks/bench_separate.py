@@ -9,8 +9,8 @@ subprocess so measurements do not mix:
 * peak memory separating a 5-minute track: peak RSS of the process (``ru_maxrss``) and the
   increase over the RSS after the model was built.
 
-Add a model by adding a builder to :data:`BUILDERS` (the time-domain engineer's
-``demucs_v2`` / ``demucs_v2_hubert`` go there): ``name -> () -> (model, segment_seconds)``,
+Add a model by adding a builder to :data:`BUILDERS` (as ``demucs_v2`` / ``demucs_v2_hubert``
+are): ``name -> () -> (model, segment_seconds)``,
 where ``model(mixture (batch, 2, samples)) -> (batch, sources, 2, samples)`` at 44.1 kHz.
 
     python benchmarks/bench_separate.py [--models tiny,base,umxl,htdemucs] [--memory-seconds 300]
