@@ -11,6 +11,8 @@ import sys
 import numpy as np
 
 LABEL_RATE = 100
+LABEL_TOLERANCE = 2  # frames a label line may differ from num_frames(): training and check-labels alike
+MAX_FRAME_OFFSET = 3  # fit_frames refuses more, so no tolerance may exceed it
 
 
 def hop_length(sample_rate: int, label_rate: int = LABEL_RATE) -> int:
@@ -28,11 +30,6 @@ def num_frames(num_samples: int, sample_rate: int, label_rate: int = LABEL_RATE)
     return int(num_samples) // hop_length(sample_rate, label_rate)
 
 
-def num_samples_for(frames: int, sample_rate: int, label_rate: int = LABEL_RATE) -> int:
-    """Samples covered by ``frames`` label frames."""
-    return int(frames) * hop_length(sample_rate, label_rate)
-
-
 def fit_frames(x, n: int, axis: int = 0):
     """Trim or edge-pad ``x`` (numpy array or tensor) along ``axis`` to exactly ``n`` frames.
 
@@ -40,7 +37,7 @@ def fit_frames(x, n: int, axis: int = 0):
     (centred STFT, Kaldi windows); anything further off is a bug, so it raises.
     """
     have = x.shape[axis]
-    if abs(have - n) > 3:
+    if abs(have - n) > MAX_FRAME_OFFSET:
         raise ValueError(f"frame count {have} is {have - n:+d} off the expected {n}")
     if have == 0 and n > 0:
         raise ValueError(f"no frames to fit to the expected {n}")

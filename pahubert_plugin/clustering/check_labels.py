@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from pahubert_plugin.data.manifest import check_manifest_rate
-from pahubert_plugin.frames import num_frames
+from pahubert_plugin.frames import LABEL_TOLERANCE, num_frames
 
 
 class LabelMismatch(ValueError):
@@ -38,7 +38,7 @@ def read_dict(path: str) -> set:
         return {line.split()[0] for line in f if line.strip()}
 
 
-def find_problems(tsv: str, km: str, sample_rate: int, tolerance: int = 1,
+def find_problems(tsv: str, km: str, sample_rate: int, tolerance: int = LABEL_TOLERANCE,
                   dictionary: Optional[str] = None, max_report: int = 20) -> List[str]:
     """Human-readable problems (empty when the labels are aligned)."""
     _, rows = read_manifest(tsv)
@@ -63,7 +63,7 @@ def find_problems(tsv: str, km: str, sample_rate: int, tolerance: int = 1,
     return problems
 
 
-def check_labels(tsv: str, km: str, sample_rate: int, tolerance: int = 1, dictionary: Optional[str] = None) -> None:
+def check_labels(tsv: str, km: str, sample_rate: int, tolerance: int = LABEL_TOLERANCE, dictionary: Optional[str] = None) -> None:
     """Raise :class:`LabelMismatch` listing the problems, if any."""
     problems = find_problems(tsv, km, sample_rate, tolerance, dictionary)
     if problems:
@@ -79,7 +79,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("tsv", help="manifest, e.g. data/train.tsv")
     parser.add_argument("km", help="label file, e.g. labels/train.km")
     parser.add_argument("--sample-rate", type=int, required=True, help="rate the manifest's num_samples use")
-    parser.add_argument("--tolerance", type=int, default=1, help="allowed difference in frames per row")
+    parser.add_argument("--tolerance", type=int, default=LABEL_TOLERANCE,
+                        help=f"allowed difference in frames per row (default {LABEL_TOLERANCE}, what pretraining "
+                             f"accepts: task.label_tolerance)")
     parser.add_argument("--dict", dest="dictionary",
                         help="label dictionary; every label must be in it (default: dict.<ext>.txt beside KM, "
                              "e.g. labels/dict.km.txt for labels/train.km, if it exists)")

@@ -36,7 +36,7 @@ from .manifest import check_manifest_rate
 
 logger = logging.getLogger(__name__)
 
-MAX_LABEL_TOLERANCE = 3  # frames.fit_frames refuses more
+MAX_LABEL_TOLERANCE = frames.MAX_FRAME_OFFSET  # frames.fit_frames refuses more
 
 
 def expected_labels(num_samples: int, sample_rate: int, label_rate: float) -> int:
@@ -114,7 +114,7 @@ class PahubertDataset(HubertDataset):
         normalize: bool = False,
         random_crop: bool = False,
         single_target: bool = False,
-        label_tolerance: int = 2,
+        label_tolerance: int = frames.LABEL_TOLERANCE,
         seed: int = 1,
         dictionaries: Optional[List[Any]] = None,
         dict_paths: Optional[List[str]] = None,

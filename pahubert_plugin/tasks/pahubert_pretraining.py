@@ -21,6 +21,7 @@ from fairseq.tasks.hubert_pretraining import (
     LabelEncoder,
 )
 
+from .. import frames
 from ..data.hubert_dataset import PahubertDataset
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class PahubertPretrainingConfig(HubertPretrainingConfig):
     )
     label_rate: float = field(default=100.0, metadata={"help": "label frame rate in Hz (100 = one label per STFT frame)"})
     label_tolerance: int = field(
-        default=2,
+        default=frames.LABEL_TOLERANCE,
         metadata={"help": "frames a label line may differ from frames.num_frames(num_samples) "
                           "before loading stops with the row named (0-3)"},
     )
