@@ -184,12 +184,29 @@ def load_encoder_weights(model, state: dict, path: str = "") -> int:
 #    destination, so it is always either the old or the new complete file.
 # 2. ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (model loading everywhere, trainer resume):
 #    refused and corrupt files raise :class:`CheckpointRefused` / :class:`CheckpointCorrupt` naming
-#    the file, never torch's advice to retry with ``weights_only=False``.
+#    the file, never torch's advice to turn the check off.
 # 3. ``fairseq.checkpoint_utils.load_checkpoint`` (resume): a corrupt checkpoint_last.pt is treated
 #    as missing: a warning names it and training resumes from the newest intact checkpoint of the
 #    folder (most updates), or stops with a message naming the file and the fix.
+# 4. ``torch`` as ``fairseq.checkpoint_utils`` sees it (:class:`_WeightsOnlyTorch`): its ``torch.load`` calls
+#    (``load_checkpoint_to_cpu``, ``load_pretrained_component_from_model``) pass no ``weights_only``,
+#    which torch lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turn off; they now pass ``weights_only=True``.
 
 _PATCHED = False
+
+
+class _WeightsOnlyTorch:
+    """``torch`` for ``fairseq.checkpoint_utils``: the same module, but ``load`` always restricted."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True  # explicit: no environment variable can turn it off
+        return torch.load(f, *args, **kwargs)
+
+
 _CHECKPOINT_NAME = re.compile(r"^checkpoint(_\d+_\d+|\d+|_best|_last)\.pt$")
 
 
@@ -271,7 +288,7 @@ def _set(cfg, **values) -> None:
 
 
 def install_fairseq_patches() -> None:
-    """Install the three patches above once per process (idempotent)."""
+    """Install the four patches above once per process (idempotent)."""
     global _PATCHED
     if _PATCHED:
         return
@@ -304,6 +321,7 @@ def install_fairseq_patches() -> None:
 
     load_checkpoint_to_cpu.__wrapped__ = original_to_cpu
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    checkpoint_utils.torch = _WeightsOnlyTorch()
 
     original_resume = checkpoint_utils.load_checkpoint
 

@@ -148,6 +148,22 @@ def test_refused_checkpoint_message_in_fairseq_loaders(evil_pt):
         _assert_one_message(str(e.value), evil_pt)
 
 
+def test_fairseq_loaders_keep_weights_only_when_the_environment_turns_it_off(evil_pt, monkeypatch):
+    """torch.load without an explicit weights_only obeys TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1; the plugin makes
+    fairseq's checkpoint loads pass weights_only=True, so a crafted file is still refused (and never runs)."""
+    from fairseq import checkpoint_utils
+
+    import pahubert_plugin  # noqa: F401
+    from pahubert_plugin.checkpoint import CheckpointRefused
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    for load in (checkpoint_utils.load_checkpoint_to_cpu,
+                 lambda p: checkpoint_utils.load_model_ensemble_and_task([str(p)]),
+                 lambda p: checkpoint_utils.load_pretrained_component_from_model(None, str(p))):
+        with pytest.raises(CheckpointRefused):
+            load(evil_pt)
+
+
 def test_refused_checkpoint_separate_and_evaluate(evil_pt, tmp_path, caplog, capsys):
     import soundfile as sf
 
