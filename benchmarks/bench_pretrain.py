@@ -198,12 +198,8 @@ def expanded_nce():
     """The head computes its logits with fairseq's compute_nce on (classes, tokens, dim) negatives."""
     from pahubert_plugin.models.pahubert import MaskedPredictionHead
 
-    def fairseq_logits(self, x, target, label_embs):
-        negs = label_embs.unsqueeze(1).expand(-1, x.size(0), -1)
-        return self.compute_nce(x, torch.index_select(label_embs, 0, target.long()), negs)
-
     fast = MaskedPredictionHead.cosine_logits
-    MaskedPredictionHead.cosine_logits = fairseq_logits
+    MaskedPredictionHead.cosine_logits = MaskedPredictionHead.expanded_logits
     try:
         yield
     finally:

@@ -20,6 +20,11 @@ from torch import nn
 PRECISIONS = ("fp32", "bf16")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def optimize_for_inference(model: nn.Module) -> nn.Module:
     """``model`` in eval mode, changed in place for faster inference with the same outputs.
 
@@ -38,9 +43,10 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
 
     model.eval()
     for unit in model.modules():
-        body = getattr(unit, "body", None)
-        if (isinstance(unit, ResUnit) and isinstance(body[2], nn.Conv2d) and isinstance(body[3], nn.BatchNorm2d)
-                and body[3].track_running_stats):
+        if not isinstance(unit, ResUnit):
+            continue
+        body = unit.body  # norm, act, conv, norm, act, conv
+        if isinstance(body[3], nn.BatchNorm2d) and body[3].track_running_stats:
             body[2] = fuse_conv_bn_eval(body[2], body[3])
             body[3] = nn.Identity()
     if any(isinstance(m, nn.Conv2d) for m in model.modules()):
@@ -55,8 +61,7 @@ class Autocast(nn.Module):
 
     def __init__(self, model: nn.Module, precision: str = "bf16"):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        check_precision(precision)
         self.model, self.precision = model, precision
 
     def forward(self, mixture: torch.Tensor) -> torch.Tensor:

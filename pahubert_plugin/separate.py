@@ -119,11 +119,10 @@ class Separator:
         ``optimize``: :func:`~pahubert_plugin.apply.optimize_for_inference` (BatchNorm folded into
         convolutions, channels_last; same estimates up to float rounding). ``precision="bf16"``:
         autocast (faster on CPUs with bfloat16 units, estimates about 1e-2 of the peak off)."""
-        from .apply import PRECISIONS, optimize_for_inference
+        from .apply import check_precision, optimize_for_inference
 
         check_options(segment, overlap, batch_size, shifts)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)  # before the model is loaded
         model, cfg = load_separation_model(path, device)
         if optimize:
             model = optimize_for_inference(model)

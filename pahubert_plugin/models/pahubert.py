@@ -290,17 +290,23 @@ class MaskedPredictionHead(nn.Module):
     def _predict(self, x, target, label_embs):
         """(S, classes + 1) logits, column 0 = the target: fairseq's ``compute_nce`` of ``x`` against
         its label's embedding and every label embedding, those equal to the target's at -inf."""
-        if self.target_glu is not None:  # fairseq's own path: the GLU acts on each (class, token) pair
-            y = torch.index_select(label_embs, 0, target.long())  # (S, D)
-            negs = label_embs.unsqueeze(1).expand(-1, x.size(0), -1)  # (classes, S, D)
-            return self.compute_nce(x, self.target_glu(y), self.target_glu(negs))
+        if self.target_glu is not None:  # the GLU acts on each (class, token) pair: fairseq's own path
+            return self.expanded_logits(x, target, label_embs)
         return self.cosine_logits(x, target, label_embs)
+
+    def expanded_logits(self, x, target, label_embs):
+        """fairseq's path: ``compute_nce`` on the (classes, S, D) expansion of the label embeddings."""
+        y = torch.index_select(label_embs, 0, target.long())  # (S, D)
+        negs = label_embs.unsqueeze(1).expand(-1, x.size(0), -1)  # (classes, S, D)
+        if self.target_glu is not None:
+            y, negs = self.target_glu(y), self.target_glu(negs)
+        return self.compute_nce(x, y, negs)
 
     def cosine_logits(self, x, target, label_embs):
         """``compute_nce`` without its (classes, S, D) expansion: the negatives are the label embeddings
         themselves, so every cosine is one (S, D) x (D, classes) product. Same values and -inf pattern
         (tests/test_pretraining.py compares the two); 1/3 of a CPU pretraining step at 100 clusters
-        went into the expanded elementwise ops (benchmarks/bench_pretrain.py --profile)."""
+        went into the expanded elementwise ops (benchmarks/bench_pretrain.py --logits-peer)."""
         xf, ef = x.float(), label_embs.float()
         cos = (xf @ ef.t()) / (xf.norm(dim=-1, keepdim=True) * ef.norm(dim=-1)[None]).clamp_min(1e-8)
         logits = (cos.type_as(x) / self.logit_temp)
