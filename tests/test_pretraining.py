@@ -381,3 +381,37 @@ def test_cosine_logits_equal_fairseq_compute_nce():
     grads = [torch.autograd.grad(torch.log_softmax(lg, -1)[:, 0].sum(), [x, emb]) for lg in (fast, ref)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_input_norm_freq_standardises_every_bin():
+    """model.input_norm=freq (Kong et al.'s bn0): in training mode each frequency bin of the compressed
+    spectrogram reaches the stem with mean 0 and variance 1 over batch, channels and frames, whatever
+    its level; none leaves the input as it was; anything else is refused by name."""
+    from omegaconf import OmegaConf
+
+    from pahubert_plugin.models.pahubert import PahubertConfig, PahubertEncoder
+    from pahubert_plugin.models.spectral import compress
+
+    def encoder(norm):
+        cfg = OmegaConf.merge(OmegaConf.structured(PahubertConfig), {
+            "sample_rate": 16000, "audio_channels": 2, "label_rate": 100, "n_fft": 320, "stem_channels": [4],
+            "stem_freq_strides": [1], "stem_time_strides": [1], "stem_units": 1, "encoder_layers": 1,
+            "encoder_embed_dim": 16, "encoder_ffn_embed_dim": 16, "encoder_attention_heads": 2, "conv_pos": 4,
+            "conv_pos_groups": 2, "input_norm": norm})
+        return PahubertEncoder(cfg).train()
+
+    torch.manual_seed(0)
+    seen = {}
+    wav = torch.randn(3, 2, 8000) * torch.linspace(0.01, 1, 8000)
+    for norm in ("none", "freq"):
+        enc = encoder(norm)
+        enc.stem.register_forward_pre_hook(lambda m, args, norm=norm: seen.__setitem__(norm, args[0].detach()))
+        enc(wav)
+    x = seen["freq"][:, :, :161]
+    mean, var = x.mean(dim=(0, 1, 3)), x.var(dim=(0, 1, 3), unbiased=False)
+    assert mean.abs().max() < 1e-4 and (var - 1).abs().max() < 1e-3
+    raw = compress(enc.spectrogram(wav).abs())  # (3, 2, 161, frames)
+    assert torch.allclose(seen["none"][:, :, :161, : raw.shape[-1]], raw, atol=1e-6)
+    assert not torch.allclose(seen["freq"][:, :, :161, : raw.shape[-1]], raw, atol=0.1)
+    with pytest.raises(ValueError, match="input_norm must be none or freq"):
+        encoder("layer")

@@ -67,6 +67,10 @@ setting() {  # TAG -> run.sh options of that setting
     stemonly) run stemonly --reuse-scratch s0 --pretrained-args "model.reinit_layers=4 model.reinit_pos_conv=true" ;;
     fpen0_s0) share exp/demo/midi_fpen0; run fpen0_s0 --work exp/demo/midi_fpen0 --stage 3 --pretrain-args "criterion.loss_weights=[0]" \
                 --reuse-scratch exp/demo/midi/finetune/s0 ;;
+    fnorm_s0) share exp/demo/midi_fnorm; run fnorm_s0 --work exp/demo/midi_fnorm --stage 3 \
+                --pretrain-args "model.input_norm=freq" ;;
+    fnorm_bs8) run fnorm_bs8 --work exp/demo/midi_fnorm --ft-args "dataset.batch_size=8" ;;
+    bs8_skips0) run bs8_skips0 --ft-args "dataset.batch_size=8 model.decoder_skips=0" ;;
     probe) run probe --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     *) echo "diagnose.sh: unknown setting $1 (see examples/demo/diagnose.tsv)" >&2; return 1 ;;
   esac

@@ -122,6 +122,13 @@ class PahubertConfig(HubertConfig):
                           "group (GroupNorm: no running statistics carried from pretraining data into "
                           "fine-tuning, and the same behaviour in training and eval mode)"},
     )
+    input_norm: str = field(
+        default="none",
+        metadata={"help": "normalisation of the compressed spectrogram before the stem: none, or freq "
+                          "(BatchNorm2d with one channel per frequency bin, Kong et al.'s bn0: every bin "
+                          "standardised with running statistics of the training data, so quiet high "
+                          "bins weigh as much as loud low ones)"},
+    )
     stem_bn_momentum: float = field(
         default=0.01,
         metadata={"help": "BatchNorm momentum of the stem (Kong et al.: 0.01); short runs need more "
@@ -153,6 +160,11 @@ class PahubertEncoder(nn.Module):
         for module in self.stem.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = cfg.stem_bn_momentum
+        input_norm = getattr(cfg, "input_norm", None) or "none"  # older checkpoints: none
+        if input_norm not in ("none", "freq"):
+            raise ValueError(f"input_norm must be none or freq, got {input_norm!r}")
+        self.input_norm = (nn.BatchNorm2d(self.spectrogram.freq_bins, momentum=cfg.stem_bn_momentum)
+                           if input_norm == "freq" else None)
         freq_stride, self.time_stride = self.stem.stride
         self.bottleneck_shape = (cfg.stem_channels[-1], math.ceil(self.spectrogram.freq_bins / freq_stride))
         stem_dim = self.bottleneck_shape[0] * self.bottleneck_shape[1]
@@ -225,7 +237,10 @@ class PahubertEncoder(nn.Module):
             )
         spec = self.spectrogram(source.float())  # (B, C, F, frames), fp32 even under .half()
         num_frames = spec.shape[-1]
-        x = self.band_mask(compress(spec.abs()))
+        x = compress(spec.abs())
+        if self.input_norm is not None:  # (B, C, F, T) -> one BatchNorm channel per frequency bin
+            x = self.input_norm(x.transpose(1, 2)).transpose(1, 2)
+        x = self.band_mask(x)
         x = self.stem.pad(x).to(self.post_extract_proj.weight.dtype)  # (B, C, F_pad, frames_pad)
         if self.feature_grad_mult > 0:
             bottleneck, skips = self.stem(x)  # (B, C_last, F', T')
