@@ -196,7 +196,7 @@ def bench(name, device, updates, batch_size=None, seconds=None, warmup=2, data=N
 @contextlib.contextmanager
 def expanded_nce():
     """The head computes its logits with fairseq's compute_nce on (classes, tokens, dim) negatives."""
-    from pahubert_plugin.models.pahubert import MaskedPredictionHead
+    from pahubert_plugin.models.hubert_encoder import MaskedPredictionHead
 
     fast = MaskedPredictionHead.cosine_logits
     MaskedPredictionHead.cosine_logits = MaskedPredictionHead.expanded_logits

@@ -38,12 +38,14 @@ def _parts(model):
             model.net.bottleneck, model.net.decoder
     else:  # pahubert_resunet
         enc = model.encoder
-        stem, bottleneck, decoder = enc.stem, model.bottleneck, model.decoder
+        stem, bottleneck, decoder = enc.front_end.stem, model.bottleneck, model.decoder
         trunk = [("stem layer norm + proj", enc.layer_norm), ("stem layer norm + proj", enc.post_extract_proj),
                  ("transformer", enc.transformer), ("token -> map proj", model.proj)]
     parts = [("STFT", model.spectrogram)]
     if hasattr(model, "net"):
         parts += trunk
+    elif model.encoder.front_end.input_norm is not None:
+        parts += [("input norm", model.encoder.front_end.input_norm)]
     parts += [(f"stem block {i}", b) for i, b in enumerate(stem.blocks)]
     parts += [(f"stem pool {i}", p) for i, p in enumerate(stem.pools)]
     if not hasattr(model, "net"):

@@ -106,10 +106,10 @@ def test_demucs_v2_hubert_encoder_tokens_masks_and_padding():
     padding[1, 5000:] = True
     out = model.encoder(source, padding_mask=padding, mask=True)
     tokens = -(-16000 // 512)
-    assert out["features"].shape == (2, tokens, 64)
-    assert out["padding_mask"][0].sum() == 0
-    assert out["padding_mask"][1].sum() == tokens - (-(-5000 // 512))  # tokens starting past 5000
-    assert out["mask_indices"].shape == (2, tokens) and out["mask_indices"].any()
+    assert out.features.shape == (2, tokens, 64)
+    assert out.padding_mask[0].sum() == 0
+    assert out.padding_mask[1].sum() == tokens - (-(-5000 // 512))  # tokens starting past 5000
+    assert out.mask_indices.shape == (2, tokens) and out.mask_indices.any()
     feats, pad = model.extract_features(source, output_layer=1)
     assert feats.shape == (2, tokens, 64) and pad is None
 

@@ -46,7 +46,7 @@ def test_port_into_demucs_v2_hubert_copies_exactly(speech_ckpt, tmp_path, capsys
         assert torch.equal(ported["model"][name], speech[src]), name
     new = ported["port"]["new"]
     assert "encoder.post_extract_proj.weight" in new and "encoder.layer_norm.weight" in new
-    assert any(n.startswith("encoder.demucs.") for n in new) and not ported["port"]["reshaped"]
+    assert any(n.startswith("encoder.front_end.demucs.") for n in new) and not ported["port"]["reshaped"]
     assert not any(n.startswith("encoder.transformer.") for n in new)
     # the printed table names every tensor and the totals
     assert "encoder.transformer.layers.1.fc2.weight" in table and re.search(r"copied:\s+38 tensors", table)

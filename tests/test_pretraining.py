@@ -360,7 +360,7 @@ def test_two_label_sets_each_with_its_weight(tmp_path):
 def test_cosine_logits_equal_fairseq_compute_nce():
     """The head's matrix-product logits are fairseq's HubertModel.compute_nce: same values, same -inf
     where a label embedding equals the target's (here two duplicated rows), same gradients."""
-    from pahubert_plugin.models.pahubert import MaskedPredictionHead
+    from pahubert_plugin.models.hubert_encoder import MaskedPredictionHead
 
     torch.manual_seed(0)
     head = MaskedPredictionHead(32, [20], 1.0, final_dim=16)
@@ -405,12 +405,12 @@ def test_input_norm_freq_standardises_every_bin():
     wav = torch.randn(3, 2, 8000) * torch.linspace(0.01, 1, 8000)
     for norm in ("none", "freq"):
         enc = encoder(norm)
-        enc.stem.register_forward_pre_hook(lambda m, args, norm=norm: seen.__setitem__(norm, args[0].detach()))
+        enc.front_end.stem.register_forward_pre_hook(lambda m, args, norm=norm: seen.__setitem__(norm, args[0].detach()))
         enc(wav)
     x = seen["freq"][:, :, :161]
     mean, var = x.mean(dim=(0, 1, 3)), x.var(dim=(0, 1, 3), unbiased=False)
     assert mean.abs().max() < 1e-4 and (var - 1).abs().max() < 1e-3
-    raw = compress(enc.spectrogram(wav).abs())  # (3, 2, 161, frames)
+    raw = compress(enc.front_end.spectrogram(wav).abs())  # (3, 2, 161, frames)
     assert torch.allclose(seen["none"][:, :, :161, : raw.shape[-1]], raw, atol=1e-6)
     assert not torch.allclose(seen["freq"][:, :, :161, : raw.shape[-1]], raw, atol=0.1)
     with pytest.raises(ValueError, match="input_norm must be none or freq"):

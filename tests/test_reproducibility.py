@@ -42,7 +42,7 @@ def _masks_follow_torch_seed() -> bool:
     for _ in range(2):
         torch.manual_seed(0)
         np.random.seed(0)
-        masks.append(encoder(wav, mask=True)["mask_indices"])
+        masks.append(encoder(wav, mask=True).mask_indices)
     return torch.equal(*masks)
 
 

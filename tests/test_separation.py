@@ -415,7 +415,7 @@ def test_pahubert_resunet_decoder_skips_route_through_the_transformer(tmp_path):
     none = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", decoder_skips=0)).eval()
     with torch.no_grad():
         enc = full.encoder(torch.randn(1, 2, 3200))
-    x, skips = enc["bottleneck"], enc["skips"]  # shapes of a real forward pass
+    x, skips = enc.front.context.bottleneck, enc.front.skips  # shapes of a real forward pass
     other = [torch.randn_like(s) for s in skips]
     with torch.no_grad():
         assert torch.equal(none.decoder(x, skips), none.decoder(x, other))
@@ -439,7 +439,7 @@ def test_pahubert_resunet_layer_weights_mix_every_layer(tmp_path):
     with torch.no_grad():  # all weight on the last layer: the plain model's output exactly
         torch.testing.assert_close(mixed(wav), plain(wav), rtol=0, atol=1e-6)
         mixed.layer_weights.copy_(torch.tensor([1e4, -1e4]))  # all on layer 1: other decoder input
-        feats = plain.encoder(wav)["layer_results"]
+        feats = plain.encoder(wav).layer_results
         assert not torch.allclose(feats[0][0], feats[1][0])
         assert not torch.equal(mixed(wav), plain(wav))
     with torch.no_grad():
@@ -470,7 +470,7 @@ def test_stem_norm_group_has_no_running_statistics(tmp_path):
     state["cfg"]["model"].pop("stem_norm", None)
     torch.save(state, tmp_path / "old.pt")
     old = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "old.pt"))
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in old.encoder.stem.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in old.encoder.front_end.stem.modules())
 
 
 def test_pahubert_resunet_fine_tuning_masks_and_stem_override(tmp_path):
@@ -501,7 +501,7 @@ def test_pahubert_resunet_fine_tuning_masks_and_stem_override(tmp_path):
             tmp_path / "pre.pt", encoder_feature_grad_mult=1.0)), True)):
         model.zero_grad()
         model.train()(wav).abs().mean().backward()
-        grads = [p.grad for p in model.encoder.stem.parameters()]
+        grads = [p.grad for p in model.encoder.front_end.stem.parameters()]
         assert any(g is not None and g.abs().sum() > 0 for g in grads) == trains
 
 
@@ -518,8 +518,8 @@ def test_pahubert_resunet_reinit_layers_keeps_the_scratch_init_on_top(tmp_path):
         assert torch.equal(v, layers(scratch)[1].state_dict()[k]), k
     for k, v in layers(mixed)[0].state_dict().items():  # below it: the pretrained weights
         assert torch.equal(v, layers(pre.encoder)[0].state_dict()[k]), k
-    for k, v in mixed.encoder.stem.state_dict().items():  # the stem: pretrained
-        assert torch.equal(v, pre.encoder.stem.state_dict()[k]), k
+    for k, v in mixed.encoder.front_end.stem.state_dict().items():  # the stem: pretrained
+        assert torch.equal(v, pre.encoder.front_end.stem.state_dict()[k]), k
     torch.manual_seed(5)
     pos = PahubertResUNetModel.build_model(pahubert_resunet_cfg(tmp_path / "pre.pt", reinit_pos_conv=True))
     for k, v in pos.encoder.transformer.pos_conv.state_dict().items():

@@ -3,7 +3,7 @@
 A waveform U-Net.  The input (mixture) is upsampled x2, then ``depth`` encoder layers
 ``Conv1d(K=8, S=4) -> ReLU -> Conv1d(1x1, 2C) -> GLU`` with ``C`` starting at ``channels``
 and growing by ``growth`` per layer; a bottleneck (2-layer BiLSTM + linear in Demucs V2,
-a HuBERT transformer in :class:`DemucsHubertEncoder`); a mirrored decoder, per layer
+a HuBERT transformer in :class:`DemucsHubertEncoder`, through :class:`DemucsFrontEnd`); a mirrored decoder, per layer
 ``Conv1d(C, 2C, K=3) -> GLU -> ConvTranspose1d(K=8, S=4) -> ReLU`` (no ReLU on the last
 layer, which outputs ``sources x audio_channels`` signals), with additive skips from the
 encoder layer of the same depth.  Finally the signal is downsampled back to the input rate.
@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio.functional as AF
+
+from .hubert_encoder import FrontEnd, FrontEndOutput, HubertTokenEncoder
 
 # Presets as data: `tiny` runs on a CPU in seconds, `base` is the paper's Demucs V2
 # (~266 M parameters with the BiLSTM bottleneck).
@@ -233,101 +235,45 @@ class DemucsV2(nn.Module):
         return self.decoder(self.bottleneck(x), skips, ctx)
 
 
-class DemucsHubertEncoder(nn.Module):
-    """Demucs V2 encoder + HuBERT's transformer in place of the BiLSTM.
+class DemucsFrontEnd(FrontEnd):
+    """The Demucs V2 encoder as a :class:`~pahubert_plugin.models.hubert_encoder.FrontEnd`: its
+    bottleneck steps are the tokens (``out_dim`` = the last layer's channels, 2048 in ``base``), its
+    layer outputs the skips and :class:`DemucsContext` the context of :class:`DemucsDecoder`.
 
-    The bottleneck steps are the tokens: HuBERT-style layer norm on the conv features,
-    a linear projection to the transformer width (the widths differ: 2048 vs 768 in
-    ``base``), span masking with a learned embedding (fairseq ``compute_mask_indices``),
-    then fairseq's wav2vec2/HuBERT ``TransformerEncoder`` (convolutional positions).
-    Attribute names follow fairseq's ``HubertModel`` (``layer_norm``, ``post_extract_proj``,
-    ``mask_emb``) so a speech checkpoint maps onto it by name (see ``port_hubert``).
-
-    ``cfg`` holds the Demucs geometry (``channels, depth, growth, kernel_size, stride,
-    upsample, normalize, rescale``) and fairseq ``HubertConfig``'s transformer and masking
-    fields (the config of ``demucs_v2_hubert``).
+    ``cfg`` holds the Demucs geometry (``channels, depth, growth, kernel_size, stride, upsample,
+    normalize, rescale``).
     """
+
+    legacy_prefixes = {"demucs.": "front_end.demucs."}
 
     def __init__(self, cfg, audio_channels: int = 2):
         super().__init__()
-        from fairseq.models.wav2vec.wav2vec2 import TransformerEncoder
-        from fairseq.modules import LayerNorm
-
-        self.cfg = cfg
         self.demucs = DemucsEncoder(
             audio_channels=audio_channels, channels=cfg.channels, depth=cfg.depth,
             growth=cfg.growth, kernel_size=cfg.kernel_size, stride=cfg.stride,
             upsample=cfg.upsample, normalize=cfg.normalize, rescale=cfg.rescale)
-        width = self.demucs.out_channels
-        self.embed_dim = cfg.encoder_embed_dim
-        self.layer_norm = LayerNorm(width)
-        self.post_extract_proj = (
-            nn.Linear(width, self.embed_dim) if width != self.embed_dim else None)
-        self.dropout_input = nn.Dropout(cfg.dropout_input)
-        self.mask_emb = nn.Parameter(torch.empty(self.embed_dim).uniform_())
-        # the attributes fairseq's HubertModel.apply_mask reads
-        for name in ("mask_prob", "mask_length", "mask_selection", "mask_other", "no_mask_overlap",
-                     "mask_min_space", "mask_channel_prob", "mask_channel_length",
-                     "mask_channel_selection", "mask_channel_other", "no_mask_channel_overlap",
-                     "mask_channel_min_space"):
-            setattr(self, name, getattr(cfg, name))
-        self.transformer = TransformerEncoder(cfg)
-        self.feature_grad_mult = cfg.feature_grad_mult
-
-    def apply_mask(self, x, padding_mask, target_list=None):
-        """fairseq's HubertModel.apply_mask, seeded: x (batch, steps, dim) -> (x, mask (batch, steps))."""
-        from .pahubert import seeded_apply_mask
-
-        return seeded_apply_mask(self, x, padding_mask, target_list)
+        self.out_dim = self.demucs.out_channels
 
     @property
     def hop(self) -> float:
-        """Input samples per token."""
         return self.demucs.hop
 
-    def token_padding_mask(self, padding_mask: Optional[torch.Tensor], steps: int):
-        """Sample padding mask (batch, samples) -> token padding mask (batch, steps) or None.
-
-        A token is padding when it starts at or after the last valid sample.
-        """
+    def token_padding_mask(self, padding_mask: Optional[torch.Tensor], num_tokens: int):
+        """A token is padding when it starts at or after the last valid sample; None without padding."""
         if padding_mask is None or not padding_mask.any():
             return None
         valid = (~padding_mask).sum(dim=1, keepdim=True)  # (batch, 1)
-        starts = torch.arange(steps, device=padding_mask.device) * self.hop
+        starts = torch.arange(num_tokens, device=padding_mask.device) * self.hop
         return starts.unsqueeze(0) >= valid
 
-    def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-                mask: bool = False, output_layer: Optional[int] = None) -> Dict:
-        """source (batch, channels, samples), padding_mask (batch, samples) bool.
+    def forward(self, source: torch.Tensor) -> FrontEndOutput:
+        feats, skips, ctx = self.demucs(source)  # (batch, C_last, steps)
+        return FrontEndOutput(feats.transpose(1, 2), skips, ctx)
 
-        Returns a dict: ``features`` (batch, steps, embed_dim), ``padding_mask`` (batch, steps)
-        or None, ``mask_indices`` (batch, steps) or None, ``bottleneck`` (batch, C_last, steps),
-        ``skips`` and ``ctx`` (for :class:`DemucsDecoder`), ``features_pen`` (scalar),
-        ``layer_results``.  ``output_layer`` is 1-based (HuBERT's convention).
-        """
-        from fairseq.modules import GradMultiply
 
-        if self.feature_grad_mult > 0:
-            feats, skips, ctx = self.demucs(source)
-            if self.feature_grad_mult != 1.0:
-                feats = GradMultiply.apply(feats, self.feature_grad_mult)
-        else:
-            with torch.no_grad():
-                feats, skips, ctx = self.demucs(source)
-        features_pen = feats.float().pow(2).mean()
-        x = self.layer_norm(feats.transpose(1, 2))  # (batch, steps, C_last)
-        if self.post_extract_proj is not None:
-            x = self.post_extract_proj(x)
-        x = self.dropout_input(x)
-        token_mask = self.token_padding_mask(padding_mask, x.size(1))
-        mask_indices = None
-        if mask:
-            x, mask_indices = self.apply_mask(x, token_mask)
-        x, layer_results = self.transformer(
-            x, padding_mask=token_mask,
-            layer=None if output_layer is None else output_layer - 1)
-        return {
-            "features": x, "padding_mask": token_mask, "mask_indices": mask_indices,
-            "bottleneck": feats, "skips": skips, "ctx": ctx,
-            "features_pen": features_pen, "layer_results": layer_results,
-        }
+class DemucsHubertEncoder(HubertTokenEncoder):
+    """Demucs V2 encoder + HuBERT's transformer in place of the BiLSTM (``cfg``: the config of
+    ``demucs_v2_hubert``, Demucs geometry plus fairseq ``HubertConfig``'s transformer and masking)."""
+
+    def __init__(self, cfg, audio_channels: int = 2):
+        super().__init__(DemucsFrontEnd(cfg, audio_channels), cfg)

@@ -4,7 +4,7 @@ One registered model, two roles chosen by the task it is built for:
 
 * ``task=pahubert_pretraining`` (criterion ``pahubert``): the Demucs encoder + transformer
   (:class:`~pahubert_plugin.models.demucs.DemucsHubertEncoder`) and HuBERT's masked
-  prediction head (:class:`~pahubert_plugin.models.pahubert.MaskedPredictionHead`) on the
+  prediction head (:class:`~pahubert_plugin.models.hubert_encoder.MaskedPredictionHead`) on the
   100 Hz labels, subsampled to the bottleneck rate by fairseq's ``feat2tar`` rule
   (``label_rate * hop / sample_rate`` label frames per token, ~4.64 at 44.1 kHz, depth 6).
   The decoder is not built (no unused parameters under DDP).
@@ -32,7 +32,7 @@ from torch import nn
 
 from .demucs import DemucsDecoder, DemucsHubertEncoder
 from .demucs_v2 import DemucsGeometryConfig, separation_task_info
-from .pahubert import HubertStyleModel, MaskedPredictionHead
+from .hubert_encoder import HubertPretrainingModel, MaskedPredictionHead
 from ..checkpoint import load_checkpoint, load_encoder_weights, persist_model_cfg
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def check_pretrained(state: Dict, cfg, path: str, audio_channels: int, sample_ra
 
 
 @register_model(MODEL_NAME, dataclass=DemucsV2HubertConfig)
-class DemucsV2HubertModel(HubertStyleModel):
+class DemucsV2HubertModel(HubertPretrainingModel):
     """``encoder`` always; ``head`` when pretraining; ``bottleneck_proj`` + ``decoder`` when separating."""
 
     def __init__(self, cfg: DemucsV2HubertConfig, audio_channels: int, sample_rate: int,
@@ -109,14 +109,11 @@ class DemucsV2HubertModel(HubertStyleModel):
         self.head = None
         if num_classes:
             ratio = cfg.label_rate * self.encoder.hop / sample_rate  # label frames per token
-            self.head = MaskedPredictionHead(
-                cfg.encoder_embed_dim, num_classes, ratio, final_dim=cfg.final_dim,
-                logit_temp=cfg.logit_temp, untie_final_proj=cfg.untie_final_proj,
-                target_glu=cfg.target_glu, skip_masked=cfg.skip_masked, skip_nomask=cfg.skip_nomask)
+            self.head = MaskedPredictionHead.from_config(cfg, num_classes, ratio)
         self.sources = list(sources) if sources else None
         self.bottleneck_proj = self.decoder = None
         if sources:
-            width = self.encoder.demucs.out_channels
+            width = self.encoder.front_end.out_dim
             self.bottleneck_proj = nn.Linear(cfg.encoder_embed_dim, width)
             self.decoder = DemucsDecoder(
                 len(self.sources), audio_channels=audio_channels, channels=cfg.channels,
@@ -165,18 +162,11 @@ class DemucsV2HubertModel(HubertStyleModel):
         """Separation: ``mixture`` (batch, channels, samples) -> (batch, sources, channels, samples).
 
         Pretraining: ``source`` (batch, channels, samples), ``target_list`` [(batch, frames)] at
-        the label rate -> HuBERT's net_output; with ``features_only`` the encoder's dict plus
-        ``x`` = ``features`` (batch, steps, D).
+        the label rate -> HuBERT's net_output (``HubertPretrainingModel.pretraining_forward``).
         """
         if mixture is not None:
             return self.separate(mixture)
-        out = self.encoder(source, padding_mask=padding_mask, mask=mask, output_layer=output_layer)
-        if features_only:
-            return {**out, "x": out["features"]}
-        if self.head is None:
-            raise ValueError(f"{MODEL_NAME} was built for separation: call it with mixture=...")
-        return self.head(out["features"], target_list, out["mask_indices"], out["padding_mask"],
-                         out["features_pen"])
+        return self.pretraining_forward(source, target_list, padding_mask, mask, features_only, output_layer)
 
     def separate(self, mixture: torch.Tensor) -> torch.Tensor:
         """mixture (batch, channels, samples) -> estimates (batch, sources, channels, samples)."""
@@ -184,13 +174,5 @@ class DemucsV2HubertModel(HubertStyleModel):
             raise ValueError(f"{MODEL_NAME} was built for pretraining (no decoder); build it with "
                              f"task=music_separation to separate")
         out = self.encoder(mixture, mask=False)
-        x = self.bottleneck_proj(out["features"]).transpose(1, 2)  # (batch, C_last, steps)
-        return self.decoder(x, out["skips"], out["ctx"])
-
-    def extract_features(self, source, padding_mask=None, mask=False, output_layer=None):
-        """HuBERT's signature: -> (features (batch, steps, D), padding_mask (batch, steps) or None)."""
-        out = self.encoder(source, padding_mask=padding_mask, mask=mask, output_layer=output_layer)
-        return out["features"], out["padding_mask"]
-
-    def remove_pretraining_modules(self):
-        self.head = None
+        x = self.bottleneck_proj(out.features).transpose(1, 2)  # (batch, C_last, steps)
+        return self.decoder(x, out.front.skips, out.front.context)

@@ -1,6 +1,6 @@
 """fairseq model ``pahubert_resunet``: Res-U-Net decoder on the Pac-HuBERT encoder.
 
-The encoder (:class:`~pahubert_plugin.models.pahubert.PahubertEncoder`: STFT stem +
+The encoder (:class:`~pahubert_plugin.models.pahubert.PahubertEncoder`: spectral front end +
 transformer) is rebuilt from a ``pahubert`` pretraining checkpoint's saved config and its
 ``encoder.*`` weights are copied (fairseq ``hubert_asr`` style).  The transformer output
 is projected back to a ``(C_last, F')`` map per token, which replaces the Res-U-Net
@@ -124,9 +124,10 @@ class PahubertResUNetModel(SpectralSeparator):
         if cfg.layer_weights and float(enc_cfg.encoder_layerdrop) > 0:
             raise ValueError("model.layer_weights=true needs every layer's output: set model.encoder_layerdrop=0")
         self.encoder = PahubertEncoder(enc_cfg)
-        self.spectrogram = self.encoder.spectrogram  # same STFT for analysis and synthesis
-        stem = self.encoder.stem
-        c_last, f_last = self.encoder.bottleneck_shape
+        front = self.encoder.front_end
+        self.spectrogram = front.spectrogram  # same STFT for analysis and synthesis
+        stem = front.stem
+        c_last, f_last = front.bottleneck_shape
         self.proj = nn.Linear(self.encoder.embed_dim, c_last * f_last)
         self.bottleneck = (res_block(c_last, c_last, cfg.bottleneck_units, stem.norm) if cfg.bottleneck_units > 0
                            else nn.Identity())
@@ -185,14 +186,14 @@ class PahubertResUNetModel(SpectralSeparator):
         frozen = self.training and self.num_updates < self.freeze_encoder_updates
         with torch.no_grad() if frozen else contextlib.nullcontext():
             out = self.encoder(padded, mask=self.training and self.encoder.mask_prob > 0)
-        spec, n_frames = out["spec"], out["num_frames"]  # (batch, channels, freq, frames) complex
-        feats = out["features"]  # (batch, tokens, D)
+        spec, n_frames = out.front.context.spec, out.front.context.num_frames  # complex (B, C, F, frames)
+        feats = out.features  # (batch, tokens, D)
         if self.layer_weights is not None:  # layer_results: (tokens, batch, D) after each layer
-            stacked = torch.stack([r[0] for r in out["layer_results"]], dim=0).transpose(1, 2)
+            stacked = torch.stack([r[0] for r in out.layer_results], dim=0).transpose(1, 2)
             weights = torch.softmax(self.layer_weights, dim=0).to(stacked.dtype)
             feats = (weights[:, None, None, None] * stacked).sum(0)
-        c_last, f_last = self.encoder.bottleneck_shape
+        c_last, f_last = self.encoder.front_end.bottleneck_shape
         # (batch, tokens, C_last * F') -> (batch, C_last, F', tokens): the decoder's bottleneck map
         x = self.proj(feats).view(feats.shape[0], feats.shape[1], c_last, f_last).permute(0, 2, 3, 1)
-        raw = self.decoder(self.bottleneck(x), out["skips"])[..., :spec.shape[-2], :n_frames]
+        raw = self.decoder(self.bottleneck(x), out.front.skips)[..., :spec.shape[-2], :n_frames]
         return self.mask_head(raw, spec)
