@@ -135,25 +135,6 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
         raise ours from None
 
 
-def persist_model_cfg(cfg, key: str, value) -> None:
-    """Set ``cfg.key`` on a model config so that the value reaches saved checkpoints.
-
-    fairseq builds models from a merged copy of ``cfg.model`` whose ``_parent`` is the root
-    config; the trainer saves the root, so the value is also set on the root's ``model``.
-    Models use this to keep what they loaded at build time (e.g. a pretrained encoder's
-    architecture), so their fine-tuned checkpoints load without the pretraining file.
-    """
-    from omegaconf import OmegaConf, open_dict
-
-    with open_dict(cfg):
-        cfg[key] = value
-    parent = cfg._get_parent() if OmegaConf.is_config(cfg) else None
-    if parent is not None and "model" in parent and parent.model is not cfg and parent.model is not None:
-        if parent.model.get("_name") == cfg.get("_name"):
-            with open_dict(parent.model):
-                parent.model[key] = value
-
-
 def load_encoder_weights(model, state: dict, path: str = "") -> int:
     """Copy a pretraining checkpoint's ``encoder.*`` tensors into ``model.encoder`` (all must fit).
 

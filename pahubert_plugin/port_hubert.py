@@ -1,6 +1,6 @@
 """Port a speech (or music) HuBERT checkpoint into a music model's encoder.
 
-``pahubert-port-hubert SOURCE OUT_CKPT --target demucs_v2_hubert|pahubert [--config PRETRAIN_YAML]``
+``pahubert-port-hubert SOURCE OUT_CKPT --target demucs_hubert|pahubert [--config PRETRAIN_YAML]``
 
 SOURCE is either
 
@@ -31,8 +31,8 @@ Speech-only parts (the waveform feature extractor, the prediction head and label
 embeddings) are dropped.  The output is a pretraining-style checkpoint (``cfg.model``,
 ``cfg.task``, ``model`` = ``encoder.*``) that fine-tuning loads through
 ``model.pretrained_checkpoint`` (``demucs_v2_hubert`` or ``pahubert_resunet``); a
-``demucs_v2_hubert`` port can also continue self-supervised pretraining
-(``model.pretrained_checkpoint`` of its pretraining config; ``pahubert`` pretraining has no
+``demucs_hubert`` port can also continue self-supervised pretraining
+(``model.pretrained_checkpoint`` of ``demucs_hubert``; ``pahubert`` pretraining has no
 such field and starts from scratch).  A table of copied, reshaped and new
 parameters is printed, with the source's sample rate and frame rate next to the target's.
 """
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("demucs_v2_hubert", "pahubert")
+TARGETS = ("demucs_hubert", "pahubert")
 
 # transformer options that must equal the speech model's for its weights to be reused
 SHAPE_FIELDS = (
@@ -262,11 +262,11 @@ def build_encoder(target: str, model_cfg: Dict, task_cfg: Dict):
     """(encoder module, fully resolved model config dict) for ``target``."""
     from omegaconf import OmegaConf
 
-    if target == "demucs_v2_hubert":
+    if target == "demucs_hubert":
         from .models.demucs import DemucsHubertEncoder
-        from .models.demucs_v2_hubert import DemucsV2HubertConfig
+        from .models.demucs_hubert import DemucsHubertConfig
 
-        cfg = OmegaConf.merge(OmegaConf.structured(DemucsV2HubertConfig), model_cfg)
+        cfg = OmegaConf.merge(OmegaConf.structured(DemucsHubertConfig), model_cfg)
         cfg.label_rate = task_cfg["label_rate"]
         encoder = DemucsHubertEncoder(cfg, task_cfg["channels"])
     elif target == "pahubert":
@@ -392,7 +392,7 @@ def get_parser() -> argparse.ArgumentParser:
         prog="pahubert-port-hubert",
         description="Copy the transformer of a fairseq HuBERT checkpoint or of a Hugging Face "
                     "transformers folder (HubertModel, Wav2Vec2Model, MERT) into a music model "
-                    "(demucs_v2_hubert or pahubert) and write a checkpoint that fine-tuning loads "
+                    "(demucs_hubert or pahubert) and write a checkpoint that fine-tuning loads "
                     "through model.pretrained_checkpoint.")
     p.add_argument("speech_ckpt", metavar="SOURCE",
                    help="fairseq HuBERT checkpoint (e.g. hubert_base_ls960.pt) or a transformers folder with "
@@ -401,7 +401,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("out_ckpt", help="where to write the ported checkpoint")
     p.add_argument("--target", required=True, choices=TARGETS, help="music model to port into")
     p.add_argument("--config", help="pretraining YAML of the target (model: and task: sections), e.g. "
-                                    "recipes/pahubert/conf/pretrain/demucs_v2_hubert_base.yaml; "
+                                    "recipes/pahubert/conf/pretrain/demucs_hubert_base.yaml; "
                                     "default: the model's dataclass defaults")
     p.add_argument("--sample-rate", type=int, help="music sample rate (default: the config's task, else 44100)")
     p.add_argument("--channels", type=int, help="audio channels (default: the config's task, else 2)")

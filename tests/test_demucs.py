@@ -18,6 +18,7 @@ from pahubert_plugin import frames
 from pahubert_plugin.checkpoint import load_checkpoint
 from pahubert_plugin.models.demucs import DEMUCS_PRESETS, DemucsV2
 from pahubert_plugin.models.demucs_v2 import DemucsV2Config, DemucsV2Model
+from pahubert_plugin.models.demucs_hubert import DemucsHubertModel
 from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertConfig, DemucsV2HubertModel
 from pahubert_plugin.tasks.music_separation import MusicSeparationConfig, MusicSeparationTask
 from helpers import PLUGIN_DIR, REPO, run_fairseq
@@ -42,6 +43,7 @@ def recipe_model_cfg(dataclass, name):
 def test_registry_holds_our_classes():
     assert MODEL_REGISTRY["demucs_v2"] is DemucsV2Model
     assert MODEL_REGISTRY["demucs_v2_hubert"] is DemucsV2HubertModel
+    assert MODEL_REGISTRY["demucs_hubert"] is DemucsHubertModel
 
 
 @pytest.mark.parametrize("length", [1, 7, 4095, 16001])
@@ -92,13 +94,13 @@ def test_demucs_v2_hubert_separates_any_length(length):
     with torch.no_grad():
         out = model(mixture=torch.randn(2, 2, length))
     assert out.shape == (2, 4, 2, length)
-    assert model.head is None and model.decoder is not None
+    assert not hasattr(model, "head")  # the separator has no pretraining modules
 
 
 def test_demucs_v2_hubert_encoder_tokens_masks_and_padding():
     cfg = recipe_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_tiny.yaml")
     cfg.mask_length = 2  # the padded example keeps only 10 tokens
-    model = DemucsV2HubertModel.build_model(cfg, separation_task())
+    model = DemucsHubertModel(cfg, 2, SR, [10])
     hop = model.encoder.hop
     assert hop == 512  # 4**5 / 2 input samples per token
     source = torch.randn(2, 2, 16000)
@@ -197,7 +199,7 @@ def test_demucs_v2_hubert_pretrains_then_finetunes(tmp_path):
     corpus = write_pretrain_corpus(tmp_path / "corpus")
     pre = tmp_path / "pretrain"
     log = run_fairseq([
-        "fairseq_cli.hydra_train", "--config-dir", PRETRAIN_CONF, "--config-name", "demucs_v2_hubert_tiny",
+        "fairseq_cli.hydra_train", "--config-dir", PRETRAIN_CONF, "--config-name", "demucs_hubert_tiny",
         f"common.user_dir={PLUGIN_DIR}", "common.cpu=true", "common.log_interval=1",
         f"task.data={corpus}", f"task.label_dir={corpus}", "task.max_sample_size=24000",
         "task.min_sample_size=8000", "dataset.batch_size=4", "optimization.max_update=3",
@@ -206,7 +208,7 @@ def test_demucs_v2_hubert_pretrains_then_finetunes(tmp_path):
     assert updates_done(log) == 3
     assert re.search(r"\"loss\": \"?\d", log)
     pre_state = load_checkpoint(pre / "checkpoint_last.pt")
-    assert pre_state["cfg"]["model"]["_name"] == "demucs_v2_hubert"
+    assert pre_state["cfg"]["model"]["_name"] == "demucs_hubert"
     assert any(k.startswith("head.") for k in pre_state["model"])
     assert not any(k.startswith("decoder.") for k in pre_state["model"])
     # the stage-5 reader (HuBERT's extract_features signature) reads it at the 100 Hz frame rule
@@ -233,36 +235,45 @@ def test_demucs_v2_hubert_pretrains_then_finetunes(tmp_path):
     # inference rebuilds the fine-tuned model without its pretraining checkpoint
     from pahubert_plugin.separate import Separator
 
-    assert separation_weights(ft)[0]["pretrained_arch"]["encoder_embed_dim"] == 64
+    assert separation_weights(ft)[0]["encoder_cfg"]["encoder_embed_dim"] == 64
     (pre / "checkpoint_last.pt").rename(pre / "moved.pt")
     models = [Separator.from_checkpoint(str(ft / "checkpoint_last.pt")).model]
     assert models[0].eval()(mixture=torch.randn(1, 2, 4321)).shape == (1, 4, 2, 4321)
 
 
-def test_mismatched_or_foreign_checkpoint_is_refused(tmp_path):
+def test_architecture_comes_from_the_checkpoint_and_foreign_ones_are_refused(tmp_path, caplog):
     cfg = recipe_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_tiny.yaml")
     model = DemucsV2HubertModel.build_model(cfg, separation_task())
-    good = {"cfg": {"model": {**OmegaConf.to_container(cfg, enum_to_str=True), "_name": "demucs_v2_hubert"},
+    good = {"cfg": {"model": {**OmegaConf.to_container(cfg, enum_to_str=True), "_name": "demucs_hubert"},
                     "task": {"channels": 2, "sample_rate": SR}},
             "model": {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}}
     path = tmp_path / "pre.pt"
     torch.save(good, path)
     loaded = _build_with(path)
     assert torch.equal(loaded.encoder.mask_emb, model.encoder.mask_emb)
-    assert loaded.cfg.pretrained_arch["encoder_layers"] == 2  # saved with the model
-    with pytest.raises(ValueError, match=r"model.encoder_layers=2 \(config has 3\)"):
-        _build_with(path, encoder_layers=3)
+    assert loaded.config_updates["encoder_cfg"]["encoder_layers"] == 2  # the task saves it with the model
+    with caplog.at_level("INFO"):
+        other = _build_with(path, encoder_layers=3, encoder_embed_dim=32)
+    assert len(other.encoder.transformer.layers) == 2 and other.encoder.embed_dim == 64
+    assert torch.equal(other.encoder.mask_emb, model.encoder.mask_emb)
+    assert "encoder_layers=2 (config had 3)" in caplog.text
+    scratch = _build_with(path, encoder_layers=3, no_pretrained_weights=True)  # the scratch arm: same network
+    assert len(scratch.encoder.transformer.layers) == 2
+    assert not torch.equal(scratch.encoder.mask_emb, model.encoder.mask_emb)
+    rebuilt = _build_with(tmp_path / "gone.pt", encoder_cfg=dict(loaded.config_updates["encoder_cfg"]),
+                          encoder_layers=3)  # a fine-tuned model's saved architecture: the file is not read
+    assert len(rebuilt.encoder.transformer.layers) == 2
     foreign = dict(good, cfg={"model": {"_name": "pahubert"}, "task": {}})
     torch.save(foreign, path)
-    with pytest.raises(ValueError, match="expected a 'demucs_v2_hubert' pretraining checkpoint"):
+    with pytest.raises(ValueError, match="expected a 'demucs_hubert' pretraining checkpoint"):
         _build_with(path)
     torch.save(good, path)
     with pytest.raises(ValueError, match="task.sample_rate=16000, this task has 44100"):
         _build_with(path, sample_rate=44100)
 
 
-def test_missing_pretrained_checkpoint_names_the_way_out(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no_pretrained_weights=true"):
+def test_missing_pretrained_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="gone.pt not found"):
         _build_with(tmp_path / "gone.pt")
 
 

@@ -47,9 +47,9 @@ def _pahubert_cfg():
 
 
 def _demucs_hubert_cfg():
-    from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertConfig
+    from pahubert_plugin.models.demucs_hubert import DemucsHubertConfig
 
-    return OmegaConf.merge(OmegaConf.structured(DemucsV2HubertConfig), {
+    return OmegaConf.merge(OmegaConf.structured(DemucsHubertConfig), {
         "channels": 4, "depth": 3, "growth": 2.0, "encoder_layers": 2, "encoder_embed_dim": 16,
         "encoder_ffn_embed_dim": 32, "encoder_attention_heads": 2, "conv_pos": 4, "conv_pos_groups": 2,
         "final_dim": 8, "mask_prob": 0.5, "mask_length": 2, "dropout": 0.0, "attention_dropout": 0.0,
@@ -84,16 +84,16 @@ def build_demucs_v2():
     return DemucsV2Model(cfg, SOURCES, SR, 2)
 
 
-def build_demucs_v2_hubert_pretraining():
+def build_demucs_hubert():
+    from pahubert_plugin.models.demucs_hubert import DemucsHubertModel
+
+    return DemucsHubertModel(_demucs_hubert_cfg(), 2, SR, CLASSES)
+
+
+def build_demucs_v2_hubert():
     from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertModel
 
-    return DemucsV2HubertModel(_demucs_hubert_cfg(), 2, SR, num_classes=CLASSES)
-
-
-def build_demucs_v2_hubert_separation():
-    from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertModel
-
-    return DemucsV2HubertModel(_demucs_hubert_cfg(), 2, SR, sources=SOURCES)
+    return DemucsV2HubertModel(_demucs_hubert_cfg(), 2, SR, SOURCES)
 
 
 def _pretraining_outputs(model, mixture, labels):
@@ -106,7 +106,7 @@ def _pretraining_outputs(model, mixture, labels):
 
 
 def _separation_outputs(model, mixture, labels):
-    return {"estimates": model(mixture=mixture)}
+    return {"estimates": model(mixture)}
 
 
 CASES = {
@@ -114,8 +114,8 @@ CASES = {
     "pahubert_resunet": (build_pahubert_resunet, _separation_outputs),
     "resunet": (build_resunet, _separation_outputs),
     "demucs_v2": (build_demucs_v2, _separation_outputs),
-    "demucs_v2_hubert_pretraining": (build_demucs_v2_hubert_pretraining, _pretraining_outputs),
-    "demucs_v2_hubert_separation": (build_demucs_v2_hubert_separation, _separation_outputs),
+    "demucs_hubert": (build_demucs_hubert, _pretraining_outputs),
+    "demucs_v2_hubert": (build_demucs_v2_hubert, _separation_outputs),
 }
 
 

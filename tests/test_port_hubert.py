@@ -13,7 +13,7 @@ from helpers import REPO, run_fairseq, train_stock_hubert
 from test_demucs import finetune_args, separation_weights, updates_done, write_musdb
 
 PRETRAIN_CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
-TINY = PRETRAIN_CONF / "demucs_v2_hubert_tiny.yaml"
+TINY = PRETRAIN_CONF / "demucs_hubert_tiny.yaml"
 # the stock test model (tests/helpers.py): 2 layers, width 32, FFN 64, 2 heads, conv_pos 16 / 4 groups
 SPEECH_SHAPE = ["model.encoder_layers=2", "model.encoder_embed_dim=32", "model.encoder_ffn_embed_dim=64",
                 "model.encoder_attention_heads=2", "model.conv_pos=16", "model.conv_pos_groups=4"]
@@ -35,7 +35,7 @@ def run_port(capsys, speech, out, *args):
 
 def test_port_into_demucs_v2_hubert_copies_exactly(speech_ckpt, tmp_path, capsys):
     out = tmp_path / "ported.pt"
-    table = run_port(capsys, speech_ckpt, out, "--target", "demucs_v2_hubert", "--config", TINY)
+    table = run_port(capsys, speech_ckpt, out, "--target", "demucs_hubert", "--config", TINY)
     speech = load_checkpoint(speech_ckpt)["model"]
     ported = load_checkpoint(out)
     copied = ported["port"]["copied"]
@@ -53,14 +53,14 @@ def test_port_into_demucs_v2_hubert_copies_exactly(speech_ckpt, tmp_path, capsys
     assert "dropped" in table and "feature_extractor" in table
     # the ported config keeps the recipe's Demucs geometry and the speech transformer's shape
     model_cfg, task_cfg = ported["cfg"]["model"], ported["cfg"]["task"]
-    assert (model_cfg["_name"], model_cfg["channels"], model_cfg["depth"]) == ("demucs_v2_hubert", 8, 5)
+    assert (model_cfg["_name"], model_cfg["channels"], model_cfg["depth"]) == ("demucs_hubert", 8, 5)
     assert (model_cfg["encoder_embed_dim"], model_cfg["encoder_layers"], model_cfg["conv_pos"]) == (32, 2, 16)
     assert task_cfg["sample_rate"] == 16000 and task_cfg["channels"] == 2
 
 
 def test_port_reshapes_positional_conv_and_keeps_first_layers(speech_ckpt, tmp_path, capsys):
     out = tmp_path / "ported.pt"
-    run_port(capsys, speech_ckpt, out, "--target", "demucs_v2_hubert", "--config", TINY,
+    run_port(capsys, speech_ckpt, out, "--target", "demucs_hubert", "--config", TINY,
              "--conv-pos", 8, "--num-layers", 1, "--quiet")
     speech = load_checkpoint(speech_ckpt)["model"]
     ported = load_checkpoint(out)
@@ -92,12 +92,12 @@ def test_not_a_hubert_checkpoint_is_refused(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"cfg": {"model": {"_name": "wav2vec"}}, "model": {"w": torch.zeros(2)}}, path)
     with pytest.raises(ValueError, match="expected a fairseq speech HuBERT checkpoint"):
-        port_hubert.port(str(path), "demucs_v2_hubert")
+        port_hubert.port(str(path), "demucs_hubert")
 
 
 def test_config_for_another_model_is_refused(speech_ckpt, tmp_path):
-    with pytest.raises(ValueError, match="configures model 'pahubert', not the --target demucs_v2_hubert"):
-        port_hubert.port(str(speech_ckpt), "demucs_v2_hubert", str(PRETRAIN_CONF / "tiny.yaml"))
+    with pytest.raises(ValueError, match="configures model 'pahubert', not the --target demucs_hubert"):
+        port_hubert.port(str(speech_ckpt), "demucs_hubert", str(PRETRAIN_CONF / "tiny.yaml"))
 
 
 def finetune_ported(ported, tmp_path):
@@ -116,7 +116,7 @@ def finetune_ported(ported, tmp_path):
 @pytest.mark.slow
 def test_ported_model_finetunes(speech_ckpt, tmp_path, capsys):
     ported = tmp_path / "ported.pt"
-    run_port(capsys, speech_ckpt, ported, "--target", "demucs_v2_hubert", "--config", TINY, "--quiet")
+    run_port(capsys, speech_ckpt, ported, "--target", "demucs_hubert", "--config", TINY, "--quiet")
     cfg, weights = finetune_ported(ported, tmp_path)
     source = load_checkpoint(ported)["model"]
     for key in ("encoder.transformer.layers.0.fc1.weight", "encoder.mask_emb"):
@@ -161,13 +161,13 @@ def _hf_name(fairseq_name):
     return "encoder." + name
 
 
-@pytest.mark.parametrize("kind,binary,target", [("hubert", False, "demucs_v2_hubert"),
+@pytest.mark.parametrize("kind,binary,target", [("hubert", False, "demucs_hubert"),
                                                  ("wav2vec2", False, "pahubert"),
                                                  ("hubert", True, "pahubert")])
 def test_port_hf_folder_copies_exactly(tmp_path, capsys, kind, binary, target):
     folder, hf = hf_folder(tmp_path / kind, kind, binary)
     out = tmp_path / "ported.pt"
-    config = TINY if target == "demucs_v2_hubert" else PRETRAIN_CONF / "tiny.yaml"
+    config = TINY if target == "demucs_hubert" else PRETRAIN_CONF / "tiny.yaml"
     text = run_port(capsys, folder, out, "--target", target, "--config", config)
     ported = load_checkpoint(out)
     copied = ported["port"]["copied"]
@@ -198,14 +198,14 @@ def test_port_mert_folder_reports_its_rates(tmp_path, capsys):
                feature_extractor_cqt=True, feature_extractor_cqt_bins=336, deepnorm=False, attention_relax=-1.0)
     (folder / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "ported.pt"
-    text = run_port(capsys, folder, out, "--target", "demucs_v2_hubert", "--config", TINY, "--quiet")
+    text = run_port(capsys, folder, out, "--target", "demucs_hubert", "--config", TINY, "--quiet")
     assert "source: 24000 Hz audio, 75 Hz frames" in text and "target: 16000 Hz audio" in text
     ported = load_checkpoint(out)
     assert ported["port"]["source_kind"] == "MERT" and len(ported["port"]["copied"]) == 38
     cfg["deepnorm"] = True
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="deepnorm"):
-        port_hubert.port(str(folder), "demucs_v2_hubert", str(TINY))
+        port_hubert.port(str(folder), "demucs_hubert", str(TINY))
 
 
 def test_not_a_transformers_folder_is_refused(tmp_path, caplog):
@@ -223,7 +223,7 @@ def test_not_a_transformers_folder_is_refused(tmp_path, caplog):
 def test_ported_hf_model_finetunes(tmp_path, capsys):
     folder, hf = hf_folder(tmp_path / "hf")
     ported = tmp_path / "ported.pt"
-    run_port(capsys, folder, ported, "--target", "demucs_v2_hubert", "--config", TINY, "--quiet")
+    run_port(capsys, folder, ported, "--target", "demucs_hubert", "--config", TINY, "--quiet")
     _, weights = finetune_ported(ported, tmp_path)
     for key, src in (("encoder.transformer.layers.0.fc1.weight", "encoder.layers.0.feed_forward.intermediate_dense.weight"),
                      ("encoder.mask_emb", "masked_spec_embed")):

@@ -27,27 +27,22 @@ from fairseq.models import register_model
 from omegaconf import II, OmegaConf, open_dict
 from torch import nn
 
-from ..checkpoint import load_checkpoint, load_encoder_weights, persist_model_cfg
 from .blocks import ResUNetDecoder, res_block
 from .pahubert import PahubertEncoder, encoder_config
+from .pretrained import PretrainedEncoderConfig, load_pretrained_weights, remember, resolve_pretrained
 from .resunet import MASK_MAGNITUDE_HELP, SpectralSeparator
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PahubertResUNetConfig(FairseqDataclass):
+class PahubertResUNetConfig(PretrainedEncoderConfig):
+    """``pretrained_checkpoint`` (a ``pahubert`` checkpoint) gives the whole encoder config, saved as
+    ``encoder_cfg`` (:mod:`~pahubert_plugin.models.pretrained`); the fields below adjust fine-tuning."""
+
     sources: List[str] = II("task.sources")
     sample_rate: int = II("task.sample_rate")
     audio_channels: int = II("task.audio_channels")
-    pretrained_checkpoint: str = field(default="", metadata={
-        "help": "pahubert pretraining checkpoint: architecture (always) and encoder weights (unless "
-                "no_pretrained_weights)"})
-    no_pretrained_weights: bool = field(default=False, metadata={
-        "help": "build the same architecture but keep it randomly initialised (scratch baseline)"})
-    encoder_cfg: Optional[Any] = field(default=None, metadata={
-        "help": "the encoder's PahubertConfig; filled from pretrained_checkpoint and saved with the "
-                "fine-tuned model (leave unset)"})
     freeze_encoder_updates: int = field(default=0, metadata={
         "help": "no gradient into the encoder for this many updates"})
     encoder_lr_scale: float = field(default=1.0, metadata={
@@ -85,20 +80,12 @@ class PahubertResUNetConfig(FairseqDataclass):
                 "pretraining labels"})
 
 
-def load_pretraining_state(path: str) -> dict:
-    """A ``pahubert`` pretraining checkpoint, checked; ValueError naming the file otherwise."""
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "model" not in state or state.get("cfg") is None:
-        raise ValueError(f"{path}: not a fairseq checkpoint (no 'cfg' and 'model' entries)")
+def _pahubert_encoder_cfg(state: dict, path: str):
     try:
-        enc_cfg = encoder_config(state["cfg"])
+        return OmegaConf.to_container(encoder_config(state["cfg"]), resolve=True)
     except ValueError as e:
         raise ValueError(f"{path}: {e}; pahubert_resunet needs a checkpoint of pahubert pretraining "
                          f"(task=pahubert_pretraining, model=pahubert)") from None
-    if not any(k.startswith("encoder.") for k in state["model"]):
-        raise ValueError(f"{path}: no encoder.* weights in the checkpoint")
-    state["encoder_cfg"] = enc_cfg
-    return state
 
 
 @register_model("pahubert_resunet", dataclass=PahubertResUNetConfig)
@@ -147,36 +134,32 @@ class PahubertResUNetModel(SpectralSeparator):
 
     @classmethod
     def build_model(cls, cfg: PahubertResUNetConfig, task=None):
-        state = None
-        if cfg.encoder_cfg is None:
-            if not cfg.pretrained_checkpoint:
-                raise ValueError("pahubert_resunet needs model.pretrained_checkpoint=<pahubert checkpoint> "
-                                 "(also with no_pretrained_weights=true: it defines the architecture)")
-            state = load_pretraining_state(cfg.pretrained_checkpoint)
-            persist_model_cfg(cfg, "encoder_cfg", OmegaConf.to_container(state["encoder_cfg"], resolve=True))
-        model = cls(cfg, cfg.encoder_cfg)
-        if state is not None and not cfg.no_pretrained_weights:
-            n_top = int(getattr(cfg, "reinit_layers", 0))
-            layers = model.encoder.transformer.layers
-            if not 0 <= n_top <= len(layers):
-                raise ValueError(f"model.reinit_layers={n_top}: the encoder has {len(layers)} transformer layers")
-            top = {i: {k: v.clone() for k, v in layers[i].state_dict().items()}
-                   for i in range(len(layers) - n_top, len(layers))}
-            if getattr(cfg, "reinit_pos_conv", False):
-                top["pos_conv"] = {k: v.clone() for k, v in model.encoder.transformer.pos_conv.state_dict().items()}
-            model.load_encoder(state, cfg.pretrained_checkpoint)
-            for i, init in top.items():
-                (model.encoder.transformer.pos_conv if i == "pos_conv" else layers[i]).load_state_dict(init)
-            if top:
-                logger.info(f"random init kept for: {', '.join(f'layer {i + 1}' if i != 'pos_conv' else i for i in top)}")
-        elif state is not None:
-            logger.info(f"no_pretrained_weights: encoder architecture from {cfg.pretrained_checkpoint}, "
-                        f"weights randomly initialised")
+        encoder_cfg, state = resolve_pretrained(cfg, ("pahubert",), "pahubert_resunet", _pahubert_encoder_cfg)
+        if encoder_cfg is None:
+            raise ValueError("pahubert_resunet needs model.pretrained_checkpoint=<pahubert checkpoint> "
+                             "(also with no_pretrained_weights=true: it defines the architecture)")
+        model = cls(cfg, encoder_cfg)
+        remember(model, encoder_cfg=encoder_cfg)
+        if state is not None:
+            model.load_pretrained_encoder(state, cfg)
         return model
 
-    def load_encoder(self, state: dict, path: str = "") -> None:
-        """Copy the checkpoint's ``encoder.*`` tensors (strict) and log loaded vs new weights."""
-        load_encoder_weights(self, state, path)
+    def load_pretrained_encoder(self, state: dict, cfg: PahubertResUNetConfig) -> None:
+        """The checkpoint's encoder weights, except the parts ``reinit_layers`` / ``reinit_pos_conv``
+        keep at their random init (the scratch arm's init exactly)."""
+        n_top = int(getattr(cfg, "reinit_layers", 0))
+        layers = self.encoder.transformer.layers
+        if not 0 <= n_top <= len(layers):
+            raise ValueError(f"model.reinit_layers={n_top}: the encoder has {len(layers)} transformer layers")
+        keep = {f"layer {i + 1}": layers[i] for i in range(len(layers) - n_top, len(layers))}
+        if getattr(cfg, "reinit_pos_conv", False):
+            keep["pos_conv"] = self.encoder.transformer.pos_conv
+        init = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in keep.items()}
+        load_pretrained_weights(self, state, cfg.pretrained_checkpoint)
+        for name, module in keep.items():
+            module.load_state_dict(init[name])
+        if keep:
+            logger.info(f"random init kept for: {', '.join(keep)}")
 
     def set_num_updates(self, num_updates):
         super().set_num_updates(num_updates)

@@ -23,6 +23,7 @@ from ..data.stems_dataset import (
     MUSDB_SOURCES, Augment, StemsChunkDataset, TrackDataset, split_tracks,
 )
 from ..metrics import sdr
+from ..models.pretrained import persist_config_updates
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,13 @@ class MusicSeparationTask(FairseqTask):
     @classmethod
     def setup_task(cls, cfg: MusicSeparationConfig, **kwargs):
         return cls(cfg)  # touches no data: Separator.from_checkpoint works without MUSDB
+
+    def build_model(self, cfg, from_checkpoint=False):
+        """fairseq's, then what the model learnt at build time (a pretrained encoder's architecture)
+        is written into ``cfg``, the model config fairseq saves (``models.pretrained``)."""
+        model = super().build_model(cfg, from_checkpoint)
+        persist_config_updates(model, cfg)
+        return model
 
     def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
         cfg = self.cfg

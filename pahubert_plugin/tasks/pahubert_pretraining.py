@@ -23,6 +23,7 @@ from fairseq.tasks.hubert_pretraining import (
 
 from .. import frames
 from ..data.hubert_dataset import PahubertDataset
+from ..models.pretrained import persist_config_updates
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,13 @@ class PahubertPretrainingTask(HubertPretrainingTask):
         if cfg.fine_tuning:
             raise ValueError("pahubert_pretraining does not fine-tune; use the music_separation task")
         super().__init__(cfg)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        """fairseq's, then what the model learnt at build time (a pretrained encoder's architecture)
+        is written into ``cfg``, the model config fairseq saves (``models.pretrained``)."""
+        model = super().build_model(cfg, from_checkpoint)
+        persist_config_updates(model, cfg)
+        return model
 
     def load_dictionaries(self):
         dictionaries = []
