@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pahubert_plugin  # noqa: E402,F401
 
+from pahubert_plugin.configs import load_recipe_config  # noqa: E402
+
 import fairseq_runs  # noqa: E402  (benchmarks/)
 
 FT_CONF = REPO / "recipes" / "musdb" / "conf"
@@ -51,7 +53,7 @@ def make_pretraining_checkpoint(path, config="tiny", n_clusters=100):
 
     from pahubert_plugin.models.pahubert import PahubertConfig, PahubertModel, _tie_to_task
 
-    yaml = OmegaConf.load(PRETRAIN_CONF / f"{config}.yaml")
+    yaml = load_recipe_config(PRETRAIN_CONF / f"{config}.yaml")
     model_over = OmegaConf.to_container(yaml.model, resolve=False)
     for key in ("_name", "label_rate", "sample_rate", "audio_channels"):
         model_over.pop(key, None)
@@ -59,7 +61,7 @@ def make_pretraining_checkpoint(path, config="tiny", n_clusters=100):
     cfg.merge_with(model_over)
     model = PahubertModel(cfg, [n_clusters + 4])
     task = {"_name": "pahubert_pretraining", "sample_rate": int(yaml.task.sample_rate),
-            "channels": int(yaml.task.channels), "label_rate": float(yaml.task.label_rate)}
+            "audio_channels": int(yaml.task.audio_channels), "label_rate": float(yaml.task.label_rate)}
     state = {"args": None, "cfg": {"model": dict(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), _name="pahubert"),
                                    "task": task},
              "model": model.state_dict()}
@@ -84,7 +86,7 @@ def bench(config, data, ckpt, workdir, threads, updates, interval, warmup, log_i
     log, wall = fairseq_runs.run_hydra_train(over, workdir, threads)
     load1 = fairseq_runs.load_average()
     tp = fairseq_runs.throughput(log, warmup)
-    yaml = OmegaConf.load(FT_CONF / f"{config}.yaml")
+    yaml = load_recipe_config(FT_CONF / f"{config}.yaml")
     bsz, crop = int(yaml.dataset.batch_size), float(yaml.task.segment)
     audio_s = tp["ups"] * bsz * crop
     print(f"{config}, {threads} thread(s): training {tp['ups']:.3f} updates/s, {audio_s:.1f} audio-s/s "
@@ -119,7 +121,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), flush=True)
     print(f"load average at start: {fairseq_runs.load_average()}", flush=True)
-    yaml = OmegaConf.load(FT_CONF / f"{args.config}.yaml")
+    yaml = load_recipe_config(FT_CONF / f"{args.config}.yaml")
     sr = int(yaml.task.sample_rate)
     threads = [int(t) for t in args.threads.split(",")]
     rows = []

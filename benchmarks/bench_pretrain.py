@@ -45,6 +45,8 @@ import pahubert_plugin  # noqa: E402,F401
 from pahubert_plugin.criterions.pahubert import PahubertCriterion  # noqa: E402
 from pahubert_plugin.models.pahubert import PahubertConfig, PahubertModel, _tie_to_task  # noqa: E402
 
+from pahubert_plugin.configs import load_recipe_config  # noqa: E402
+
 import fairseq_runs  # noqa: E402  (benchmarks/)
 
 CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
@@ -53,7 +55,7 @@ CLUSTERS = {"tiny": 100, "base": 500}  # k-means sizes of the recipe (iteration 
 
 def load_config(name):
     """(model cfg, task cfg, criterion cfg, dataset cfg) of recipes/pahubert/conf/pretrain/NAME.yaml."""
-    yaml = OmegaConf.load(CONF / f"{name}.yaml")
+    yaml = load_recipe_config(CONF / f"{name}.yaml")
     task = yaml.task
     model = OmegaConf.to_container(yaml.model, resolve=False)
     for key in ("_name", "label_rate", "sample_rate", "audio_channels"):
@@ -89,7 +91,7 @@ def corpus_task(name, data, max_sample_size=None):
     """The config's pahubert_pretraining task on the corpus in ``data`` (train split loaded)."""
     from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
 
-    yaml_task = OmegaConf.load(CONF / f"{name}.yaml").task
+    yaml_task = load_recipe_config(CONF / f"{name}.yaml").task
     task_cfg = OmegaConf.merge(OmegaConf.structured(PahubertPretrainingConfig),
                                {k: v for k, v in OmegaConf.to_container(yaml_task).items() if k != "_name"},
                                {"data": str(data), "label_dir": str(data), "seed": 1})
@@ -104,7 +106,7 @@ def fairseq_optimizer(name, params):
     """The config's FairseqAdam (what fairseq-hydra-train builds on CPU: fairseq's own Adam)."""
     from fairseq.optim.adam import FairseqAdam
 
-    yaml = OmegaConf.load(CONF / f"{name}.yaml")
+    yaml = load_recipe_config(CONF / f"{name}.yaml")
     assert yaml.optimizer._name == "adam", yaml.optimizer
     cfg = OmegaConf.create({"adam_betas": yaml.optimizer.adam_betas, "adam_eps": yaml.optimizer.adam_eps,
                             "weight_decay": yaml.optimizer.weight_decay, "lr": list(yaml.optimization.lr),
@@ -142,7 +144,7 @@ def bench(name, device, updates, batch_size=None, seconds=None, warmup=2, data=N
         opt = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
         scaler = torch.amp.GradScaler("cuda", enabled=cuda)
         gen = torch.Generator().manual_seed(0)
-        source = (0.1 * torch.randn(bsz, task_cfg.channels, length, generator=gen)).to(device)
+        source = (0.1 * torch.randn(bsz, task_cfg.audio_channels, length, generator=gen)).to(device)
         frames = length // (task_cfg.sample_rate // 100)
         sample = {
             "id": torch.arange(bsz),
@@ -178,7 +180,7 @@ def bench(name, device, updates, batch_size=None, seconds=None, warmup=2, data=N
     cpu_per_update = (time.process_time() - cpu0) / updates
     ups = updates / elapsed
     sr = task_cfg.sample_rate
-    channels = task_cfg.channels
+    channels = task_cfg.audio_channels
     audio_s = ups * bsz * length / sr
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     what = "fairseq's step on a dataset batch" if data is not None else "synthetic batch"
@@ -207,7 +209,7 @@ def expanded_nce():
 
 
 def _crit_args(name):
-    crit = OmegaConf.load(CONF / f"{name}.yaml").criterion
+    crit = load_recipe_config(CONF / f"{name}.yaml").criterion
     return crit.pred_masked_weight, crit.pred_nomask_weight, list(crit.loss_weights)
 
 
@@ -220,7 +222,7 @@ def fairseq_overrides(name, data, save, max_update, log_interval, batch_size=Non
     if batch_size:
         over.append(f"dataset.batch_size={batch_size}")
     if seconds:
-        over.append(f"task.max_sample_size={int(seconds * OmegaConf.load(CONF / f'{name}.yaml').task.sample_rate)}")
+        over.append(f"task.max_sample_size={int(seconds * load_recipe_config(CONF / f'{name}.yaml').task.sample_rate)}")
     return over
 
 
@@ -234,7 +236,7 @@ def bench_fairseq(name, data, workdir, threads, updates, warmup=2, log_interval=
     records, _ = fairseq_runs.parse_log(log)
     inner = [r for _, kind, r in records if kind == "train_inner"]
     bsz = sum(float(r["bsz"]) for r in inner) / len(inner)
-    task = OmegaConf.load(CONF / f"{name}.yaml").task
+    task = load_recipe_config(CONF / f"{name}.yaml").task
     crop = (seconds or task.max_sample_size / task.sample_rate)
     audio_s = tp["ups"] * bsz * crop
     print(f"{name} fairseq-hydra-train: batch {bsz:g} x {crop:.2f} s on CPU, {threads} threads: "
@@ -244,11 +246,6 @@ def bench_fairseq(name, data, workdir, threads, updates, warmup=2, log_interval=
           f"load average {load0} -> {fairseq_runs.load_average()})", flush=True)
     print(f"  command: {fairseq_runs.command_line(over, threads)}", flush=True)
     return tp["ups"], audio_s
-
-
-def count_params(name):
-    model, _, _ = build(name, "cpu")
-    return sum(p.numel() for p in model.parameters())
 
 
 def get_parser():
@@ -288,11 +285,11 @@ def main(argv=None):
             bench(name, device, args.updates, args.batch_size, args.seconds)
             continue
         with tempfile.TemporaryDirectory(prefix=f"bench_pretrain_{name}_") as tmp:
-            task = OmegaConf.load(CONF / f"{name}.yaml").task
+            task = load_recipe_config(CONF / f"{name}.yaml").task
             crop = args.seconds or task.max_sample_size / task.sample_rate
             data = fairseq_runs.write_pretraining_corpus(
                 Path(tmp) / "data", n_files=48, seconds=crop + 0.5, sr=task.sample_rate,
-                channels=task.channels, n_clusters=CLUSTERS[name])
+                channels=task.audio_channels, n_clusters=CLUSTERS[name])
             rows, peers = [], []
             for t in threads:
                 torch.set_num_threads(t)

@@ -31,6 +31,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from pahubert_plugin.configs import load_recipe_config  # noqa: E402
+
 SR = 44100
 SOURCES = ["drums", "bass", "other", "vocals"]
 
@@ -44,7 +46,7 @@ def _resunet(**over):
 
 def build_tiny():
     """recipes/musdb/conf/tiny.yaml's resunet, at 44.1 kHz (n_fft 2048)."""
-    return _resunet(n_fft=2048, channels=[8, 16, 32, 32], strides="[[2,2],[2,2],[2,1],[2,1]]",
+    return _resunet(n_fft=2048, channels=[8, 16, 32, 32], freq_strides=[2, 2, 2, 2], time_strides=[2, 2, 1, 1],
                     units=1, bottleneck_units=1), 10.0
 
 
@@ -87,7 +89,7 @@ def _musdb_model_cfg(dataclass, config_name):
     """The ``model:`` section of recipes/musdb/conf/<config_name> over its dataclass."""
     from omegaconf import OmegaConf
 
-    yaml = OmegaConf.load(os.path.join(REPO, "recipes", "musdb", "conf", config_name))
+    yaml = load_recipe_config(os.path.join(REPO, "recipes", "musdb", "conf", config_name))
     return OmegaConf.merge(OmegaConf.structured(dataclass), yaml.model)
 
 

@@ -284,6 +284,17 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _score(name: str, run, failed: List[str], bar) -> None:
+    """``run()`` scores track ``name`` (in this process or a worker's future): a bad track is logged and
+    counted in ``failed``, the progress bar moves either way. The one failure rule of both loops."""
+    try:
+        run()
+    except (AudioError, ValueError) as e:
+        logger.error(f"track {name}: {e}")
+        failed.append(name)
+    bar.update()
+
+
 def run_jobs(jobs, init, num_jobs: int, bar) -> List[str]:
     """Score ``jobs`` (in ``num_jobs`` worker processes); returns the names of failed tracks.
 
@@ -295,12 +306,7 @@ def run_jobs(jobs, init, num_jobs: int, bar) -> List[str]:
         if jobs:
             _init_worker(*init)
         for job in jobs:
-            try:
-                evaluate_track(*job)
-            except (AudioError, ValueError) as e:
-                logger.error(f"track {job[0].name}: {e}")
-                failed.append(job[0].name)
-            bar.update()
+            _score(job[0].name, lambda job=job: evaluate_track(*job), failed, bar)
         return failed
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     pool = concurrent.futures.ProcessPoolExecutor(num_jobs, mp_context=ctx, initializer=_init_pool_worker,
@@ -317,12 +323,7 @@ def run_jobs(jobs, init, num_jobs: int, bar) -> List[str]:
             done, pending = concurrent.futures.wait(pending, timeout=0.25,
                                                     return_when=concurrent.futures.FIRST_COMPLETED)
             for fut in done:
-                try:
-                    fut.result()
-                except (AudioError, ValueError) as e:
-                    logger.error(f"track {futures[fut]}: {e}")
-                    failed.append(futures[fut])
-                bar.update()
+                _score(futures[fut], fut.result, failed, bar)
         if stop:
             raise KeyboardInterrupt(f"signal {stop[0]}")
     except BaseException:

@@ -226,9 +226,11 @@ def target_config(target: str, config: Optional[str], speech_cfg: Dict, num_laye
     """(model section, task section) of the ported checkpoint, as plain dicts."""
     from omegaconf import OmegaConf
 
+    from .configs import load_recipe_config
+
     model, task = {}, {}
     if config:
-        loaded = OmegaConf.load(config)
+        loaded = load_recipe_config(config)  # its _shared defaults included
         model = OmegaConf.to_container(loaded.get("model") or OmegaConf.create({}), resolve=False)
         task = OmegaConf.to_container(loaded.get("task") or OmegaConf.create({}), resolve=False)
         if model.get("_name") not in (None, target):
@@ -237,7 +239,7 @@ def target_config(target: str, config: Optional[str], speech_cfg: Dict, num_laye
     task = {
         "_name": "pahubert_pretraining",
         "sample_rate": int(sample_rate or _plain(task.get("sample_rate")) or 44100),
-        "channels": int(channels or _plain(task.get("channels")) or 2),
+        "audio_channels": int(channels or _plain(task.get("audio_channels")) or 2),
         "label_rate": float(_plain(task.get("label_rate")) or 100.0),
     }
     model["_name"] = target
@@ -268,7 +270,7 @@ def build_encoder(target: str, model_cfg: Dict, task_cfg: Dict):
 
         cfg = OmegaConf.merge(OmegaConf.structured(DemucsHubertConfig), model_cfg)
         cfg.label_rate = task_cfg["label_rate"]
-        encoder = DemucsHubertEncoder(cfg, task_cfg["channels"])
+        encoder = DemucsHubertEncoder(cfg, task_cfg["audio_channels"])
     elif target == "pahubert":
         from .models.pahubert import PahubertEncoder, encoder_config
 

@@ -131,14 +131,9 @@ class Separator:
         return cls(model, segment, overlap, batch_size, device, shifts, precision=precision)
 
     def _to_model_channels(self, wav):
-        have, want = wav.shape[0], self.audio_channels
-        if have == want:
-            return wav
-        if have == 1:
-            return wav.expand(want, -1)
-        if want == 1:
-            return wav.mean(0, keepdim=True)
-        raise ValueError(f"input has {have} channels; the model takes {want} (or mono)")
+        from .data.audio import apply_channel_policy  # the one channel rule
+
+        return apply_channel_policy(wav, self.audio_channels, "input")
 
     def _to_input_channels(self, out, in_channels: int):
         """``(sources, model channels, n)`` -> ``(sources, in_channels, n)``."""
@@ -260,7 +255,7 @@ class Separator:
             check_mp3_writer()
         info = audio_info(path)
         self._to_model_channels(torch.zeros(info.channels, 0))  # channel count checked before any work
-        rate, length = info.sample_rate, info.frames
+        rate, length = info.sample_rate, info.num_samples
         total = resampled_frames(length, rate, self.sample_rate)  # model-rate samples
         x = resample_stream((self._to_model_channels(b) for b in read_blocks(info)), rate, self.sample_rate, length)
         bar = self._bar(total, progress, os.path.basename(path), position)

@@ -31,13 +31,13 @@ from torch import nn
 from .apply import chunk_starts, chunk_weight
 from .data.audio import _SFC_SET_ADD_PEAK_CHUNK, MP3_SLACK, AudioError, AudioInfo
 
-READ_FRAMES = 1 << 16  # frames decoded per soundfile read
+READ_SAMPLES = 1 << 16  # samples (per channel) decoded per soundfile read
 SPOOL_FRAMES = 1 << 16  # frames per write when rescaling a spooled stem
 LOWPASS_WIDTH, ROLLOFF = 6, 0.99  # torchaudio.functional.resample's defaults
 
 
-def read_blocks(info: AudioInfo, frames: int = READ_FRAMES) -> Iterator[torch.Tensor]:
-    """``info.frames`` samples of ``info.path`` as float32 ``(channels, n)`` blocks.
+def read_blocks(info: AudioInfo, block: int = READ_SAMPLES) -> Iterator[torch.Tensor]:
+    """``info.num_samples`` samples of ``info.path`` as float32 ``(channels, n)`` blocks.
 
     The same samples :func:`~pahubert_plugin.data.audio.read_audio` returns for the whole
     file: a decoder that stops up to one mp3 frame early is padded with zeros, one that
@@ -46,8 +46,8 @@ def read_blocks(info: AudioInfo, frames: int = READ_FRAMES) -> Iterator[torch.Te
     done = 0
     try:
         with sf.SoundFile(info.path) as f:
-            while done < info.frames:
-                data = f.read(min(frames, info.frames - done), dtype="float32", always_2d=True)
+            while done < info.num_samples:
+                data = f.read(min(block, info.num_samples - done), dtype="float32", always_2d=True)
                 if data.shape[0] == 0:
                     break
                 if not np.isfinite(data).all():
@@ -56,10 +56,10 @@ def read_blocks(info: AudioInfo, frames: int = READ_FRAMES) -> Iterator[torch.Te
                 yield torch.from_numpy(np.ascontiguousarray(data.T))
     except (RuntimeError, sf.LibsndfileError) as e:
         raise AudioError(info.path, f"decode failed ({e})") from None
-    if info.frames - done > slack:
-        raise AudioError(info.path, f"truncated: expected {info.frames} frames, decoded {done}")
-    if done < info.frames:
-        yield torch.zeros(info.channels, info.frames - done)
+    if info.num_samples - done > slack:
+        raise AudioError(info.path, f"truncated: expected {info.num_samples} samples, decoded {done}")
+    if done < info.num_samples:
+        yield torch.zeros(info.channels, info.num_samples - done)
 
 
 def resampled_frames(length: int, orig_sr: int, new_sr: int) -> int:

@@ -64,7 +64,7 @@ class HubertFeatureReader(FeatureReader):
         self.model = models[0].eval().to(device)
         self.device = device
         self.model_sample_rate = int(task.cfg.sample_rate)
-        self.model_channels = int(getattr(task.cfg, "channels", 1))
+        self.model_channels = int(getattr(task.cfg, "audio_channels"))
         num_layers = getattr(cfg.model, "encoder_layers", None)
         if layer < 1 or (num_layers is not None and layer > num_layers):
             raise ValueError(f"layer {layer} out of range: the model has {num_layers} transformer layers (1-based)")
@@ -118,9 +118,9 @@ class HubertFeatureReader(FeatureReader):
         info = audio_info(path)
         feats = self._forward(
             lambda offset, length: read_audio(path, self.model_sample_rate, self.model_channels, offset=offset,
-                                              num_frames=length, info=info)[0],
-            info.frames_at(self.model_sample_rate))
-        want = frames.num_frames(ref_len if ref_len is not None else info.frames_at(self.sample_rate),
+                                              num_samples=length, info=info)[0],
+            info.samples_at(self.model_sample_rate))
+        want = frames.num_frames(ref_len if ref_len is not None else info.samples_at(self.sample_rate),
                                  self.sample_rate)
         try:
             return frames.fit_frames(feats, want)

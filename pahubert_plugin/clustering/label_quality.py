@@ -32,7 +32,6 @@ import numpy as np
 from pahubert_plugin.clustering.kmeans import apply_kmeans as load_apply_kmeans
 from pahubert_plugin.clustering.readers import FEATURES, build_reader
 from pahubert_plugin.clustering.simple_kmeans import simple_kmeans_dir
-from pahubert_plugin.data.audio import audio_info, read_audio
 from pahubert_plugin.frames import hop_length, num_frames
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help answers without it
@@ -77,37 +76,18 @@ def dominant_source(stems: Dict[str, torch.Tensor], mixture: torch.Tensor, sampl
     return [names[i] if keep else SILENCE for i, keep in zip(winner.tolist(), loud.tolist())]
 
 
-def load_tracks(root: str, is_wav: bool, subset: str, max_tracks: int, sample_rate: int, max_seconds: float):
-    """Yield (name, mixture, {stem: audio}) as ``(channels, samples)`` tensors at ``sample_rate``."""
-    import musdb  # needs ffmpeg at import: only here
-    import torch
-    import torchaudio.functional as AF
+def load_tracks(root: str, is_wav: bool, subset: str, max_tracks: int, sample_rate: int, max_seconds: float,
+                sources=None):
+    """Yield (name, mixture, {stem: audio}) as ``(channels, samples)`` tensors at ``sample_rate``, tracks
+    listed and read as the separation task does (``stems_dataset.list_tracks``; MUSDB's four sources)."""
+    from pahubert_plugin.data.stems_dataset import MUSDB_SOURCES, list_tracks  # torch: only here
 
-    db = musdb.DB(root=root, is_wav=is_wav, subsets=subset)
-    if not db.tracks:
-        raise ValueError(f"no {subset} tracks found under {root} (is_wav={is_wav}); "
-                         f"expected {root}/{subset}/<track>/mixture.wav and stems, or .stem.mp4 files")
-    for track in db.tracks[: max_tracks or None]:
-        if is_wav:  # our reader: seeks, resamples, checks truncation
-            def get(path):
-                total = audio_info(path).frames_at(sample_rate)
-                limit = min(total, int(max_seconds * sample_rate)) if max_seconds else total
-                return read_audio(path, sample_rate=sample_rate, num_frames=limit)[0]
-
-            mixture = get(track.path)
-            stems = {name: get(src.path) for name, src in track.sources.items()}
-        else:
-            if max_seconds:
-                track.chunk_duration = max_seconds
-
-            def get(audio):
-                x = torch.from_numpy(np.ascontiguousarray(audio.T, dtype=np.float32))
-                return AF.resample(x, track.rate, sample_rate) if track.rate != sample_rate else x
-
-            mixture = get(track.audio)
-            stems = {name: get(src.audio) for name, src in track.sources.items()}
-        length = min([mixture.shape[-1]] + [s.shape[-1] for s in stems.values()])
-        yield track.name, mixture[:, :length], {k: v[:, :length] for k, v in stems.items()}
+    sources = list(sources or MUSDB_SOURCES)
+    for track in list_tracks(root, subset, sources, sample_rate, is_wav)[: max_tracks or None]:
+        n = track.samples_at(sample_rate)
+        n = min(n, int(max_seconds * sample_rate)) if max_seconds else n
+        mixture = track.read("mixture", sample_rate, None, 0, n)
+        yield track.name, mixture, {s: track.read(s, sample_rate, None, 0, n) for s in sources}
 
 
 def quality(refs: Dict[str, List[str]], hyps: Dict[str, List[int]], n_clusters: int) -> dict:

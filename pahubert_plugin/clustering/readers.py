@@ -49,7 +49,7 @@ class FeatureReader:
         ``ref_len`` is the manifest's num_samples; a file that no longer holds that many
         samples raises an AudioError naming the file (the manifest is stale).
         """
-        wav, _ = read_audio(path, sample_rate=self.sample_rate, channels=self.channels, num_frames=ref_len)
+        wav, _ = read_audio(path, sample_rate=self.sample_rate, channels=self.channels, num_samples=ref_len)
         return wav
 
     def extract(self, wav: torch.Tensor) -> torch.Tensor:

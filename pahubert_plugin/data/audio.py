@@ -1,7 +1,7 @@
 """All audio reading: soundfile decode, seek-based crops, channel policy, resampling.
 
 Every module that reads audio goes through :func:`read_audio` so the rules live in one
-place: float32 ``(channels, samples)``; ``offset``/``num_frames`` are counted at the
+place: float32 ``(channels, samples)``; ``offset``/``num_samples`` are counted at the
 *target* rate; a crop seeks instead of decoding the whole file; an unreadable, truncated
 or non-finite file raises :class:`AudioError` naming the file and the reason.
 
@@ -44,23 +44,23 @@ class AudioError(ValueError):
 class AudioInfo:
     path: str
     sample_rate: int
-    frames: int
+    num_samples: int  # per channel, at sample_rate (soundfile calls them frames)
     channels: int
     format: str
 
     @property
     def seconds(self) -> float:
-        return self.frames / self.sample_rate
+        return self.num_samples / self.sample_rate
 
-    def frames_at(self, sample_rate: int) -> int:
+    def samples_at(self, sample_rate: int) -> int:
         """Length in samples once resampled to ``sample_rate`` (what read_audio returns)."""
-        return resampled_length(self.frames, self.sample_rate, sample_rate)
+        return resampled_length(self.num_samples, self.sample_rate, sample_rate)
 
 
-def resampled_length(frames: int, orig_sr: int, new_sr: int) -> int:
+def resampled_length(samples: int, orig_sr: int, new_sr: int) -> int:
     if orig_sr == new_sr:
-        return int(frames)
-    return int(math.ceil(frames * new_sr / orig_sr))
+        return int(samples)
+    return int(math.ceil(samples * new_sr / orig_sr))
 
 
 def _declared_wav_frames(sf_file: sf.SoundFile) -> Optional[int]:
@@ -89,23 +89,27 @@ def audio_info(path) -> AudioInfo:
             declared = _declared_wav_frames(f) if f.format == "WAV" else None
     except (RuntimeError, sf.LibsndfileError) as e:
         raise AudioError(path, f"unreadable ({e})") from None
-    if declared is not None and declared > info.frames:
-        raise AudioError(path, f"truncated: header declares {declared} frames, file holds {info.frames}")
-    if info.frames <= 0:
+    if declared is not None and declared > info.num_samples:
+        raise AudioError(path, f"truncated: header declares {declared} frames, file holds {info.num_samples}")
+    if info.num_samples <= 0:
         raise AudioError(path, "no audio frames")
     return info
 
 
-def apply_channel_policy(wav: np.ndarray, channels: Optional[int], path="<array>") -> np.ndarray:
-    """``wav`` is (channels, samples). channels=1 downmixes; 2 duplicates mono; None keeps."""
+def apply_channel_policy(wav, channels: Optional[int], path="<array>"):
+    """THE channel rule (files, datasets, separation input): ``wav`` (channels, samples), a numpy
+    array or a torch tensor. ``channels=1`` downmixes (mean); mono becomes ``channels`` identical
+    channels; None keeps; anything else is an :class:`AudioError` naming ``path``."""
     have = wav.shape[0]
     if channels is None or channels == have:
         return wav
+    numpy = isinstance(wav, np.ndarray)
     if channels == 1:
-        return wav.mean(axis=0, keepdims=True)
+        return wav.mean(axis=0, keepdims=True) if numpy else wav.mean(dim=0, keepdim=True)
     if have == 1:
-        return np.repeat(wav, channels, axis=0)
-    raise AudioError(path, f"has {have} channels; cannot turn them into {channels}")
+        return np.repeat(wav, channels, axis=0) if numpy else wav.expand(channels, -1)
+    raise AudioError(path, f"has {have} channels; cannot turn them into {channels} (mono and {channels} "
+                           f"channels are accepted)")
 
 
 def read_audio(
@@ -113,12 +117,12 @@ def read_audio(
     sample_rate: Optional[int] = None,
     channels: Optional[int] = None,
     offset: int = 0,
-    num_frames: Optional[int] = None,
+    num_samples: Optional[int] = None,
     info: Optional[AudioInfo] = None,
 ) -> Tuple[torch.Tensor, int]:
     """Read ``path`` as float32 ``(channels, samples)`` at ``sample_rate`` (native if None).
 
-    ``offset`` and ``num_frames`` are counted at the output rate; only that span is decoded.
+    ``offset`` and ``num_samples`` are counted at the output rate; only that span is decoded.
     A request that runs past the end of the file raises (it would be silently mis-timed).
     Returns the waveform and its sample rate.
     """
@@ -129,23 +133,23 @@ def read_audio(
     info = info or audio_info(path)
     src_sr = info.sample_rate
     out_sr = sample_rate or src_sr
-    total = info.frames_at(out_sr)
-    if num_frames is None or num_frames < 0:
-        num_frames = total - offset
-    if offset < 0 or num_frames <= 0 or offset + num_frames > total + (MP3_SLACK if info.format == "MP3" else 0):
-        raise AudioError(path, f"cannot read {num_frames} samples at offset {offset}: file has {total} at {out_sr} Hz")
+    total = info.samples_at(out_sr)
+    if num_samples is None or num_samples < 0:
+        num_samples = total - offset
+    if offset < 0 or num_samples <= 0 or offset + num_samples > total + (MP3_SLACK if info.format == "MP3" else 0):
+        raise AudioError(path, f"cannot read {num_samples} samples at offset {offset}: file has {total} at {out_sr} Hz")
 
     # Span in source samples, with a small margin so the resampler has context at both ends.
     # When resampling, the span starts on a sample shared by both rates' grids (a multiple of
     # src / gcd), so the crop lands on exactly the samples of a full read's output.
     src_start = int(math.floor(offset * src_sr / out_sr))
-    src_stop = int(math.ceil((offset + num_frames) * src_sr / out_sr))
+    src_stop = int(math.ceil((offset + num_samples) * src_sr / out_sr))
     if src_sr == out_sr:
         lo, hi = src_start, src_stop
     else:
         step = src_sr // math.gcd(src_sr, out_sr)
         lo = max(0, src_start - 64) // step * step
-        hi = min(info.frames, src_stop + 64)
+        hi = min(info.num_samples, src_stop + 64)
     try:
         with sf.SoundFile(path) as f:
             if lo:
@@ -164,9 +168,9 @@ def read_audio(
     if src_sr != out_sr:
         out = AF.resample(out, src_sr, out_sr)
         out = out[:, offset - lo * out_sr // src_sr:]  # drop the left margin (exact: see above)
-    out = out[:, :num_frames]
-    if out.shape[1] < num_frames:  # mp3 slack or resampler rounding: a few samples at most
-        out = torch.nn.functional.pad(out, (0, num_frames - out.shape[1]))
+    out = out[:, :num_samples]
+    if out.shape[1] < num_samples:  # mp3 slack or resampler rounding: a few samples at most
+        out = torch.nn.functional.pad(out, (0, num_samples - out.shape[1]))
     return out.contiguous(), out_sr
 
 

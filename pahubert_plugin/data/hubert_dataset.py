@@ -122,7 +122,7 @@ class PahubertDataset(HubertDataset):
         if not 0 <= label_tolerance <= MAX_LABEL_TOLERANCE:
             raise ValueError(f"label_tolerance must be 0..{MAX_LABEL_TOLERANCE} frames, got {label_tolerance}")
         if not 1 <= channels <= MAX_CHANNELS:
-            raise ValueError(f"task.channels must be 1 (mono downmix) or 2 (stereo), got {channels}")
+            raise ValueError(f"task.audio_channels must be 1 (mono downmix) or 2 (stereo), got {channels}")
         check_manifest_rate(manifest_path, sample_rate, "task.sample_rate")
         rates = label_rates if isinstance(label_rates, Sequence) else [float(label_rates)] * len(label_paths)
         for path, rate in zip(label_paths, rates):
@@ -165,7 +165,7 @@ class PahubertDataset(HubertDataset):
         """(channels, samples) at the task rate, only [offset, offset + length) decoded."""
         path, size = self.path(index), self.sizes[index]
         info = audio_info(path)
-        have = info.frames_at(self.sample_rate)
+        have = info.samples_at(self.sample_rate)
         slack = 2 * self.hop + (MP3_SLACK if info.format == "MP3" else 0)
         if abs(have - size) > slack:
             raise ValueError(
@@ -174,7 +174,7 @@ class PahubertDataset(HubertDataset):
                 f"(task.sample_rate={self.sample_rate}) or the file changed; rebuild the manifest"
             )
         wav, _ = read_audio(path, self.sample_rate, self.channels, offset=offset,
-                            num_frames=size - offset if length is None else length, info=info)
+                            num_samples=size - offset if length is None else length, info=info)
         return wav
 
     def get_audio(self, index):

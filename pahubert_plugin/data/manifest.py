@@ -60,10 +60,6 @@ class Probe(NamedTuple):
     channels: int = 0
     format: str = ""
 
-    @property
-    def seconds(self) -> float:
-        return self.source_frames / self.source_rate if self.source_rate else 0.0
-
 
 def find_audio(root: str, exts: Sequence[str]) -> Tuple[List[str], List[Probe]]:
     """``(relpaths, skipped)``: files under ``root`` whose extension is in ``exts``, sorted.
@@ -123,8 +119,8 @@ def probe_file(root: str, relpath: str, sample_rate: int, min_seconds: float, si
         info = audio_info(path)
     except AudioError as e:
         return Probe(relpath, _classify(e), e.reason)
-    meta = dict(num_samples=info.frames_at(sample_rate), source_rate=info.sample_rate,
-                source_frames=info.frames, channels=info.channels, format=info.format)
+    meta = dict(num_samples=info.samples_at(sample_rate), source_rate=info.sample_rate,
+                source_frames=info.num_samples, channels=info.channels, format=info.format)
     if info.channels > MAX_CHANNELS:  # the pretraining dataset could not read it
         return Probe(relpath, "channels", f"{info.channels} channels; mono or stereo files only: "
                                           f"downmix to stereo first", **meta)
@@ -133,8 +129,8 @@ def probe_file(root: str, relpath: str, sample_rate: int, min_seconds: float, si
     peak = 0.0
     block = max(1, int(_BLOCK_SECONDS * info.sample_rate))
     try:
-        for start in range(0, info.frames, block):
-            wav, _ = read_audio(path, offset=start, num_frames=min(block, info.frames - start), info=info)
+        for start in range(0, info.num_samples, block):
+            wav, _ = read_audio(path, offset=start, num_samples=min(block, info.num_samples - start), info=info)
             peak = max(peak, float(wav.abs().max()))
     except AudioError as e:
         return Probe(relpath, _classify(e), e.reason, **meta)

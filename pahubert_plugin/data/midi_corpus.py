@@ -78,10 +78,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
+
 logger = logging.getLogger(__name__)
 
-SOURCES = ("drums", "bass", "other", "vocals")  # MUSDB stem order after the mixture
-SPLITS = {"train": 0, "test": 1, "unlabelled": 2}  # mixed into each song's seed
 MIDI_VERSION = 1  # bump when composition or rendering changes, so old corpora are not reused
 DEFAULT_SOUNDFONT = "/usr/share/sounds/sf2/TimGM6mb.sf2"
 LITE_SOUNDFONT = "/usr/share/sounds/sf3/MuseScore_General_Lite.sf3"
@@ -416,7 +416,7 @@ def _section_energy(kind: str) -> int:
 
 def _groove(song: Song, rng, kind: str) -> Dict[int, List[Tuple[float, int]]]:
     """One bar of drum hits {note: [(step, velocity), ...]} for a section kind."""
-    st, n = song.style, song.steps
+    st = song.style
     g: Dict[int, List[Tuple[float, int]]] = {}
 
     def add(note, steps, vel):
@@ -958,19 +958,6 @@ def _song_hash(params: dict, split: str, index: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def song_names(train: int, test: int, unlabelled: int) -> Dict[str, List[str]]:
-    return {"train": [f"train_{i:03d}" for i in range(train)],
-            "test": [f"test_{i:03d}" for i in range(test)],
-            "unlabelled": [f"unlabelled_{i:04d}" for i in range(unlabelled)]}
-
-
-def _song_paths(out: str, split: str, name: str) -> List[str]:
-    if split == "unlabelled":
-        return [os.path.join(out, "unlabelled", name + ".wav")]
-    folder = os.path.join(out, "musdb", split, name)
-    return [os.path.join(folder, f"{s}.wav") for s in ("mixture",) + SOURCES]
-
-
 def _meta_path(out: str, split: str, name: str) -> str:
     return os.path.join(out, "midi", split, name, "song.json")
 
@@ -981,7 +968,7 @@ def _cached(out: str, split: str, name: str, digest: str) -> Optional[dict]:
             meta = json.load(f)
     except (OSError, ValueError):
         return None
-    if meta.get("hash") == digest and all(os.path.isfile(p) for p in _song_paths(out, split, name)):
+    if meta.get("hash") == digest and all(os.path.isfile(p) for p in song_paths(out, split, name)):
         return meta["info"]
     return None
 
@@ -1025,7 +1012,7 @@ def make_song(job) -> Tuple[str, str, dict, bool]:
     ints = mix_stems(rendered, info, samples)
     info["rms_dbfs"] = {k: round(float(20 * np.log10(np.sqrt(np.mean((v / 32768.0) ** 2)) + 1e-12)), 2)
                         for k, v in ints.items()}
-    paths = _song_paths(out, split, name)
+    paths = song_paths(out, split, name)
     if split == "unlabelled":
         _atomic_write_wav(paths[0], ints["mixture"], rate)
     else:
@@ -1076,25 +1063,14 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
                                           "soundfont_bytes")}
     names = song_names(train, test, unlabelled)
     meta_path = os.path.join(out, "corpus.json")
-    existing = None
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            existing = json.load(f)
-    if existing is not None and existing.get("params") == params:
-        if existing.get("status") == "complete" and all(
-                _cached(out, split, nm, _song_hash(song_params, split, i)) is not None
-                for split, ns in names.items() for i, nm in enumerate(ns)):
-            logger.info("%s already holds this corpus; reusing it", out)
-            existing["rendered"] = 0
-            return existing
-    elif any(os.path.isdir(os.path.join(out, d)) and os.listdir(os.path.join(out, d))
-             for d in ("musdb", "unlabelled", "midi")):
-        found = existing.get("params") if existing else "no corpus.json"
-        if not overwrite:
-            raise ValueError(f"{out} already holds a corpus made with other parameters ({found}); "
-                             f"expected {params}. Choose another folder or pass --overwrite.")
-        for d in ("musdb", "unlabelled", "midi"):
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    def complete():
+        return all(_cached(out, split, nm, _song_hash(song_params, split, i)) is not None
+                   for split, ns in names.items() for i, nm in enumerate(ns))
+
+    existing = reuse_or_clear(out, params, complete, ("musdb", "unlabelled", "midi"), overwrite)
+    if existing is not None:
+        existing["rendered"] = 0
+        return existing
 
     os.makedirs(out, exist_ok=True)
     meta = {"params": params, "status": "partial", "songs": {k: {} for k in names}}

@@ -21,7 +21,6 @@ Both collate to ``{"id", "net_input": {"mixture": (B, C, T)}, "target": (B, S, C
 "nsentences", "ntokens"}`` (TrackDataset adds ``"lengths"``, zero-pads to the longest).
 """
 import dataclasses
-import logging
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -31,7 +30,6 @@ from fairseq.data import FairseqDataset
 
 from .audio import AudioError, audio_info, read_audio, resampled_length
 
-logger = logging.getLogger(__name__)
 
 MUSDB_SOURCES = ("drums", "bass", "other", "vocals")
 
@@ -110,7 +108,7 @@ def _wav_track(folder: str, name: str, sources: Sequence[str], sample_rate: int)
     lengths = {}
     for stem, path in paths.items():
         try:
-            lengths[stem] = audio_info(path).frames_at(sample_rate)
+            lengths[stem] = audio_info(path).samples_at(sample_rate)
         except AudioError as e:
             raise AudioError(path, f"track {name!r}: {e.reason}") from None
     if max(lengths.values()) - min(lengths.values()) > sample_rate // 100:

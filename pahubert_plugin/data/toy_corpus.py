@@ -44,17 +44,16 @@ import json
 import logging
 import math
 import os
-import shutil
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..frames import hop_length
 
+from .corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
+
 logger = logging.getLogger(__name__)
 
-SOURCES = ("drums", "bass", "other", "vocals")  # MUSDB stem order after the mixture
-SPLITS = {"train": 0, "test": 1, "unlabelled": 2}  # mixed into each song's seed
 SYNTH_VERSION = 1  # bump when the sound changes, so old corpora are not reused silently
 TARGET_RMS = 0.1
 
@@ -581,28 +580,15 @@ def synthesize_song(seed: int, split: str, index: int, seconds: float,
 
 # --------------------------------------------------------------------------- corpus on disk
 
-def song_names(train: int, test: int, unlabelled: int) -> Dict[str, List[str]]:
-    return {"train": [f"train_{i:03d}" for i in range(train)],
-            "test": [f"test_{i:03d}" for i in range(test)],
-            "unlabelled": [f"unlabelled_{i:04d}" for i in range(unlabelled)]}
-
-
-def _song_paths(out: str, split: str, name: str) -> List[str]:
-    if split == "unlabelled":
-        return [os.path.join(out, "unlabelled", name + ".wav")]
-    folder = os.path.join(out, "musdb", split, name)
-    return [os.path.join(folder, f"{s}.wav") for s in ("mixture",) + SOURCES]
-
-
 def _make_song(job) -> Tuple[str, str, dict]:
     from .audio import write_audio
 
     out, split, index, name, seconds, sample_rate, seed = job
     stems, info = synthesize_song(seed, split, index, seconds, sample_rate)
     if split == "unlabelled":
-        write_audio(_song_paths(out, split, name)[0], stems["mixture"], sample_rate, subtype="PCM_16")
+        write_audio(song_paths(out, split, name)[0], stems["mixture"], sample_rate, subtype="PCM_16")
     else:
-        for path, key in zip(_song_paths(out, split, name), ("mixture",) + SOURCES):
+        for path, key in zip(song_paths(out, split, name), ("mixture",) + SOURCES):
             write_audio(path, stems[key], sample_rate, subtype="FLOAT")
     return split, name, info
 
@@ -633,24 +619,12 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
               "seed": int(seed)}
     names = song_names(train, test, unlabelled)
     meta_path = os.path.join(out, "corpus.json")
-    existing = None
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            existing = json.load(f)
-    if existing is not None and existing.get("params") == params:
-        if existing.get("status") == "complete" and all(
-                os.path.isfile(p) for split, ns in names.items() for nm in ns
-                for p in _song_paths(out, split, nm)):
-            logger.info("%s already holds this corpus; reusing it", out)
-            return existing
-    elif any(os.path.isdir(os.path.join(out, d)) and os.listdir(os.path.join(out, d))
-             for d in ("musdb", "unlabelled")):
-        found = existing.get("params") if existing else "no corpus.json"
-        if not overwrite:
-            raise ValueError(f"{out} already holds a corpus made with other parameters ({found}); "
-                             f"expected {params}. Choose another folder or pass --overwrite.")
-        for d in ("musdb", "unlabelled"):
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    def complete():
+        return all(os.path.isfile(p) for split, ns in names.items() for nm in ns for p in song_paths(out, split, nm))
+
+    existing = reuse_or_clear(out, params, complete, ("musdb", "unlabelled"), overwrite)
+    if existing is not None:
+        return existing
 
     os.makedirs(out, exist_ok=True)
     meta = {"params": params, "status": "partial", "songs": {k: {} for k in names}}

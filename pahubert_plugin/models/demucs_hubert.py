@@ -23,6 +23,7 @@ from omegaconf import OmegaConf, open_dict
 from .demucs import DemucsHubertEncoder
 from .demucs_v2 import DemucsGeometryConfig
 from .hubert_encoder import HubertPretrainingModel, MaskedPredictionHead
+from .pahubert import task_audio_channels
 from .pretrained import PretrainedEncoderConfig, load_pretrained_weights, remember, resolve_pretrained
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def demucs_arch(audio_channels: int, sample_rate: int):
 
     def arch(state: Dict, path: str) -> Dict:
         model_cfg, task_cfg = state["cfg"].get("model") or {}, state["cfg"].get("task") or {}
-        for key, mine in (("channels", audio_channels), ("sample_rate", sample_rate)):
-            theirs = task_cfg.get(key)
+        for key, theirs, mine in (("audio_channels", task_audio_channels(task_cfg), audio_channels),
+                                  ("sample_rate", task_cfg.get("sample_rate"), sample_rate)):
             if theirs is not None and int(theirs) != int(mine):
                 raise ValueError(f"{path}: pretrained with task.{key}={theirs}, this task has {mine}")
         return {k: model_cfg[k] for k in ARCH_FIELDS if model_cfg.get(k) is not None}
@@ -116,7 +117,7 @@ class DemucsHubertModel(HubertPretrainingModel):
         label_rate = getattr(task.cfg, "label_rate", None)
         if label_rate is not None and float(label_rate) != float(cfg.label_rate):
             cfg.label_rate = float(label_rate)
-        return build_demucs_encoder(cls, cfg, MODEL_NAME, (MODEL_NAME,), int(task.cfg.channels),
+        return build_demucs_encoder(cls, cfg, MODEL_NAME, (MODEL_NAME,), int(task.cfg.audio_channels),
                                     int(task.cfg.sample_rate), num_classes=[len(d) for d in dictionaries])
 
     def forward(self, source, target_list=None, padding_mask=None, mask=True, features_only=False, output_layer=None):

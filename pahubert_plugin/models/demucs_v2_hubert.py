@@ -12,7 +12,6 @@ unless ``no_pretrained_weights``, its weights; the architecture is saved with th
 (:mod:`~pahubert_plugin.models.pretrained`).  Without a checkpoint the network is built from this
 config and trained from scratch.
 """
-import logging
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -24,7 +23,6 @@ from .demucs import DemucsDecoder, DemucsHubertEncoder
 from .demucs_hubert import MODEL_NAME as PRETRAINING_MODEL, DemucsHubertConfig, build_demucs_encoder
 from .demucs_v2 import separation_task_info
 
-logger = logging.getLogger(__name__)
 
 MODEL_NAME = "demucs_v2_hubert"
 

@@ -13,7 +13,6 @@
   subsampled to the token rate by fairseq's ``feat2tar_ratio`` logic.
 """
 import copy
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -30,7 +29,6 @@ from .blocks import ResUNetEncoder
 from .hubert_encoder import FrontEnd, FrontEndOutput, HubertPretrainingModel, HubertTokenEncoder, MaskedPredictionHead
 from .spectral import Spectrogram, compress
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +42,7 @@ class PahubertConfig(HubertConfig):
 
     # audio: tied to the task so data and model agree
     sample_rate: int = II("task.sample_rate")
-    audio_channels: int = II("task.channels")
+    audio_channels: int = II("task.audio_channels")
 
     # spectral front end
     n_fft: int = field(
@@ -195,13 +193,20 @@ class PahubertEncoder(HubertTokenEncoder):
         super().__init__(SpectralFrontEnd(cfg), cfg)
 
 
+def task_audio_channels(task_cfg):
+    """``audio_channels`` of a task config (``channels`` in pretraining checkpoints written before 0.2)."""
+    get = task_cfg.get if hasattr(task_cfg, "get") else lambda k, d=None: getattr(task_cfg, k, d)
+    value = get("audio_channels", None)
+    return get("channels", None) if value is None else value
+
+
 def _tie_to_task(cfg, task_cfg) -> DictConfig:
     """A copy of the model config with the task's audio settings (the data's truth)."""
     cfg = copy.deepcopy(cfg) if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg)
+    values = {"sample_rate": getattr(task_cfg, "sample_rate", None), "audio_channels": task_audio_channels(task_cfg),
+              "label_rate": getattr(task_cfg, "label_rate", None)}
     with open_dict(cfg):
-        for key, task_key in (("sample_rate", "sample_rate"), ("audio_channels", "channels"),
-                              ("label_rate", "label_rate")):
-            value = getattr(task_cfg, task_key, None)
+        for key, value in values.items():
             if value is not None:
                 cfg[key] = value
     return cfg

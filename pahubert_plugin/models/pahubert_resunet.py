@@ -19,10 +19,9 @@ bottleneck; the decoder mirrors the stem and takes its skips; the decoupled mask
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List
 
 import torch
-from fairseq.dataclass import FairseqDataclass
 from fairseq.models import register_model
 from omegaconf import II, OmegaConf, open_dict
 from torch import nn

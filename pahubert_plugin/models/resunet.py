@@ -42,6 +42,21 @@ def parse_strides(text: str) -> List[Tuple[int, int]]:
     return strides
 
 
+def block_strides(cfg) -> List[Tuple[int, int]]:
+    """``[(freq, time), ...]`` per encoder block from ``freq_strides`` / ``time_strides`` (or the
+    deprecated ``strides`` string of older checkpoints); one pair per entry of ``channels``."""
+    legacy = getattr(cfg, "strides", "") or ""
+    strides = parse_strides(legacy) if legacy else [(int(f), int(t)) for f, t in zip(cfg.freq_strides, cfg.time_strides)]
+    if not legacy and len(cfg.freq_strides) != len(cfg.time_strides):
+        raise ValueError(f"freq_strides {list(cfg.freq_strides)} and time_strides {list(cfg.time_strides)} "
+                         f"must have the same length")
+    if len(strides) != len(cfg.channels):
+        raise ValueError(f"{len(strides)} strides for {len(cfg.channels)} encoder blocks (channels {list(cfg.channels)})")
+    if any(f < 1 or t < 1 for f, t in strides):
+        raise ValueError(f"strides must be >= 1, got {strides}")
+    return strides
+
+
 class DecoupledMaskHead(nn.Module):
     """Turns decoder maps into complex source spectrograms (Kong et al. 2021).
 
@@ -119,8 +134,13 @@ class ResUNetConfig(FairseqDataclass):
     # U-Net
     channels: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 384, 384], metadata={
         "help": "channels of the encoder blocks (the decoder mirrors them)"})
-    strides: str = field(default="[[2,2],[2,2],[2,2],[2,2],[2,2],[2,1]]", metadata={
-        "help": "(freq, time) pooling after each encoder block, a literal list of pairs"})
+    freq_strides: List[int] = field(default_factory=lambda: [2, 2, 2, 2, 2, 2], metadata={
+        "help": "frequency pooling after each encoder block (pahubert's stem_freq_strides)"})
+    time_strides: List[int] = field(default_factory=lambda: [2, 2, 2, 2, 2, 1], metadata={
+        "help": "time pooling after each encoder block (pahubert's stem_time_strides)"})
+    strides: str = field(default="", metadata={
+        "help": "deprecated (checkpoints written before 0.2): '[[freq, time], ...]' pairs; when set it "
+                "replaces freq_strides and time_strides"})
     units: int = field(default=4, metadata={"help": "residual units per encoder/decoder block"})
     bottleneck_units: int = field(default=4, metadata={"help": "residual units at the bottleneck (0: none)"})
     mask_magnitude: str = field(default="relu", metadata={"help": MASK_MAGNITUDE_HELP})
@@ -160,8 +180,7 @@ class ResUNetModel(SpectralSeparator):
                          Spectrogram(cfg.sample_rate, cfg.n_fft or None),
                          getattr(cfg, "mask_magnitude", "relu"))  # older checkpoints: relu
         self.net = ResUNet(self.audio_channels, self.spectrogram.freq_bins, list(cfg.channels),
-                           parse_strides(cfg.strides), cfg.units, cfg.bottleneck_units,
-                           self.mask_head.out_channels)
+                           block_strides(cfg), cfg.units, cfg.bottleneck_units, self.mask_head.out_channels)
 
     @classmethod
     def build_model(cls, cfg: ResUNetConfig, task=None):

@@ -6,10 +6,9 @@ rate (resampled to ``sample_rate``), crop-only reads and strict 100 Hz label che
 ``{data}/{split}.tsv`` manifests, ``{label_dir}/{split}.{label}`` label lines and
 ``{label_dir}/dict.{label}.txt`` per label set.
 """
-import logging
 import os
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from omegaconf import II, OmegaConf
 
@@ -25,7 +24,6 @@ from .. import frames
 from ..data.hubert_dataset import PahubertDataset
 from ..models.pretrained import persist_config_updates
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,10 +34,15 @@ class PahubertPretrainingConfig(HubertPretrainingConfig):
         metadata={"help": "rate the model sees; files at other rates are resampled on read. "
                           "The manifest's num_samples must be counted at this rate"},
     )
-    channels: int = field(
+    audio_channels: int = field(
         default=2,
         metadata={"help": "audio channels the model sees (2 = stereo, as in separation); mono "
-                          "files are duplicated, stereo files downmixed when 1"},
+                          "files are duplicated, stereo files downmixed when 1 (the name of the "
+                          "music_separation task's field)"},
+    )
+    channels: Optional[int] = field(
+        default=None,
+        metadata={"help": "deprecated name of audio_channels (checkpoints written before 0.2); leave unset"},
     )
     # labels
     labels: List[str] = field(
@@ -72,6 +75,8 @@ class PahubertPretrainingTask(HubertPretrainingTask):
     def __init__(self, cfg: PahubertPretrainingConfig) -> None:
         if cfg.fine_tuning:
             raise ValueError("pahubert_pretraining does not fine-tune; use the music_separation task")
+        if cfg.channels is not None:  # a checkpoint written before 0.2
+            cfg.audio_channels, cfg.channels = int(cfg.channels), None
         super().__init__(cfg)
 
     def build_model(self, cfg, from_checkpoint=False):
@@ -101,7 +106,7 @@ class PahubertPretrainingTask(HubertPretrainingTask):
         self.datasets[split] = PahubertDataset(
             manifest,
             sample_rate=self.cfg.sample_rate,
-            channels=self.cfg.channels,
+            channels=self.cfg.audio_channels,
             label_paths=[os.path.join(self.get_label_dir(), f"{split}.{l}") for l in self.cfg.labels],
             label_rates=self.cfg.label_rate,
             pad_list=[d.pad() for d in dicts],

@@ -3,7 +3,7 @@
 #   0  manifest   audio folder -> $data_dir/{train,valid}.tsv (+ .meta.tsv, skipped.tsv)
 #   1  features   mfcc|primitive per frame, $nj shards per split (fairseq dump_feature + our reader)
 #   2  k-means    fairseq learn_kmeans.py on the train features -> $km_path
-#   3  labels     fairseq's dump_km_label per shard (model loaded safely) -> $label_dir/{split}.km + dict.km.txt, checked
+#   3  labels     fairseq's dump_km_label per shard (model loaded safely) -> $label_dir/{split}.$label_name + dict, checked
 #   4  pretrain   fairseq-hydra-train (conf/pretrain/$pretrain_config.yaml) on those labels -> $iter1_dir
 #   5  relabel    layer $hubert_layer of iteration 1 (dump_features --feature hubert), k-means, labels
 #   6  pretrain   iteration 2 on the stage-5 labels -> $iter2_dir
@@ -29,6 +29,11 @@ feature=mfcc            # clustering feature: mfcc (39-d Kaldi MFCC+D+DD) | prim
 n_clusters=100          # k-means clusters (HuBERT iteration 1 uses 100)
 percent=-1              # fraction of train files sampled per shard to fit k-means; -1 = all
 km_args=""              # extra options for fairseq's learn_kmeans.py, e.g. "--n_init 5 --batch_size 10000"
+label_name=km           # label set written by stages 3 and 5: {split}.<label_name> + dict.<label_name>.txt
+label_rate=100          # label frames per second (the frame rule: 100; other rates need labels made elsewhere)
+pretrain_labels=        # stages 4 and 6: comma-separated label sets in the label folder (task.labels),
+                        #   default $label_name; several sets train one head each (criterion.pred_masked_weight
+                        #   and the per-set loss weights apply)
 # stages 4-6 (pretraining); hydra overrides after `--` go to both fairseq-hydra-train runs
 pretrain_config=base    # conf/pretrain/<name>.yaml: base (GPUs, 44.1 kHz) | tiny (CPU minutes)
 hubert_layer=6          # stage 5: transformer layer (1-based) clustered for iteration 2 (HuBERT: 6 of 12)
@@ -116,60 +121,73 @@ if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   [ $rc = 0 ] || log "  $(wc -l < "$data_dir/skipped.tsv") file(s) skipped: reasons in $data_dir/skipped.tsv"
 fi
 
-# ---- stage 1: features ------------------------------------------------------------------------
-if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
-  log "stage 1: $feature features -> $feat_dir"
+# ---- "features -> k-means -> labels": one function each, used by stages 1-3 and by stage 5 ---------
+# features FEAT_DIR LOGTAG DUMP_OPTIONS...: per split, $nj shards of dump_features in parallel
+features() {
+  local feat=$1 logtag=$2 split ns rank; shift 2
   for split in $(splits); do
     ns=$(nshard $split)
     for rank in $(seq 0 $((ns - 1))); do
-      queue "$log_dir/stage1_features.$split.$rank.log" \
-        "$PYTHON" -m pahubert_plugin.clustering.dump_features "$data_dir" $split $ns $rank "$feat_dir" \
-        --feature "$feature" --sample-rate "$sample_rate"
+      queue "$log_dir/${logtag}_features.$split.$rank.log" \
+        "$PYTHON" -m pahubert_plugin.clustering.dump_features "$data_dir" $split $ns $rank "$feat" "$@"
     done
     run_parallel
     log "  $split: $ns shard(s) done"
   done
-fi
+}
 
-# ---- stage 2: k-means -------------------------------------------------------------------------
-if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
-  log "stage 2: k-means ($n_clusters clusters, percent $percent) -> $km_path"
-  mkdir -p "$(dirname "$km_path")"
+# kmeans FEAT_DIR KM_PATH K LOGTAG: fairseq's learn_kmeans.py on the train features
+kmeans() {
+  find_kmeans_dir
+  mkdir -p "$(dirname "$2")"
   # shellcheck disable=SC2086  # km_args is a list of options
-  find_kmeans_dir
-  run "$log_dir/stage2_kmeans.log" "$PYTHON" "$kmeans_dir/learn_kmeans.py" \
-    "$feat_dir" train "$(nshard train)" "$km_path" "$n_clusters" --seed "$seed" --percent "$percent" $km_args
-  grep -h "intertia\|inertia" "$log_dir/stage2_kmeans.log" | tail -n 1 || true
-fi
+  run "$log_dir/${4}_kmeans.log" "$PYTHON" "$kmeans_dir/learn_kmeans.py" \
+    "$1" train "$(nshard train)" "$2" "$3" --seed "$seed" --percent "$percent" $km_args
+  grep -h "intertia\|inertia" "$log_dir/${4}_kmeans.log" | tail -n 1 || true
+}
 
-# ---- stage 3: labels --------------------------------------------------------------------------
-if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
-  log "stage 3: labels -> $label_dir"
-  mkdir -p "$label_dir/shards"
+# labels FEAT_DIR KM_PATH K LABEL_DIR LOGTAG: per shard (model loaded safely), concatenated in manifest
+# order -> LABEL_DIR/{split}.$label_name + dict.$label_name.txt, then checked against the manifest
+labels() {
+  local feat=$1 km=$2 k=$3 out=$4 logtag=$5 split ns rank i
   find_kmeans_dir
+  mkdir -p "$out/shards"
   for split in $(splits); do
     ns=$(nshard $split)
     for rank in $(seq 0 $((ns - 1))); do
-      queue "$log_dir/stage3_labels.$split.$rank.log" \
-        "$PYTHON" -m pahubert_plugin.clustering.kmeans "$feat_dir" $split "$km_path" $ns $rank "$label_dir/shards"
+      queue "$log_dir/${logtag}_labels.$split.$rank.log" \
+        "$PYTHON" -m pahubert_plugin.clustering.kmeans "$feat" $split "$km" $ns $rank "$out/shards"
     done
     run_parallel
     # fairseq's shards are contiguous slices of the manifest: concatenating them keeps its order
-    for rank in $(seq 0 $((ns - 1))); do cat "$label_dir/shards/${split}_${rank}_${ns}.km"; done > "$label_dir/$split.km"
+    for rank in $(seq 0 $((ns - 1))); do cat "$out/shards/${split}_${rank}_${ns}.km"; done > "$out/$split.$label_name"
   done
-  for i in $(seq 0 $((n_clusters - 1))); do echo "$i 1"; done > "$label_dir/dict.km.txt"
+  for i in $(seq 0 $((k - 1))); do echo "$i 1"; done > "$out/dict.$label_name.txt"
   for split in $(splits); do
-    run "$log_dir/stage3_check.$split.log" "$PYTHON" -m pahubert_plugin.clustering.check_labels \
-      "$data_dir/$split.tsv" "$label_dir/$split.km" --sample-rate "$sample_rate" --dict "$label_dir/dict.km.txt"
-    tail -n 1 "$log_dir/stage3_check.$split.log"
+    run "$log_dir/${logtag}_check.$split.log" "$PYTHON" -m pahubert_plugin.clustering.check_labels \
+      "$data_dir/$split.tsv" "$out/$split.$label_name" --sample-rate "$sample_rate" --dict "$out/dict.$label_name.txt"
+    tail -n 1 "$log_dir/${logtag}_check.$split.log"
   done
+}
+
+if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
+  log "stage 1: $feature features -> $feat_dir"
+  features "$feat_dir" stage1 --feature "$feature" --sample-rate "$sample_rate"
+fi
+if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
+  log "stage 2: k-means ($n_clusters clusters, percent $percent) -> $km_path"
+  kmeans "$feat_dir" "$km_path" "$n_clusters" stage2
+fi
+if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
+  log "stage 3: labels -> $label_dir"
+  labels "$feat_dir" "$km_path" "$n_clusters" "$label_dir" stage3
 fi
 
 # ---- stages 4-6: pretraining ------------------------------------------------------------------
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 abspath() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
-# pretrain LABEL_DIR OUT_DIR LOG: fairseq-hydra-train on LABEL_DIR/{split}.km (hydra changes into
+# pretrain LABEL_DIR OUT_DIR LOG: fairseq-hydra-train on LABEL_DIR/{split}.<label set> (hydra changes into
 # OUT_DIR, so every path is absolute); extra overrides after `--` on the command line come last.
 pretrain() {
   local labels out logfile plugin_dir
@@ -179,7 +197,8 @@ pretrain() {
   run "$logfile" "$PYTHON" -m fairseq_cli.hydra_train \
     --config-dir "$recipe_dir/conf/pretrain" --config-name "$pretrain_config" \
     common.user_dir="$plugin_dir" task.data="$(abspath "$data_dir")" task.label_dir="$labels" \
-    'task.labels=[km]' task.sample_rate="$sample_rate" task.label_rate=100 model.label_rate=100 \
+    "task.labels=[${pretrain_labels:-$label_name}]" task.sample_rate="$sample_rate" \
+    task.label_rate="$label_rate" model.label_rate="$label_rate" \
     checkpoint.save_dir="$out/checkpoints" hydra.run.dir="$out" ${train_overrides[@]+"${train_overrides[@]}"}
   grep -h '\[train\]\|\[valid\]' "$logfile" | tail -n 2 || true
 }
@@ -193,36 +212,10 @@ if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
   ckpt1=$iter1_dir/checkpoints/checkpoint_best.pt
   [ -f "$ckpt1" ] || { echo "run.sh: stage 5 needs $ckpt1 (run stage 4)" >&2; exit 1; }
   log "stage 5: layer $hubert_layer features of $ckpt1 -> k-means $n_clusters_iter2 -> $label2_dir"
-  for split in $(splits); do
-    ns=$(nshard $split)
-    for rank in $(seq 0 $((ns - 1))); do
-      queue "$log_dir/stage5_features.$split.$rank.log" \
-        "$PYTHON" -m pahubert_plugin.clustering.dump_features "$data_dir" $split $ns $rank "$feat2_dir" \
-        --feature hubert --ckpt "$ckpt1" --layer "$hubert_layer" --device "$hubert_device" \
-        --max-chunk "$hubert_max_chunk" --sample-rate "$sample_rate"
-    done
-    run_parallel
-  done
-  find_kmeans_dir
-  mkdir -p "$(dirname "$km2_path")" "$label2_dir/shards"
-  # shellcheck disable=SC2086  # km_args is a list of options
-  run "$log_dir/stage5_kmeans.log" "$PYTHON" "$kmeans_dir/learn_kmeans.py" \
-    "$feat2_dir" train "$(nshard train)" "$km2_path" "$n_clusters_iter2" --seed "$seed" --percent "$percent" $km_args
-  for split in $(splits); do
-    ns=$(nshard $split)
-    for rank in $(seq 0 $((ns - 1))); do
-      queue "$log_dir/stage5_labels.$split.$rank.log" \
-        "$PYTHON" -m pahubert_plugin.clustering.kmeans "$feat2_dir" $split "$km2_path" $ns $rank "$label2_dir/shards"
-    done
-    run_parallel
-    for rank in $(seq 0 $((ns - 1))); do cat "$label2_dir/shards/${split}_${rank}_${ns}.km"; done > "$label2_dir/$split.km"
-  done
-  for i in $(seq 0 $((n_clusters_iter2 - 1))); do echo "$i 1"; done > "$label2_dir/dict.km.txt"
-  for split in $(splits); do
-    run "$log_dir/stage5_check.$split.log" "$PYTHON" -m pahubert_plugin.clustering.check_labels \
-      "$data_dir/$split.tsv" "$label2_dir/$split.km" --sample-rate "$sample_rate" --dict "$label2_dir/dict.km.txt"
-    tail -n 1 "$log_dir/stage5_check.$split.log"
-  done
+  features "$feat2_dir" stage5 --feature hubert --ckpt "$ckpt1" --layer "$hubert_layer" \
+    --device "$hubert_device" --max-chunk "$hubert_max_chunk" --sample-rate "$sample_rate"
+  kmeans "$feat2_dir" "$km2_path" "$n_clusters_iter2" stage5
+  labels "$feat2_dir" "$km2_path" "$n_clusters_iter2" "$label2_dir" stage5
 fi
 
 if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
