@@ -1,5 +1,7 @@
 """Test utilities shared by several test files: tiny audio, stock fairseq runs."""
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +85,70 @@ def train_stock_hubert(workdir, max_update=2):
     save = workdir / "ckpt"
     log = run_fairseq(["fairseq_cli.hydra_train", *stock_hubert_overrides(data, save, max_update)], cwd=workdir)
     return save, log
+
+
+# ---- fairseq runs of the recipe configs, and what their logs and checkpoints hold ----
+PRETRAIN_CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
+MUSDB_CONF = REPO / "recipes" / "musdb" / "conf"
+
+
+def overrides(data, save, max_update, *extra):
+    """The tiny config with test-sized crops and batches."""
+    return [
+        "--config-dir", PRETRAIN_CONF, "--config-name", "tiny",
+        f"common.user_dir={PLUGIN_DIR}", "common.cpu=true", "common.log_interval=5",
+        f"task.data={data}", f"task.label_dir={data}", "task.max_sample_size=16000",
+        "task.min_sample_size=8000", "dataset.batch_size=4", f"optimization.max_update={max_update}",
+        "lr_scheduler.warmup_updates=5", "optimization.lr=[0.002]", f"checkpoint.save_dir={save}",
+        # validate and save at the end (and every save_interval_updates), not after each tiny epoch
+        "dataset.validate_interval=1000", "checkpoint.save_interval=1000",
+        f"hydra.run.dir={save}/hydra", *extra,
+    ]
+
+
+def train_records(log):
+    """The JSON stats lines of a fairseq log (train_inner and train/valid summaries)."""
+    records = []
+    for line in log.splitlines():
+        m = re.search(r"\]\[(train_inner|train|valid)\]\[INFO\] - (\{.*\})$", line)
+        if m:
+            records.append((m.group(1), json.loads(m.group(2))))
+    return records
+
+
+def finetune_args(config_name, data, save, max_update=3, *extra):
+    return [
+        "fairseq_cli.hydra_train", "--config-dir", MUSDB_CONF, "--config-name", config_name,
+        f"task.data={data}", f"common.user_dir={PLUGIN_DIR}", f"checkpoint.save_dir={save}",
+        f"hydra.run.dir={save}/hydra", f"optimization.max_update={max_update}", "common.log_interval=1",
+        "task.samples_per_track=4", "task.valid_seconds=2.0", "task.valid_segment=1.0", *extra,
+    ]
+
+
+def updates_done(log):
+    return max(int(m) for m in re.findall(r"num_updates[\"':= ]+(\d+)", log))
+
+
+def separation_weights(save):
+    from pahubert_plugin.checkpoint import load_checkpoint
+
+    state = load_checkpoint(Path(save) / "checkpoint_last.pt")
+    return state["cfg"]["model"], state["model"]
+
+
+def fairseq_compose(conf_dir, name, overrides=()):
+    """What fairseq-hydra-train --config-dir CONF_DIR --config-name NAME OVERRIDES composes, with the
+    registered dataclasses' defaults merged in (fairseq's add_defaults): a key missing from the YAML
+    (which needs `+`) or unknown to the component fails here as it does there."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from fairseq.dataclass.initialize import add_defaults, hydra_init
+
+    import pahubert_plugin  # noqa: F401  (registers our tasks and models, as common.user_dir does)
+
+    hydra_init(name)  # as fairseq_cli.hydra_train: FairseqConfig stored under the config's name
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.1"):  # as fairseq_cli.hydra_train
+        cfg = compose(config_name=name, overrides=list(overrides))
+    add_defaults(cfg)
+    return cfg

@@ -22,7 +22,7 @@ def test_stereo_wav_full_and_offset_reads(stereo_wav):
     ref = sf.read(stereo_wav, dtype="float32")[0].T
     np.testing.assert_array_equal(full.numpy(), ref)
     for offset, n in [(0, 100), (12345, 4410), (full.shape[1] - 7, 7)]:
-        part, _ = read_audio(stereo_wav, offset=offset, num_frames=n)
+        part, _ = read_audio(stereo_wav, offset=offset, num_samples=n)
         torch.testing.assert_close(part, full[:, offset:offset + n], rtol=0, atol=0)
 
 
@@ -42,13 +42,13 @@ def test_mono_flac_resampled(tmp_path):
     info = audio_info(path)
     assert (info.sample_rate, info.channels, info.format) == (22050, 1, "FLAC")
     wav, sr = read_audio(path, sample_rate=44100, channels=2)
-    assert sr == 44100 and wav.shape == (2, 88200) == (2, info.frames_at(44100))
+    assert sr == 44100 and wav.shape == (2, 88200) == (2, info.samples_at(44100))
     # the tone survives resampling: its spectral peak stays at 300 Hz
     spec = np.abs(np.fft.rfft(wav[0].numpy()))
     assert abs(np.argmax(spec) * 44100 / wav.shape[1] - 300.0) < 2.0
     # a crop at the target rate equals the same span of the full resampled read
     for offset in (30000, 30001, 7):
-        part, _ = read_audio(path, sample_rate=44100, channels=2, offset=offset, num_frames=20000)
+        part, _ = read_audio(path, sample_rate=44100, channels=2, offset=offset, num_samples=20000)
         torch.testing.assert_close(part, wav[:, offset:offset + 20000], atol=1e-5, rtol=0)
 
 
@@ -58,7 +58,7 @@ def test_resampled_crops_are_slices_of_full_reads(tmp_path, src, out):
     sf.write(path, tone(1.0, src, channels=2, freq=1000.0), src, subtype="FLOAT")
     full, _ = read_audio(path, sample_rate=out)
     for offset in (1, 100, 12345, full.shape[1] - 999):
-        part, _ = read_audio(path, sample_rate=out, offset=offset, num_frames=999)
+        part, _ = read_audio(path, sample_rate=out, offset=offset, num_samples=999)
         torch.testing.assert_close(part, full[:, offset:offset + 999], atol=1e-5, rtol=0)
 
 
@@ -91,7 +91,7 @@ def test_corrupt_truncated_and_nan_files_name_the_path(tmp_path, stereo_wav):
     with pytest.raises(AudioError, match="missing.wav: no such file"):
         read_audio(tmp_path / "missing.wav")
     with pytest.raises(AudioError, match="cannot read"):
-        read_audio(stereo_wav, offset=66000, num_frames=1000)
+        read_audio(stereo_wav, offset=66000, num_samples=1000)
     with pytest.raises(AudioError, match="cannot turn"):
         from pahubert_plugin.data.audio import apply_channel_policy
         apply_channel_policy(np.zeros((3, 10)), 2, "six.wav")

@@ -21,32 +21,12 @@ SR = 16000
 K = 8
 
 
-def _music(seconds, sr, channels, f0, rng):
-    """Tone with noise bursts: two obviously different kinds of frame."""
-    t = np.arange(int(seconds * sr)) / sr
-    bursts = np.sin(2 * np.pi * 2 * t) > 0.3
-    x = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.3 * rng.standard_normal(t.size) * bursts
-    return np.stack([x, 0.8 * x][:channels], axis=1).astype(np.float32)
-
-
-def make_corpus(root):
-    rng = np.random.default_rng(0)
-    os.makedirs(os.path.join(root, "sub"))
-    for i in range(3):
-        sf.write(os.path.join(root, f"song{i}.wav"), _music(3 + 0.37 * i, 44100, 2, 110 * (i + 1), rng), 44100)
-    sf.write(os.path.join(root, "sub", "mono.flac"), _music(2.5, 22050, 1, 330, rng), 22050)
-    sf.write(os.path.join(root, "sub", "track.mp3"), _music(3.1, 44100, 2, 220, rng), 44100)
-    with open(os.path.join(root, "corrupt.wav"), "wb") as f:
-        f.write(rng.bytes(4000))
-    sf.write(os.path.join(root, "short.wav"), _music(0.2, 44100, 2, 440, rng), 44100)
-
-
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
+def recipe(corpora, tmp_path_factory):
     """Stages 0-3 of recipes/pahubert/run.sh on the tiny corpus (mfcc, 8 clusters, 2 jobs)."""
     base = tmp_path_factory.mktemp("recipe")
     audio, exp = str(base / "audio"), str(base / "exp")
-    make_corpus(audio)
+    corpora.make_corpus(audio)
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     cmd = ["bash", os.path.join(REPO, "recipes", "pahubert", "run.sh"), "--audio-dir", audio, "--exp-dir", exp,
            "--sample-rate", str(SR), "--nj", "2", "--n-clusters", str(K), "--valid-percent", "0.2",
@@ -77,9 +57,9 @@ def test_reader_frames_follow_the_rule(feature, dim, sr, seconds):
     assert torch.isfinite(feats).all()
 
 
-def test_get_feats_reads_resamples_and_checks_ref_len(tmp_path):
+def test_get_feats_reads_resamples_and_checks_ref_len(tmp_path, corpora):
     path = str(tmp_path / "x.flac")
-    sf.write(path, _music(1.5, 22050, 2, 200, np.random.default_rng(1)), 22050)
+    sf.write(path, corpora.music(1.5, 22050, 2, 200, np.random.default_rng(1)), 22050)
     reader = MfccReader(SR)
     n = int(1.5 * SR)
     assert reader.get_feats(path, n).shape == (num_frames(n, SR), 39)

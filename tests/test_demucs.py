@@ -4,11 +4,9 @@ The fairseq runs (pretraining with pahubert_pretraining, fine-tuning with music_
 use the tiny recipe configs on audio written here.
 """
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from fairseq.models import MODEL_REGISTRY
 from omegaconf import OmegaConf
@@ -21,7 +19,8 @@ from pahubert_plugin.models.demucs_v2 import DemucsV2Config, DemucsV2Model
 from pahubert_plugin.models.demucs_hubert import DemucsHubertModel
 from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertConfig, DemucsV2HubertModel
 from pahubert_plugin.tasks.music_separation import MusicSeparationConfig, MusicSeparationTask
-from helpers import PLUGIN_DIR, REPO, run_fairseq
+from helpers import PLUGIN_DIR, REPO, finetune_args, run_fairseq, separation_weights, updates_done
+from pahubert_plugin.configs import load_recipe_config
 
 SR = 16000
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -37,7 +36,7 @@ def separation_task(sample_rate=SR, channels=2):
 
 def recipe_model_cfg(dataclass, name):
     """The ``model:`` section of a recipe YAML merged over its dataclass."""
-    return OmegaConf.merge(OmegaConf.structured(dataclass), OmegaConf.load(MUSDB_CONF / name).model)
+    return OmegaConf.merge(OmegaConf.structured(dataclass), load_recipe_config(MUSDB_CONF / name).model)
 
 
 def test_registry_holds_our_classes():
@@ -129,74 +128,20 @@ def test_separation_task_is_required_for_a_separator():
 # ---------------------------------------------------------------------------------------------
 # real fairseq runs
 
-def write_musdb(root, tracks=3, seconds=2.5, sr=SR):
-    """A MUSDB18-HQ-layout folder of tone stems; the mixture is their sum."""
-    rng = np.random.default_rng(0)
-    t = np.arange(int(seconds * sr)) / sr
-    for i in range(tracks):
-        folder = Path(root) / "train" / f"track{i}"
-        folder.mkdir(parents=True)
-        stems = []
-        for j, name in enumerate(SOURCES):
-            f = 80.0 * (j + 1) * (1 + 0.1 * i)
-            wav = 0.2 * np.sin(2 * np.pi * f * t)[:, None] * np.array([1.0, 0.7]) \
-                + 0.01 * rng.standard_normal((t.size, 2))
-            stems.append(wav.astype(np.float32))
-            sf.write(folder / f"{name}.wav", stems[-1], sr, subtype="FLOAT")
-        sf.write(folder / "mixture.wav", sum(stems), sr, subtype="FLOAT")
-    return Path(root)
-
-
-def write_pretrain_corpus(root, n=6, seconds=2.0, sr=SR, k=4):
-    """Manifests, random 100 Hz k-means-style labels and dict in pahubert_pretraining's layout."""
-    root = Path(root)
-    (root / "audio").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    for split, count in (("train", n), ("valid", 2)):
-        rows, lines = [], []
-        for i in range(count):
-            samples = int(seconds * sr) + 37 * i
-            wav = (0.2 * rng.standard_normal((samples, 2))).astype(np.float32)
-            sf.write(root / "audio" / f"{split}{i}.wav", wav, sr)
-            rows.append(f"audio/{split}{i}.wav\t{samples}")
-            lines.append(" ".join(map(str, rng.integers(0, k, frames.num_frames(samples, sr)))))
-        (root / f"{split}.tsv").write_text(f"{root}\n" + "\n".join(rows) + "\n")
-        (root / f"{split}.km").write_text("\n".join(lines) + "\n")
-    (root / "dict.km.txt").write_text("".join(f"{j} 1\n" for j in range(k)))
-    return root
-
-
-def finetune_args(config_name, data, save, max_update=3, *extra):
-    return [
-        "fairseq_cli.hydra_train", "--config-dir", MUSDB_CONF, "--config-name", config_name,
-        f"task.data={data}", f"common.user_dir={PLUGIN_DIR}", f"checkpoint.save_dir={save}",
-        f"hydra.run.dir={save}/hydra", f"optimization.max_update={max_update}", "common.log_interval=1",
-        "task.samples_per_track=4", "task.valid_seconds=2.0", "task.valid_segment=1.0", *extra,
-    ]
-
-
-def updates_done(log):
-    return max(int(m) for m in re.findall(r"num_updates[\"':= ]+(\d+)", log))
-
-
-def separation_weights(save):
-    state = load_checkpoint(Path(save) / "checkpoint_last.pt")
-    return state["cfg"]["model"], state["model"]
-
-
 @pytest.mark.slow
-def test_demucs_v2_finetunes(tmp_path):
-    data = write_musdb(tmp_path / "musdb")
+def test_demucs_v2_finetunes(corpora, tmp_path):
+    data = corpora.write_musdb(tmp_path / "musdb")
     log = run_fairseq(finetune_args("demucs_v2_tiny.yaml", data, tmp_path / "ckpt"), cwd=tmp_path)
     assert updates_done(log) == 3
-    assert "valid" in log and "sdr" in log
+    valid = [float(v) for v in re.findall(r"valid_sdr\"?: \"?(-?[\d.]+)", log)]
+    assert valid and all(np.isfinite(v) for v in valid), valid  # the validation scored SDR, with a number
     cfg, weights = separation_weights(tmp_path / "ckpt")
     assert cfg["_name"] == "demucs_v2" and any(k.startswith("demucs.bottleneck.lstm") for k in weights)
 
 
 @pytest.mark.slow
-def test_demucs_v2_hubert_pretrains_then_finetunes(tmp_path):
-    corpus = write_pretrain_corpus(tmp_path / "corpus")
+def test_demucs_v2_hubert_pretrains_then_finetunes(corpora, tmp_path):
+    corpus = corpora.write_pretrain_corpus(tmp_path / "corpus")
     pre = tmp_path / "pretrain"
     log = run_fairseq([
         "fairseq_cli.hydra_train", "--config-dir", PRETRAIN_CONF, "--config-name", "demucs_hubert_tiny",
@@ -218,7 +163,7 @@ def test_demucs_v2_hubert_pretrains_then_finetunes(tmp_path):
     feats = reader.get_feats(corpus / "audio" / "train1.wav")
     assert feats.shape == (frames.num_frames(32037, SR), 64)
 
-    data = write_musdb(tmp_path / "musdb")
+    data = corpora.write_musdb(tmp_path / "musdb")
     ft = tmp_path / "finetune"
     log = run_fairseq(finetune_args("demucs_v2_hubert_tiny.yaml", data, ft, 2,
                                     f"model.pretrained_checkpoint={pre / 'checkpoint_last.pt'}",
@@ -245,7 +190,7 @@ def test_architecture_comes_from_the_checkpoint_and_foreign_ones_are_refused(tmp
     cfg = recipe_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_tiny.yaml")
     model = DemucsV2HubertModel.build_model(cfg, separation_task())
     good = {"cfg": {"model": {**OmegaConf.to_container(cfg, enum_to_str=True), "_name": "demucs_hubert"},
-                    "task": {"channels": 2, "sample_rate": SR}},
+                    "task": {"audio_channels": 2, "sample_rate": SR}},
             "model": {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}}
     path = tmp_path / "pre.pt"
     torch.save(good, path)

@@ -64,11 +64,22 @@ def test_allow_list_is_registered_by_import():
     assert "system" not in names and "eval" not in names
 
 
-def test_plugin_registers_only_our_classes():
+def test_plugin_registers_exactly_its_components_and_keeps_fairseqs():
+    """Every registry key the plugin adds names the class of the file named after it, and fairseq's own
+    hubert / wav2vec2 components are still fairseq's (the plugin replaced none of them)."""
     from fairseq.criterions import CRITERION_REGISTRY
     from fairseq.models import MODEL_REGISTRY
     from fairseq.tasks import TASK_REGISTRY
-    for registry in (MODEL_REGISTRY, TASK_REGISTRY, CRITERION_REGISTRY):
-        for name, cls in registry.items():
-            if cls.__module__.startswith("pahubert_plugin"):
-                assert name.startswith(("pahubert", "music_separation", "separation", "resunet", "demucs_v2")), name
+    ours = {reg_name: {name: cls.__module__ for name, cls in registry.items() if cls.__module__.startswith("pahubert_plugin")}
+            for reg_name, registry in (("model", MODEL_REGISTRY), ("task", TASK_REGISTRY), ("criterion", CRITERION_REGISTRY))}
+    assert ours == {
+        "model": {name: f"pahubert_plugin.models.{name}" for name in
+                  ("pahubert", "pahubert_resunet", "resunet", "demucs_v2", "demucs_hubert", "demucs_v2_hubert")},
+        "task": {"pahubert_pretraining": "pahubert_plugin.tasks.pahubert_pretraining",
+                 "music_separation": "pahubert_plugin.tasks.music_separation"},
+        "criterion": {"pahubert": "pahubert_plugin.criterions.pahubert",
+                      "separation": "pahubert_plugin.criterions.separation"},
+    }
+    for registry, name in ((MODEL_REGISTRY, "hubert"), (MODEL_REGISTRY, "wav2vec2"), (TASK_REGISTRY, "hubert_pretraining"),
+                           (CRITERION_REGISTRY, "hubert")):
+        assert registry[name].__module__.startswith("fairseq."), name

@@ -74,7 +74,7 @@ def build_resunet():
     from pahubert_plugin.models.resunet import ResUNetConfig, ResUNetModel
 
     return ResUNetModel(ResUNetConfig(sources=SOURCES, sample_rate=SR, audio_channels=2, n_fft=512,
-                                      channels=[4, 8], strides="[[4,2],[4,1]]", units=1, bottleneck_units=1))
+                                      channels=[4, 8], freq_strides=[4, 4], time_strides=[2, 1], units=1, bottleneck_units=1))
 
 
 def build_demucs_v2():

@@ -291,13 +291,13 @@ def _bad_label(data, row=2, value="999"):
     return path
 
 
-def test_pretraining_dataset_rejects_labels_outside_the_dictionary(tmp_path):
+def test_pretraining_dataset_rejects_labels_outside_the_dictionary(corpora, tmp_path):
     from omegaconf import OmegaConf
-    from test_pretraining import SR, write_corpus
+    from conftest import SR
 
     from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
 
-    data = write_corpus(tmp_path / "data", n_train=3, n_valid=1, seed=3, min_s=0.6, max_s=1.0)
+    data = corpora.write_corpus(tmp_path / "data", n_train=3, n_valid=1, seed=3, min_s=0.6, max_s=1.0)
     cfg = OmegaConf.structured(PahubertPretrainingConfig(data=str(data), label_dir=str(data), sample_rate=SR,
                                                          channels=2, max_sample_size=20000, min_sample_size=1000))
     task = PahubertPretrainingTask.setup_task(cfg)
@@ -307,12 +307,12 @@ def test_pretraining_dataset_rejects_labels_outside_the_dictionary(tmp_path):
         task.load_dataset("train")
 
 
-def test_check_labels_finds_the_dictionary_beside_the_labels(tmp_path, capsys):
-    from test_pretraining import SR, write_corpus
+def test_check_labels_finds_the_dictionary_beside_the_labels(corpora, tmp_path, capsys):
+    from conftest import SR
 
     from pahubert_plugin.clustering import check_labels
 
-    data = write_corpus(tmp_path / "data", n_train=3, n_valid=1, seed=3, min_s=0.6, max_s=1.0)
+    data = corpora.write_corpus(tmp_path / "data", n_train=3, n_valid=1, seed=3, min_s=0.6, max_s=1.0)
     args = [str(data / "train.tsv"), str(data / "train.km"), "--sample-rate", str(SR)]
     assert check_labels.main(args) == 0
     assert f"labels in {data / 'dict.km.txt'}" in capsys.readouterr().out
@@ -337,16 +337,16 @@ class _FakeSeparator:
 
 
 @pytest.mark.slow  # museval on one track: about 45 s on the shared CI cores
-def test_evaluate_skips_broken_tracks_and_scores_the_rest(tmp_path, monkeypatch, caplog):
+def test_evaluate_skips_broken_tracks_and_scores_the_rest(tmp_path, monkeypatch, caplog, corpora):
     import json
 
     import soundfile as sf
     from omegaconf import OmegaConf
-    from test_separation import SOURCES, write_layout
+    from conftest import SOURCES
 
     from pahubert_plugin import evaluate, separate
 
-    root = write_layout(tmp_path / "musdb", train=0, test=3, seconds=1.0)
+    root = corpora.write_layout(tmp_path / "musdb", train=0, test=3, seconds=1.0)
     os.remove(root / "test" / "test_01" / "bass.wav")
     vocals, sr = sf.read(root / "test" / "test_02" / "vocals.wav")
     sf.write(root / "test" / "test_02" / "vocals.wav", vocals[: len(vocals) // 2], sr)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from helpers import fairseq_compose
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 SR = 16000
@@ -209,7 +211,7 @@ def test_manifest_keeps_only_what_the_pretraining_dataset_reads(tmp_path):
                              [0], [1], channels=channels, max_sample_size=SR)
         for i in range(len(ds)):  # what __getitem__ reads for a crop
             assert ds.read(i, 0, SR).shape == (channels, SR)
-    with pytest.raises(ValueError, match="task.channels must be 1 .* or 2 .*got 8"):
+    with pytest.raises(ValueError, match="task.audio_channels must be 1 .* or 2 .*got 8"):
         PahubertDataset(str(tmp_path / "m" / "train.tsv"), SR, [str(tmp_path / "m" / "train.km")], 100.0,
                         [0], [1], channels=8)
 
@@ -327,28 +329,10 @@ PRETRAIN = COMMON + ["task.data=/d/manifests", "task.label_dir=/d/labels", "task
                      "task.sample_rate=16000", "task.label_rate=100", "model.label_rate=100"]
 
 
-def _compose(conf_dir, name, overrides):
-    """What fairseq-hydra-train --config-dir CONF_DIR --config-name NAME OVERRIDES composes, with the
-    registered dataclasses' defaults merged in (fairseq's add_defaults): a key missing from the YAML
-    (which needs `+`) or unknown to the component fails here as it does there."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
-
-    import pahubert_plugin  # noqa: F401  (registers our tasks and models, as common.user_dir does)
-
-    hydra_init(name)  # as fairseq_cli.hydra_train: FairseqConfig stored under the config's name
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.1"):  # as fairseq_cli.hydra_train
-        cfg = compose(config_name=name, overrides=overrides)
-    add_defaults(cfg)
-    return cfg
-
-
 @pytest.mark.parametrize("name", FINETUNE_CONFS)
 def test_finetuning_overrides_compose_against_shipped_yaml(name):
     extra = PRETRAINED if name.startswith(("pahubert", "demucs_v2_hubert")) else []
-    cfg = _compose(os.path.join(CONF, "musdb", "conf"), name, FINETUNE + extra)
+    cfg = fairseq_compose(os.path.join(CONF, "musdb", "conf"), name, FINETUNE + extra)
     assert cfg.task.train_tracks == 2 and list(cfg.task.sources) == ["vocals", "noise"]
     if extra:
         assert cfg.model.pretrained_checkpoint == "/x/ported.pt" and cfg.model.no_pretrained_weights
@@ -356,8 +340,8 @@ def test_finetuning_overrides_compose_against_shipped_yaml(name):
 
 @pytest.mark.parametrize("name", PRETRAIN_CONFS)
 def test_pretraining_overrides_compose_against_shipped_yaml(name):
-    extra = PRETRAINED[:1] if name.startswith("demucs_v2_hubert") else []
-    cfg = _compose(os.path.join(CONF, "pahubert", "conf", "pretrain"), name, PRETRAIN + extra)
+    extra = PRETRAINED[:1] if name.startswith("demucs_hubert") else []
+    cfg = fairseq_compose(os.path.join(CONF, "pahubert", "conf", "pretrain"), name, PRETRAIN + extra)
     assert cfg.task.label_dir == "/d/labels" and cfg.distributed_training.distributed_world_size == 8
     if extra:
         assert cfg.model.pretrained_checkpoint == "/x/ported.pt"
@@ -380,7 +364,7 @@ def test_readme_fairseq_hydra_train_commands_compose():
         conf_dir = os.path.join(REPO, argv[argv.index("--config-dir") + 1])
         name = argv[argv.index("--config-name") + 1]
         overrides = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("--") and not argv[i - 1].startswith("--")]
-        cfg = _compose(conf_dir, name, overrides)
+        cfg = fairseq_compose(conf_dir, name, overrides)
         assert cfg.common.user_dir.endswith("pahubert_plugin"), argv
 
 

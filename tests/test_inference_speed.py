@@ -14,7 +14,7 @@ def resunet():
     from pahubert_plugin.models.resunet import ResUNetConfig, ResUNetModel
 
     cfg = ResUNetConfig(sources=SOURCES, sample_rate=SR, audio_channels=2, n_fft=512, channels=[8, 16, 32],
-                        strides="[[2,2],[2,2],[2,1]]", units=2, bottleneck_units=1)
+                        freq_strides=[2, 2, 2], time_strides=[2, 2, 1], units=2, bottleneck_units=1)
     return ResUNetModel(cfg)
 
 

@@ -50,7 +50,7 @@ def test_manifest_rows_rates_and_skips(corpus, tmp_path):
     assert sorted(kept) == ["a.wav", "b.wav", "sub/c.flac", "sub/d.mp3"]
     assert len(valid) > 1 and len(train) > 1
     for rel, n in kept.items():  # num_samples is counted at the target rate
-        assert n == audio_info(corpus / rel).frames_at(SR)
+        assert n == audio_info(corpus / rel).samples_at(SR)
     assert kept["sub/c.flac"] == int(1.3 * SR)
 
     skipped = {r[0]: r[1] for r in _rows(out / "skipped.tsv")}

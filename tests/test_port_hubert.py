@@ -1,7 +1,6 @@
 """Porting a speech HuBERT checkpoint trained here by STOCK fairseq (`hubert` model, task and
 criterion) into demucs_v2_hubert and pahubert, then fine-tuning the ported model."""
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +8,7 @@ import torch
 import pahubert_plugin
 from pahubert_plugin import port_hubert
 from pahubert_plugin.checkpoint import load_checkpoint
-from helpers import REPO, run_fairseq, train_stock_hubert
-from test_demucs import finetune_args, separation_weights, updates_done, write_musdb
+from helpers import REPO, finetune_args, run_fairseq, separation_weights, train_stock_hubert, updates_done
 
 PRETRAIN_CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
 TINY = PRETRAIN_CONF / "demucs_hubert_tiny.yaml"
@@ -55,7 +53,7 @@ def test_port_into_demucs_v2_hubert_copies_exactly(speech_ckpt, tmp_path, capsys
     model_cfg, task_cfg = ported["cfg"]["model"], ported["cfg"]["task"]
     assert (model_cfg["_name"], model_cfg["channels"], model_cfg["depth"]) == ("demucs_hubert", 8, 5)
     assert (model_cfg["encoder_embed_dim"], model_cfg["encoder_layers"], model_cfg["conv_pos"]) == (32, 2, 16)
-    assert task_cfg["sample_rate"] == 16000 and task_cfg["channels"] == 2
+    assert task_cfg["sample_rate"] == 16000 and task_cfg["audio_channels"] == 2
 
 
 def test_port_reshapes_positional_conv_and_keeps_first_layers(speech_ckpt, tmp_path, capsys):
@@ -100,10 +98,10 @@ def test_config_for_another_model_is_refused(speech_ckpt, tmp_path):
         port_hubert.port(str(speech_ckpt), "demucs_hubert", str(PRETRAIN_CONF / "tiny.yaml"))
 
 
-def finetune_ported(ported, tmp_path):
+def finetune_ported(corpora, ported, tmp_path):
     """Two fine-tuning updates of demucs_v2_hubert_tiny from ``ported`` (lr ~0: weights stay put);
     -> the fine-tuned checkpoint's (cfg, weights)."""
-    data = write_musdb(tmp_path / "musdb")
+    data = corpora.write_musdb(tmp_path / "musdb")
     save = tmp_path / "ft"
     log = run_fairseq(finetune_args("demucs_v2_hubert_tiny.yaml", data, save, 2, *SPEECH_SHAPE,
                                     f"model.pretrained_checkpoint={ported}", "optimization.lr=[1e-12]"),

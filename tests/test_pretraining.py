@@ -4,15 +4,12 @@ The corpus is a repeating sequence of K tones (each held SEGMENT frames) whose 1
 are the tone index: a masked frame's label is predictable from its context, so masked
 accuracy must climb well above chance (1/K).
 """
-import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +18,8 @@ import torch
 
 import pahubert_plugin
 from pahubert_plugin import frames
-from helpers import PLUGIN_DIR, REPO, run_fairseq
+from helpers import REPO, overrides, run_fairseq, train_records
+from pahubert_plugin.configs import load_recipe_config
 
 SR = 16000
 TONES = (262.0, 440.0, 740.0, 1245.0)  # K = 4
@@ -30,67 +28,11 @@ UPDATES = 32  # updates of the shared tiny run
 CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
 
 
-def tone_sequence(num_samples, sr=SR, first=0, channels=1):
-    """(samples, channels) audio and its per-frame labels (tone index), frame rule exact."""
-    hop = frames.hop_length(sr)
-    n = frames.num_frames(num_samples, sr)
-    labels = (first + np.arange(n) // SEGMENT) % len(TONES)
-    per_sample = np.repeat(labels, hop)
-    per_sample = np.concatenate([per_sample, np.full(num_samples - per_sample.size, per_sample[-1])])
-    phase = np.cumsum(2 * np.pi * np.asarray(TONES)[per_sample] / sr)
-    wav = 0.3 * np.sin(phase)[:, None] * np.linspace(1.0, 0.8, channels)[None]
-    return wav.astype(np.float32), labels
-
-
-def write_corpus(root, n_train=8, n_valid=2, seed=0, min_s=1.2, max_s=2.5):
-    """Manifests, labels and dict in the task's layout: mono and stereo files, random lengths."""
-    root = Path(root)
-    (root / "audio").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n_train), ("valid", n_valid)):
-        rows, lines = [], []
-        for i in range(count):
-            n = int(rng.uniform(min_s, max_s) * SR)
-            wav, labels = tone_sequence(n, first=int(rng.integers(len(TONES))), channels=1 + i % 2)
-            name = f"audio/{split}{i}.wav"
-            sf.write(root / name, wav, SR)
-            rows.append(f"{name}\t{n}")
-            lines.append(" ".join(map(str, labels)))
-        (root / f"{split}.tsv").write_text(f"{root}\n" + "\n".join(rows) + "\n")
-        (root / f"{split}.km").write_text("\n".join(lines) + "\n")
-    (root / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(len(TONES))))
-    return root
-
-
-def overrides(data, save, max_update, *extra):
-    """The tiny config with test-sized crops and batches."""
-    return [
-        "--config-dir", CONF, "--config-name", "tiny",
-        f"common.user_dir={PLUGIN_DIR}", "common.cpu=true", "common.log_interval=5",
-        f"task.data={data}", f"task.label_dir={data}", "task.max_sample_size=16000",
-        "task.min_sample_size=8000", "dataset.batch_size=4", f"optimization.max_update={max_update}",
-        "lr_scheduler.warmup_updates=5", "optimization.lr=[0.002]", f"checkpoint.save_dir={save}",
-        # validate and save at the end (and every save_interval_updates), not after each tiny epoch
-        "dataset.validate_interval=1000", "checkpoint.save_interval=1000",
-        f"hydra.run.dir={save}/hydra", *extra,
-    ]
-
-
-def train_records(log):
-    """The JSON stats lines of a fairseq log (train_inner and train/valid summaries)."""
-    records = []
-    for line in log.splitlines():
-        m = re.search(r"\]\[(train_inner|train|valid)\]\[INFO\] - (\{.*\})$", line)
-        if m:
-            records.append((m.group(1), json.loads(m.group(2))))
-    return records
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(corpora, tmp_path_factory):
     """One tiny pretraining run shared by the checks below (about a minute on 2 cores)."""
     root = tmp_path_factory.mktemp("pretrain")
-    data = write_corpus(root / "data")
+    data = corpora.write_corpus(root / "data")
     save = root / "ckpt"
     log = run_fairseq(["fairseq_cli.hydra_train", *overrides(data, save, UPDATES, "model.mask_prob=0.5")], cwd=root)
     return data, save, log
@@ -113,7 +55,7 @@ def test_tiny_pretraining_learns_from_context(trained):
 
 
 @pytest.mark.slow
-def test_checkpoint_loads_with_fairseq(trained):
+def test_checkpoint_loads_with_fairseq(corpora, trained):
     from fairseq import checkpoint_utils
     from fairseq.models import MODEL_REGISTRY
     from fairseq.tasks import TASK_REGISTRY
@@ -127,7 +69,7 @@ def test_checkpoint_loads_with_fairseq(trained):
     model = models[0].eval()
     assert isinstance(model, PahubertModel) and isinstance(task, PahubertPretrainingTask)
     assert sum(p.numel() for p in model.parameters()) <= 2_000_000
-    wav = torch.from_numpy(tone_sequence(SR, channels=2)[0].T.copy())[None]  # (1, 2, samples)
+    wav = torch.from_numpy(corpora.tone_sequence(SR, channels=2)[0].T.copy())[None]  # (1, 2, samples)
     feats, pad = model.extract_features(wav, output_layer=2)
     assert feats.shape == (1, 100, 128) and pad is None
     # the saved config rebuilds the encoder alone (what the separation model does)
@@ -135,13 +77,13 @@ def test_checkpoint_loads_with_fairseq(trained):
     assert (ecfg.sample_rate, ecfg.audio_channels, ecfg.label_rate) == (SR, 2, 100)
 
 
-def test_token_count_equals_label_count(tmp_path):
+def test_token_count_equals_label_count(corpora, tmp_path):
     """Random lengths: tokens per clip == labels per manifest row (== frames rule), and the
     dataset's batches line up with the model's tokens."""
     from pahubert_plugin.models.pahubert import PahubertModel, _tie_to_task, PahubertConfig
     from omegaconf import OmegaConf
 
-    task_cfg = OmegaConf.create({"sample_rate": SR, "channels": 2, "label_rate": 100.0})
+    task_cfg = OmegaConf.create({"sample_rate": SR, "audio_channels": 2, "label_rate": 100.0})
     cfg = _tie_to_task(OmegaConf.structured(PahubertConfig), task_cfg)
     cfg.merge_with({"encoder_layers": 1, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
                     "encoder_attention_heads": 2, "conv_pos": 8, "conv_pos_groups": 4,
@@ -152,15 +94,15 @@ def test_token_count_equals_label_count(tmp_path):
     for n in rng.integers(SR // 4, 3 * SR, size=6):
         wav = torch.zeros(1, 2, int(n))
         feats, _ = model.extract_features(wav)
-        labels = len(tone_sequence(int(n))[1])
-        assert abs(feats.shape[1] - labels) <= 1, (n, feats.shape, labels)
+        labels = len(corpora.tone_sequence(int(n))[1])
+        assert feats.shape[1] == labels, (n, feats.shape, labels)  # the frame rule is exact
         assert labels == frames.num_frames(int(n), SR)
 
     # through the task's dataset: batch tokens vs collated label frames
     from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
-    data = write_corpus(tmp_path / "data", n_train=5, n_valid=1, seed=3, min_s=0.6, max_s=2.0)
+    data = corpora.write_corpus(tmp_path / "data", n_train=5, n_valid=1, seed=3, min_s=0.6, max_s=2.0)
     tcfg = OmegaConf.structured(PahubertPretrainingConfig(
-        data=str(data), label_dir=str(data), sample_rate=SR, channels=2, max_sample_size=20000,
+        data=str(data), label_dir=str(data), sample_rate=SR, audio_channels=2, max_sample_size=20000,
         min_sample_size=1000))
     task = PahubertPretrainingTask.setup_task(tcfg)
     task.load_dataset("train")
@@ -169,17 +111,17 @@ def test_token_count_equals_label_count(tmp_path):
     src = batch["net_input"]["source"]
     assert src.dim() == 3 and src.shape[1] == 2
     tokens = model.extract_features(src, batch["net_input"]["padding_mask"])[0].shape[1]
-    assert abs(tokens - batch["target_list"][0].shape[1]) <= 1
+    assert tokens == batch["target_list"][0].shape[1]
     # the mono file was duplicated to both channels
     mono = ds[0]["source"]  # (samples, channels)
     assert torch.equal(mono[:, 0], mono[:, 1])
 
 
-def test_shortened_label_line_names_the_row(tmp_path):
+def test_shortened_label_line_names_the_row(corpora, tmp_path):
     from omegaconf import OmegaConf
     from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
 
-    data = write_corpus(tmp_path / "data", n_train=4, n_valid=1)
+    data = corpora.write_corpus(tmp_path / "data", n_train=4, n_valid=1)
     lines = (data / "train.km").read_text().splitlines()
     lines[2] = " ".join(lines[2].split()[:-5])  # row 3 loses 5 frames (tolerance is 2)
     (data / "train.km").write_text("\n".join(lines) + "\n")
@@ -193,15 +135,15 @@ def test_shortened_label_line_names_the_row(tmp_path):
     task.load_dataset("valid")  # untouched split still loads
 
 
-def test_dataset_reads_only_the_crop_at_another_rate(tmp_path):
+def test_dataset_reads_only_the_crop_at_another_rate(corpora, tmp_path):
     """A 44.1 kHz file read for a 16 kHz task: resampled, frame-aligned crop, labels sliced."""
     from pahubert_plugin.data.hubert_dataset import PahubertDataset
     from fairseq.data import Dictionary
     from fairseq.tasks.hubert_pretraining import LabelEncoder
 
     n16 = 3 * SR
-    wav16, labels = tone_sequence(n16)
-    sf.write(tmp_path / "a.wav", tone_sequence(3 * 44100, sr=44100)[0], 44100)
+    wav16, labels = corpora.tone_sequence(n16)
+    sf.write(tmp_path / "a.wav", corpora.tone_sequence(3 * 44100, sr=44100)[0], 44100)
     (tmp_path / "train.tsv").write_text(f"{tmp_path}\na.wav\t{n16}\n")
     (tmp_path / "train.km").write_text(" ".join(map(str, labels)) + "\n")
     (tmp_path / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(len(TONES))))
@@ -233,8 +175,8 @@ def _updates(log):
 
 
 @pytest.mark.slow
-def test_sigkill_resumes_from_checkpoint_last(tmp_path):
-    data = write_corpus(tmp_path / "data", n_train=6, n_valid=1)
+def test_sigkill_resumes_from_checkpoint_last(corpora, tmp_path):
+    data = corpora.write_corpus(tmp_path / "data", n_train=6, n_valid=1)
     save = tmp_path / "ckpt"
     common = ("dataset.batch_size=2", "common.log_interval=1", "checkpoint.save_interval_updates=4")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
@@ -265,9 +207,9 @@ def test_sigkill_resumes_from_checkpoint_last(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_on_cpu(tmp_path):
+def test_two_process_data_parallel_on_cpu(corpora, tmp_path):
     """DESIGN.md's CPU recipe: one process per rank, gloo, tcp init, legacy_ddp."""
-    data = write_corpus(tmp_path / "data", n_train=6, n_valid=1)
+    data = corpora.write_corpus(tmp_path / "data", n_train=6, n_valid=1)
     save = tmp_path / "ckpt"
     port = _free_port()
     procs = []
@@ -296,7 +238,7 @@ def test_two_process_data_parallel_on_cpu(tmp_path):
 
 
 @pytest.mark.slow  # shares the trained fixture
-def test_stage5_reader_dims_and_frames_on_cpu(trained):
+def test_stage5_reader_dims_and_frames_on_cpu(corpora, trained):
     from pahubert_plugin.clustering.hubert_reader import HubertFeatureReader
 
     data, save, _ = trained
@@ -307,7 +249,7 @@ def test_stage5_reader_dims_and_frames_on_cpu(trained):
     assert tuple(feats.shape) == (frames.num_frames(int(n), SR), 128)
     assert torch.isfinite(torch.as_tensor(feats)).all()
     # a 44.1 kHz file for the same clip gives the same number of 100 Hz frames
-    wav44, _ = tone_sequence(int(2.5 * 44100), sr=44100, channels=2)
+    wav44, _ = corpora.tone_sequence(int(2.5 * 44100), sr=44100, channels=2)
     sf.write(data / "hq.wav", wav44, 44100)
     reader44 = HubertFeatureReader(str(save / "checkpoint_last.pt"), layer=4, sample_rate=44100, device="cpu")
     feats44 = reader44.get_feats(str(data / "hq.wav"), ref_len=len(wav44))
@@ -318,13 +260,13 @@ def test_stage5_reader_dims_and_frames_on_cpu(trained):
     torch.testing.assert_close(reader44.extract(wav), feats44, atol=1e-4, rtol=1e-4)
 
 
-def test_two_label_sets_each_with_its_weight(tmp_path):
+def test_two_label_sets_each_with_its_weight(corpora, tmp_path):
     """criterion.label_weights weighs each label set's loss; logs carry both sets' accuracies."""
     from omegaconf import OmegaConf
     from pahubert_plugin.criterions.pahubert import PahubertCriterion, PahubertCriterionConfig
     from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
 
-    data = write_corpus(tmp_path / "data", n_train=3, n_valid=1)
+    data = corpora.write_corpus(tmp_path / "data", n_train=3, n_valid=1)
     # a second, coarser label set: high vs low tone
     coarse = [" ".join(str(int(t) // 2) for t in line.split())
               for line in (data / "train.km").read_text().splitlines()]
@@ -339,7 +281,7 @@ def test_two_label_sets_each_with_its_weight(tmp_path):
     batch = ds.collater([ds[i] for i in range(len(ds))])
     assert len(batch["target_list"]) == 2
 
-    model_cfg = OmegaConf.load(CONF / "tiny.yaml").model
+    model_cfg = load_recipe_config(CONF / "tiny.yaml").model
     for key in ("label_rate", "sample_rate", "audio_channels"):
         del model_cfg[key]
     model = task.build_model(model_cfg)
@@ -415,3 +357,51 @@ def test_input_norm_freq_standardises_every_bin():
     assert not torch.allclose(seen["freq"][:, :, :161, : raw.shape[-1]], raw, atol=0.1)
     with pytest.raises(ValueError, match="input_norm must be none or freq"):
         encoder("layer")
+
+
+def test_pretraining_checkpoints_written_before_the_rename_keep_their_channels():
+    """task.channels became task.audio_channels (the separation task's name): a checkpoint that still
+    says channels=1 must rebuild a mono encoder, not the default stereo one."""
+    from omegaconf import OmegaConf
+
+    from pahubert_plugin.models.pahubert import encoder_config, task_audio_channels
+    from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
+
+    old = {"model": {"_name": "pahubert"}, "task": {"sample_rate": 16000, "channels": 1, "label_rate": 100}}
+    assert encoder_config(old).audio_channels == 1
+    assert task_audio_channels(OmegaConf.create({"audio_channels": 2})) == 2
+    cfg = OmegaConf.structured(PahubertPretrainingConfig)
+    cfg.channels, cfg.data, cfg.label_dir = 1, "unused", "unused"
+    try:
+        PahubertPretrainingTask(cfg)
+    except FileNotFoundError:  # no label dictionary here; the rename happens before that
+        pass
+    assert cfg.audio_channels == 1 and cfg.channels is None
+
+
+def test_band_mask_zeroes_one_band_per_example_in_training_only():
+    """freq_mask_prob=1: every example loses exactly one contiguous band of 1..max_bins frequency bins,
+    on every channel and frame, and nothing else; eval mode and prob 0 leave the input alone."""
+    from omegaconf import OmegaConf
+
+    from pahubert_plugin.models.pahubert import PahubertConfig, SpectralFrontEnd
+
+    def front(prob):
+        return SpectralFrontEnd(OmegaConf.merge(OmegaConf.structured(PahubertConfig), {
+            "sample_rate": 16000, "audio_channels": 2, "n_fft": 320, "stem_channels": [4], "stem_freq_strides": [1],
+            "stem_time_strides": [1], "stem_units": 1, "freq_mask_prob": prob, "freq_mask_max_bins": 7}))
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 2, 161, 9) + 0.5  # no zeros of its own
+    out = front(1.0).train().band_mask(x)
+    zero = out == 0
+    assert torch.equal(out[~zero], x[~zero])
+    bins = zero.all(dim=3).all(dim=1)  # (batch, freq): the bins zeroed on every channel and frame
+    assert torch.equal(zero, bins[:, None, :, None].expand_as(zero))  # whole bins only
+    widths = bins.sum(1)
+    assert widths.min() >= 1 and widths.max() <= 7 and len(set(widths.tolist())) > 1
+    for row in bins:  # one contiguous band
+        idx = row.nonzero().flatten()
+        assert torch.equal(idx, torch.arange(idx[0], idx[0] + len(idx)))
+    assert torch.equal(front(1.0).eval().band_mask(x), x)
+    assert torch.equal(front(0.0).train().band_mask(x), x)

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_fairseq
+from helpers import overrides, run_fairseq, train_records
+
+SR = 16000
 from pahubert_plugin.checkpoint import load_checkpoint
-from test_pretraining import SR, overrides, tone_sequence, train_records, write_corpus
 
 UPDATES = 6
 
@@ -27,7 +28,7 @@ def _tiny_encoder():
     from omegaconf import OmegaConf
     from pahubert_plugin.models.pahubert import PahubertConfig, PahubertEncoder, _tie_to_task
 
-    task_cfg = OmegaConf.create({"sample_rate": SR, "channels": 2, "label_rate": 100.0})
+    task_cfg = OmegaConf.create({"sample_rate": SR, "audio_channels": 2, "label_rate": 100.0})
     cfg = _tie_to_task(OmegaConf.structured(PahubertConfig), task_cfg)
     cfg.merge_with({"encoder_layers": 1, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
                     "encoder_attention_heads": 2, "conv_pos": 8, "conv_pos_groups": 4,
@@ -46,13 +47,13 @@ def _masks_follow_torch_seed() -> bool:
     return torch.equal(*masks)
 
 
-def test_crops_follow_seed_epoch_and_index(tmp_path):
+def test_crops_follow_seed_epoch_and_index(corpora, tmp_path):
     """Crops depend on (seed, epoch, index) only, not on numpy's global generator."""
     from fairseq.data import Dictionary
     from fairseq.tasks.hubert_pretraining import LabelEncoder
     from pahubert_plugin.data.hubert_dataset import PahubertDataset
 
-    data = write_corpus(tmp_path / "data", n_train=4, n_valid=1, min_s=2.0, max_s=3.0)
+    data = corpora.write_corpus(tmp_path / "data", n_train=4, n_valid=1, min_s=2.0, max_s=3.0)
     d = Dictionary.load(str(data / "dict.km.txt"))
 
     def dataset(seed):
@@ -90,13 +91,13 @@ def _run(root, data, name):
     return losses, load_checkpoint(save / "checkpoint_last.pt")["model"]
 
 
-def test_same_seed_same_losses_and_weights(tmp_path):
+def test_same_seed_same_losses_and_weights(corpora, tmp_path):
     """Two fairseq runs, same config and seed: identical logged losses and final weights."""
     if not _masks_follow_torch_seed():
         pytest.skip("PahubertEncoder.apply_mask is fairseq's HubertModel.apply_mask, whose "
                     "compute_mask_indices draws from fresh OS entropy: the model must pass it "
                     "seed/epoch/indices drawn from torch's generator (issue 11, item 15)")
-    data = write_corpus(tmp_path / "data", n_train=8, n_valid=1)
+    data = corpora.write_corpus(tmp_path / "data", n_train=8, n_valid=1)
     losses_a, state_a = _run(tmp_path, data, "a")
     losses_b, state_b = _run(tmp_path, data, "b")
     assert len(losses_a) == UPDATES, losses_a

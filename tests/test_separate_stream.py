@@ -152,7 +152,7 @@ def test_read_blocks_reports_bad_samples(tmp_path):
     from pahubert_plugin.data.audio import AudioError, audio_info
 
     with pytest.raises(AudioError, match="NaN"):
-        list(read_blocks(audio_info(tmp_path / "nan.wav"), frames=1000))
+        list(read_blocks(audio_info(tmp_path / "nan.wav"), block=1000))
 
 
 def test_a_read_error_midway_leaves_no_stems(toy, tmp_path, caplog):

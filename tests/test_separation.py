@@ -19,30 +19,18 @@ from pahubert_plugin import metrics
 from pahubert_plugin.apply import apply_model, iter_apply
 from pahubert_plugin.data.audio import AudioError
 from pahubert_plugin.data.stems_dataset import Augment, StemsChunkDataset, split_tracks
-from pahubert_plugin.data.toy_corpus import synthesize_song
 
 from helpers import PLUGIN_DIR, REPO, run_fairseq
+from pahubert_plugin.configs import load_recipe_config
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 SR = 16000
 CONF = REPO / "recipes" / "musdb" / "conf"
 
 
-def write_layout(root: Path, train=3, test=2, seconds=3.0, sr=SR):
-    """<root>/{train,test}/<song>/{mixture,drums,bass,other,vocals}.wav, PCM_16 like MUSDB18-HQ."""
-    for split, n in (("train", train), ("test", test)):
-        for i in range(n):
-            stems, _ = synthesize_song(7, split, i, seconds, sr)
-            folder = root / split / f"{split}_{i:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for name in ["mixture", *SOURCES]:
-                sf.write(folder / f"{name}.wav", stems[name].T, sr, subtype="PCM_16")
-    return root
-
-
 @pytest.fixture(scope="module")
-def musdb_root(tmp_path_factory):
-    return write_layout(tmp_path_factory.mktemp("musdb"))
+def musdb_root(corpora, tmp_path_factory):
+    return corpora.write_layout(tmp_path_factory.mktemp("musdb"))
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -104,7 +92,7 @@ def tiny_resunet(sources=SOURCES, channels=2):
     from pahubert_plugin.models.resunet import ResUNetConfig, ResUNetModel
 
     return ResUNetModel(ResUNetConfig(sources=list(sources), sample_rate=SR, audio_channels=channels, n_fft=512,
-                                      channels=[4, 8], strides="[[2,2],[2,1]]", units=1, bottleneck_units=1))
+                                      channels=[4, 8], freq_strides=[2, 2], time_strides=[2, 1], units=1, bottleneck_units=1))
 
 
 @pytest.mark.parametrize("length", [1, 159, 16000, 12345])
@@ -208,12 +196,12 @@ def test_training_crops_mix_and_augment(musdb_root):
     assert batch["net_input"]["mixture"].shape == (2, 2, 4000) and batch["target"].shape == (2, 4, 2, 4000)
 
 
-def test_bad_tracks_stop_with_the_track_name(tmp_path):
-    root = write_layout(tmp_path / "m", train=2, test=0, seconds=1.0)
+def test_bad_tracks_stop_with_the_track_name(corpora, tmp_path):
+    root = corpora.write_layout(tmp_path / "m", train=2, test=0, seconds=1.0)
     os.remove(root / "train" / "train_01" / "bass.wav")
     with pytest.raises(ValueError, match="train_01.*bass.wav"):
         split_tracks(str(root), "train", SOURCES, SR, num_valid_tracks=1)
-    root2 = write_layout(tmp_path / "n", train=2, test=0, seconds=1.0)
+    root2 = corpora.write_layout(tmp_path / "n", train=2, test=0, seconds=1.0)
     (root2 / "train" / "train_00" / "vocals.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     with pytest.raises(AudioError, match="train_00"):
         split_tracks(str(root2), "train", SOURCES, SR, num_valid_tracks=1)
@@ -223,7 +211,7 @@ def test_bad_tracks_stop_with_the_track_name(tmp_path):
 
 def lr_overrides(config, lr, warmup):
     """Learning rate and warm-up overrides for a recipe config (pahubert_* use a composite optimizer)."""
-    if OmegaConf.load(CONF / f"{config}.yaml").optimizer._name == "composite":
+    if load_recipe_config(CONF / f"{config}.yaml").optimizer._name == "composite":
         group = "optimizer.groups.default"
         return [f"{group}.lr_float={lr}", f"{group}.lr_scheduler.warmup_updates={warmup}"]
     return [f"optimization.lr=[{lr}]", f"lr_scheduler.warmup_updates={warmup}"]
@@ -286,10 +274,16 @@ def test_separate_formats_rates_and_corrupt_file(resunet_ckpt, musdb_root, tmp_p
         for src in SOURCES:
             got = sf.info(str(out / name / f"{src}.wav"))
             assert (got.frames, got.samplerate, got.channels) == (info.frames, info.samplerate, info.channels), name
-    # the Python API: same shapes back, and the estimates sum close to a linear separator's input
+    # the Python API: the input's shape back for every source, and the estimates are the model's own
+    # chunked overlap-add output (the input is at the model's rate, so nothing is resampled)
     sep = Separator.from_checkpoint(str(resunet_ckpt[0]), segment=1.0)
-    stems = sep.separate(mix.T[:, :12345], 16000)
+    x = np.ascontiguousarray(mix.T[:, :12345], dtype=np.float32)
+    stems = sep.separate(x, 16000)
     assert set(stems) == set(SOURCES) and all(v.shape == (2, 12345) for v in stems.values())
+    ref = apply_model(sep.model, torch.from_numpy(x), 16000, overlap=sep.overlap)
+    for i, src in enumerate(sep.sources):
+        got = torch.as_tensor(stems[src])
+        assert (got - ref[i]).abs().max() <= 1e-5 * float(np.abs(x).max()), src
 
 
 @pytest.mark.slow
@@ -338,12 +332,12 @@ def test_evaluate_matches_museval_eval_mus_track(resunet_ckpt, musdb_root, tmp_p
     assert (out / "test" / "test_00.json").stat().st_mtime_ns != stamp
 
 
-def test_evaluate_scores_whole_tracks_at_another_rate(resunet_ckpt, tmp_path):
+def test_evaluate_scores_whole_tracks_at_another_rate(corpora, resunet_ckpt, tmp_path):
     """Tracks stored at 44.1 kHz, a model at 16 kHz: every sample of the track is scored."""
     from pahubert_plugin.evaluate import main
 
     root = tmp_path / "hq"
-    write_layout(root, train=1, test=1, seconds=2.5, sr=44100)
+    corpora.write_layout(root, train=1, test=1, seconds=2.5, sr=44100)
     out = tmp_path / "eval"
     assert main([str(resunet_ckpt[0]), "--musdb-root", str(root), "--is-wav", "--out", str(out),
                  "--segment", "1.0", "--save-estimates"]) == 0
@@ -368,7 +362,7 @@ def make_pretraining_checkpoint(path: Path, **model_kw):
                       final_dim=16)
     model_over.update(model_kw)
     root = OmegaConf.create({"model": model_over, "task": {"_name": "pahubert_pretraining", "sample_rate": SR,
-                                                           "channels": 2, "label_rate": 100}})
+                                                           "audio_channels": 2, "label_rate": 100}})
     model = PahubertModel(OmegaConf.merge(OmegaConf.structured(PahubertConfig), root.model), [8])
     state = {"args": None, "cfg": OmegaConf.to_container(root), "model": model.state_dict()}
     checkpoint_utils.torch_persistent_save(state, str(path))
@@ -565,3 +559,24 @@ def test_pahubert_resunet_finetunes_and_loads_without_pretraining_file(musdb_roo
     sep = Separator.from_checkpoint(str(save / "checkpoint_best.pt"), segment=1.0)
     stems = sep.separate(torch.randn(2, 5000) * 0.1, SR)
     assert stems["vocals"].shape == (2, 5000)
+
+
+def test_resunet_strides_as_lists_and_the_older_string_build_the_same_network():
+    """freq_strides/time_strides (pahubert's naming) replaced the '[[f,t],...]' string; a checkpoint that
+    still holds the string rebuilds the same network, and mismatched lengths are refused by name."""
+    from pahubert_plugin.models.resunet import ResUNetConfig, ResUNetModel
+
+    common = dict(sources=SOURCES, sample_rate=SR, audio_channels=2, n_fft=512, channels=[4, 8], units=1,
+                  bottleneck_units=1)
+    torch.manual_seed(0)
+    new = ResUNetModel(ResUNetConfig(freq_strides=[4, 2], time_strides=[2, 1], **common)).eval()
+    old = ResUNetModel(ResUNetConfig(strides="[[4,2],[2,1]]", **common)).eval()
+    old.load_state_dict(new.state_dict())
+    assert [p.kernel_size for p in new.net.encoder.pools] == [(4, 2), (2, 1)]
+    mix = torch.randn(1, 2, 4000)
+    with torch.no_grad():
+        assert torch.equal(new(mix), old(mix))
+    with pytest.raises(ValueError, match="must have the same length"):
+        ResUNetModel(ResUNetConfig(freq_strides=[4, 2], time_strides=[2], **common))
+    with pytest.raises(ValueError, match="1 strides for 2 encoder blocks"):
+        ResUNetModel(ResUNetConfig(strides="[[4,2]]", **common))
