@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("demucs_hubert", "pahubert")
+TARGETS = ("demucs_hubert", "pahubert")  # shipped port targets; any registered pretraining model works
 
 # transformer options that must equal the speech model's for its weights to be reused
 SHAPE_FIELDS = (
@@ -260,25 +260,23 @@ def _plain(value):
     return None if isinstance(value, str) and value.startswith("${") else value
 
 
+def pretraining_models() -> Dict[str, type]:
+    """Every registered masked-prediction pretraining model (a port target), by registry key."""
+    import pahubert_plugin  # noqa: F401  (registers our models)
+    from fairseq.models import MODEL_REGISTRY
+
+    from .models.hubert_encoder import HubertPretrainingModel
+
+    return {name: cls for name, cls in sorted(MODEL_REGISTRY.items())
+            if isinstance(cls, type) and issubclass(cls, HubertPretrainingModel)}
+
+
 def build_encoder(target: str, model_cfg: Dict, task_cfg: Dict):
-    """(encoder module, fully resolved model config dict) for ``target``."""
-    from omegaconf import OmegaConf
-
-    if target == "demucs_hubert":
-        from .models.demucs import DemucsHubertEncoder
-        from .models.demucs_hubert import DemucsHubertConfig
-
-        cfg = OmegaConf.merge(OmegaConf.structured(DemucsHubertConfig), model_cfg)
-        cfg.label_rate = task_cfg["label_rate"]
-        encoder = DemucsHubertEncoder(cfg, task_cfg["audio_channels"])
-    elif target == "pahubert":
-        from .models.pahubert import PahubertEncoder, encoder_config
-
-        cfg = encoder_config({"model": model_cfg, "task": task_cfg})
-        encoder = PahubertEncoder(cfg)
-    else:
-        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-    return encoder, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    """(encoder module, fully resolved model config dict) for ``target`` (its ``build_encoder``)."""
+    models = pretraining_models()
+    if target not in models:
+        raise ValueError(f"--target must be a registered pretraining model ({', '.join(models)}), got {target!r}")
+    return models[target].build_encoder(model_cfg, task_cfg)
 
 
 def _transformer_prefix(encoder: torch.nn.Module) -> str:
@@ -401,7 +399,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "config.json + model.safetensors/pytorch_model.bin (e.g. a local copy of "
                         "facebook/hubert-base-ls960 or m-a-p/MERT-v1-95M); nothing is downloaded")
     p.add_argument("out_ckpt", help="where to write the ported checkpoint")
-    p.add_argument("--target", required=True, choices=TARGETS, help="music model to port into")
+    p.add_argument("--target", required=True,
+                   help=f"music pretraining model to port into: {' or '.join(TARGETS)} (or any registered "
+                        f"model built on models/hubert_encoder.py's HubertPretrainingModel)")
     p.add_argument("--config", help="pretraining YAML of the target (model: and task: sections), e.g. "
                                     "recipes/pahubert/conf/pretrain/demucs_hubert_base.yaml; "
                                     "default: the model's dataclass defaults")

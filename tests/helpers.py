@@ -129,6 +129,11 @@ def updates_done(log):
     return max(int(m) for m in re.findall(r"num_updates[\"':= ]+(\d+)", log))
 
 
+def valid_sdrs(log):
+    """The SDR of every validation in a fairseq log (simple format: ``valid on 'valid' subset | ... | sdr X |``)."""
+    return [float(x) for x in re.findall(r"valid on 'valid' subset .*\| sdr (-?[0-9.]+) \|", log)]
+
+
 def separation_weights(save):
     from pahubert_plugin.checkpoint import load_checkpoint
 

@@ -19,7 +19,7 @@ from pahubert_plugin.models.demucs_v2 import DemucsV2Config, DemucsV2Model
 from pahubert_plugin.models.demucs_hubert import DemucsHubertModel
 from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertConfig, DemucsV2HubertModel
 from pahubert_plugin.tasks.music_separation import MusicSeparationConfig, MusicSeparationTask
-from helpers import PLUGIN_DIR, REPO, finetune_args, run_fairseq, separation_weights, updates_done
+from helpers import PLUGIN_DIR, REPO, finetune_args, run_fairseq, separation_weights, updates_done, valid_sdrs
 from pahubert_plugin.configs import load_recipe_config
 
 SR = 16000
@@ -133,7 +133,7 @@ def test_demucs_v2_finetunes(corpora, tmp_path):
     data = corpora.write_musdb(tmp_path / "musdb")
     log = run_fairseq(finetune_args("demucs_v2_tiny.yaml", data, tmp_path / "ckpt"), cwd=tmp_path)
     assert updates_done(log) == 3
-    valid = [float(v) for v in re.findall(r"valid_sdr\"?: \"?(-?[\d.]+)", log)]
+    valid = valid_sdrs(log)
     assert valid and all(np.isfinite(v) for v in valid), valid  # the validation scored SDR, with a number
     cfg, weights = separation_weights(tmp_path / "ckpt")
     assert cfg["_name"] == "demucs_v2" and any(k.startswith("demucs.bottleneck.lstm") for k in weights)

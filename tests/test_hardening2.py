@@ -389,3 +389,17 @@ def test_evaluate_skips_a_broken_stem_mp4_and_lists_the_rest(tmp_path):
     assert [t.name for t in tracks] == ["good"]
     assert list(skipped) == ["bad"] and "bad.stem.mp4" in skipped["bad"], skipped
     assert abs(tracks[0].num_samples - 44100) < 2048  # aac padding
+
+
+def test_musdb_recipe_asks_the_config_whether_it_needs_a_pretrained_checkpoint(tmp_path):
+    """recipes/musdb/run.sh reads model.pretrained_checkpoint from the config (??? = required), not the
+    config's name: pahubert_tiny stops at once without --pretrained, naming the fix."""
+    (tmp_path / "musdb").mkdir()
+    for config, stops in (("pahubert_tiny", True), ("demucs_v2_hubert_tiny", False)):
+        proc = subprocess.run(["bash", os.path.join(REPO, "recipes", "musdb", "run.sh"), "--musdb-root",
+                               str(tmp_path / "musdb"), "--exp-dir", str(tmp_path / config), "--config", config,
+                               "--stage", "1", "--stop-stage", "1", "--", "optimization.max_update=0"],
+                              env=ENV, capture_output=True, text=True, timeout=300)
+        assert ("needs --pretrained CKPT" in proc.stderr) == stops, (config, proc.stderr[-2000:])
+        if stops:
+            assert proc.returncode == 1

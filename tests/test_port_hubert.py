@@ -112,10 +112,10 @@ def finetune_ported(corpora, ported, tmp_path):
 
 
 @pytest.mark.slow
-def test_ported_model_finetunes(speech_ckpt, tmp_path, capsys):
+def test_ported_model_finetunes(speech_ckpt, tmp_path, capsys, corpora):
     ported = tmp_path / "ported.pt"
     run_port(capsys, speech_ckpt, ported, "--target", "demucs_hubert", "--config", TINY, "--quiet")
-    cfg, weights = finetune_ported(ported, tmp_path)
+    cfg, weights = finetune_ported(corpora, ported, tmp_path)
     source = load_checkpoint(ported)["model"]
     for key in ("encoder.transformer.layers.0.fc1.weight", "encoder.mask_emb"):
         assert torch.allclose(weights[key].float(), source[key], atol=1e-5), key
@@ -218,11 +218,84 @@ def test_not_a_transformers_folder_is_refused(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_ported_hf_model_finetunes(tmp_path, capsys):
+def test_ported_hf_model_finetunes(tmp_path, capsys, corpora):
     folder, hf = hf_folder(tmp_path / "hf")
     ported = tmp_path / "ported.pt"
     run_port(capsys, folder, ported, "--target", "demucs_hubert", "--config", TINY, "--quiet")
-    _, weights = finetune_ported(ported, tmp_path)
+    _, weights = finetune_ported(corpora, ported, tmp_path)
     for key, src in (("encoder.transformer.layers.0.fc1.weight", "encoder.layers.0.feed_forward.intermediate_dense.weight"),
                      ("encoder.mask_emb", "masked_spec_embed")):
         assert torch.allclose(weights[key].float(), hf[src], atol=1e-5), key
+
+
+def test_a_new_front_end_is_one_file_and_a_port_target(speech_ckpt, tmp_path):
+    """docs/ARCHITECTURE.md's promise: a front end written against models/hubert_encoder.py (here a
+    framed-waveform projection, in this file only) pretrains with HuBERT's head and is a port target
+    without any change to port_hubert."""
+    from dataclasses import dataclass
+
+    from fairseq.models import register_model
+    from fairseq.models.hubert.hubert import HubertConfig
+    from omegaconf import OmegaConf
+    from torch import nn
+
+    from pahubert_plugin.models.hubert_encoder import (FrontEnd, FrontEndOutput, HubertPretrainingModel,
+                                                       HubertTokenEncoder, MaskedPredictionHead)
+
+    class FramedWaveform(FrontEnd):
+        hop_samples = 160
+
+        def __init__(self, cfg):
+            super().__init__()
+            self.out_dim = 24
+            self.proj = nn.Linear(self.hop_samples * cfg.audio_channels, self.out_dim)
+
+        @property
+        def hop(self):
+            return float(self.hop_samples)
+
+        def token_padding_mask(self, padding_mask, num_tokens):
+            return None
+
+        def forward(self, source):
+            b, c, n = source.shape
+            frames = source[..., : n // self.hop_samples * self.hop_samples].reshape(b, c, -1, self.hop_samples)
+            return FrontEndOutput(self.proj(frames.permute(0, 2, 1, 3).flatten(2)), [])
+
+    @dataclass
+    class FramedConfig(HubertConfig):
+        sample_rate: int = 16000
+        audio_channels: int = 1
+
+    if "test_framed_hubert" not in __import__("fairseq").models.MODEL_REGISTRY:
+        @register_model("test_framed_hubert", dataclass=FramedConfig)
+        class FramedHubert(HubertPretrainingModel):
+            def __init__(self, cfg, num_classes):
+                super().__init__()
+                self.encoder = HubertTokenEncoder(FramedWaveform(cfg), cfg)
+                self.head = MaskedPredictionHead.from_config(
+                    cfg, num_classes, cfg.label_rate * self.encoder.hop / cfg.sample_rate)
+
+            forward = HubertPretrainingModel.pretraining_forward
+
+            @classmethod
+            def build_encoder(cls, model_cfg, task_cfg):
+                cfg = OmegaConf.merge(OmegaConf.structured(FramedConfig), model_cfg,
+                                      {"sample_rate": task_cfg["sample_rate"], "audio_channels": task_cfg["audio_channels"],
+                                       "label_rate": task_cfg["label_rate"]})
+                return HubertTokenEncoder(FramedWaveform(cfg), cfg), OmegaConf.to_container(cfg, resolve=True)
+
+    ckpt, rows, _ = port_hubert.port(str(speech_ckpt), "test_framed_hubert", sample_rate=16000, channels=1)
+    copied = [r.name for r in rows if r.status == "copied"]
+    assert len(copied) == 2 * 16 + 3 + 2 + 1  # the same transformer tensors as for the shipped targets
+    speech = load_checkpoint(speech_ckpt)["model"]
+    assert torch.equal(ckpt["model"]["encoder.transformer.layers.1.fc2.weight"], speech["encoder.layers.1.fc2.weight"])
+    from fairseq.models import MODEL_REGISTRY
+
+    cls = MODEL_REGISTRY["test_framed_hubert"]
+    cfg = OmegaConf.merge(OmegaConf.structured(FramedConfig), ckpt["cfg"]["model"])
+    model = cls(cfg, [10])
+    model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in ckpt["model"].items()})
+    torch.manual_seed(0)
+    out = model(torch.randn(2, 1, 16000), target_list=[torch.randint(0, 10, (2, 100))])
+    assert out["logit_m_list"][0].shape[1] == 11 and out["features_pen"] > 0

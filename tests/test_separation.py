@@ -20,7 +20,7 @@ from pahubert_plugin.apply import apply_model, iter_apply
 from pahubert_plugin.data.audio import AudioError
 from pahubert_plugin.data.stems_dataset import Augment, StemsChunkDataset, split_tracks
 
-from helpers import PLUGIN_DIR, REPO, run_fairseq
+from helpers import PLUGIN_DIR, REPO, run_fairseq, valid_sdrs
 from pahubert_plugin.configs import load_recipe_config
 
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -228,7 +228,7 @@ def finetune(config, data, save_dir, extra=(), max_update=20):
     ]
     log = run_fairseq(args, cwd=save_dir.parent, timeout=900)
     losses = [float(x) for x in re.findall(r"train_inner.* loss=([0-9.]+)", log)]
-    sdrs = [float(x) for x in re.findall(r"valid on 'valid' subset .*\| sdr (-?[0-9.]+) \|", log)]
+    sdrs = valid_sdrs(log)
     return log, losses, sdrs
 
 

@@ -120,6 +120,13 @@ class DemucsHubertModel(HubertPretrainingModel):
         return build_demucs_encoder(cls, cfg, MODEL_NAME, (MODEL_NAME,), int(task.cfg.audio_channels),
                                     int(task.cfg.sample_rate), num_classes=[len(d) for d in dictionaries])
 
+    @classmethod
+    def build_encoder(cls, model_cfg: dict, task_cfg: dict):
+        cfg = OmegaConf.merge(OmegaConf.structured(DemucsHubertConfig), model_cfg)
+        cfg.label_rate = float(task_cfg.get("label_rate", cfg.label_rate))
+        encoder = DemucsHubertEncoder(cfg, int(task_audio_channels(task_cfg)))
+        return encoder, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
     def forward(self, source, target_list=None, padding_mask=None, mask=True, features_only=False, output_layer=None):
         """See :meth:`~pahubert_plugin.models.hubert_encoder.HubertPretrainingModel.pretraining_forward`."""
         return self.pretraining_forward(source, target_list, padding_mask, mask, features_only, output_layer)

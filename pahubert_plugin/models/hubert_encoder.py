@@ -297,6 +297,13 @@ class HubertPretrainingModel(BaseFairseqModel):
     encoder: HubertTokenEncoder
     head: Optional[MaskedPredictionHead]
 
+    @classmethod
+    def build_encoder(cls, model_cfg: dict, task_cfg: dict):
+        """``(encoder, resolved model config dict)`` from a checkpoint-style model section and
+        pretraining task section: what ``port_hubert`` fills with a speech model's transformer, so a
+        new pretraining model is a port target without touching ``port_hubert``."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to build its encoder alone")
+
     def pretraining_forward(self, source, target_list=None, padding_mask=None, mask=True, features_only=False,
                             output_layer=None):
         """``source`` (batch, channels, samples); ``target_list`` [(batch, frames)] at the label rate.

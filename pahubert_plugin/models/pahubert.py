@@ -249,6 +249,11 @@ class PahubertModel(HubertPretrainingModel):
             raise ValueError("pahubert pretraining needs a label dictionary (dict.<label>.txt) per label set")
         return cls(cfg, [len(d) for d in dictionaries])
 
+    @classmethod
+    def build_encoder(cls, model_cfg: dict, task_cfg: dict):
+        cfg = encoder_config({"model": model_cfg, "task": task_cfg})
+        return PahubertEncoder(cfg), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
     def forward(self, source: torch.Tensor, target_list: Optional[List[torch.Tensor]] = None,
                 padding_mask: Optional[torch.Tensor] = None, mask: bool = True, features_only: bool = False,
                 output_layer: Optional[int] = None):

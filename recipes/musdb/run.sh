@@ -47,10 +47,14 @@ export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   echo "stage 1: fine-tune ($config) -> $ckpt_dir"
   extra=()
-  if [[ "$config" == pahubert* ]] && [ -z "$pretrained" ]; then
-    echo "run.sh: config $config needs --pretrained CKPT" >&2; exit 1
+  # the config says whether it needs a pretraining checkpoint (model.pretrained_checkpoint: ???)
+  needs=$("$PYTHON" -c 'import sys; from omegaconf import OmegaConf; from pahubert_plugin.configs import load_recipe_config
+print(OmegaConf.to_container(load_recipe_config(sys.argv[1])).get("model", {}).get("pretrained_checkpoint") == "???")' \
+    "$here/conf/$config.yaml") || { echo "run.sh: cannot read $here/conf/$config.yaml" >&2; exit 1; }
+  if [ "$needs" = True ] && [ -z "$pretrained" ]; then
+    echo "run.sh: config $config needs --pretrained CKPT (its model.pretrained_checkpoint is ???)" >&2; exit 1
   fi
-  if [ -n "$pretrained" ]; then  # pahubert_* and demucs_v2_hubert_* (a pretraining or ported checkpoint)
+  if [ -n "$pretrained" ]; then  # a pretraining or ported checkpoint (models/pretrained.py)
     [ -f "$pretrained" ] || { echo "run.sh: --pretrained $pretrained: no such file" >&2; exit 1; }
     extra+=("model.pretrained_checkpoint=$(cd "$(dirname "$pretrained")" && pwd)/$(basename "$pretrained")")
   fi
