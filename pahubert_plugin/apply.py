@@ -90,14 +90,8 @@ def chunk_starts(total: int, segment: int, overlap: float) -> list:
 
 
 @torch.inference_mode()
-def iter_apply(
-    model: nn.Module,
-    mixture: torch.Tensor,
-    segment: int,
-    overlap: float = 0.25,
-    batch_size: int = 1,
-    device: Optional[torch.device] = None,
-) -> Iterator[Tuple[int, torch.Tensor]]:
+def iter_apply(model: nn.Module, mixture: torch.Tensor, segment: int, overlap: float = 0.25, batch_size: int = 1,
+               device: Optional[torch.device] = None) -> Iterator[Tuple[int, torch.Tensor]]:
     """Separate ``mixture (channels, samples)`` chunk by chunk.
 
     Yields ``(start, block)`` with ``block (sources, channels, n)`` float32 on the CPU;
@@ -111,14 +105,8 @@ def iter_apply(
     yield from stream_apply(model, [mixture], mixture.shape[-1], segment, overlap, batch_size, device)
 
 
-def apply_model(
-    model: nn.Module,
-    mixture: torch.Tensor,
-    segment: int,
-    overlap: float = 0.25,
-    batch_size: int = 1,
-    device: Optional[torch.device] = None,
-) -> torch.Tensor:
+def apply_model(model: nn.Module, mixture: torch.Tensor, segment: int, overlap: float = 0.25, batch_size: int = 1,
+                device: Optional[torch.device] = None) -> torch.Tensor:
     """Separate ``mixture (channels, samples)`` or ``(batch, channels, samples)``.
 
     Returns ``(sources, channels, samples)`` or ``(batch, sources, channels, samples)``,

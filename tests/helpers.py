@@ -157,3 +157,39 @@ def fairseq_compose(conf_dir, name, overrides=()):
         cfg = compose(config_name=name, overrides=list(overrides))
     add_defaults(cfg)
     return cfg
+
+
+def corpus_songs(root):
+    """The song folders of a generated corpus, ``root/musdb/{train,test}/<song>``, in order."""
+    for split in ("train", "test"):
+        folder = Path(root) / "musdb" / split
+        for name in sorted(os.listdir(folder)):
+            yield folder / name
+
+
+def randomise_batchnorm(model, seed=0):
+    """BatchNorm running statistics and affine weights as after training (at init they are trivial)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.2)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model
+
+
+def check_corpus_layout(corpus, sample_rate, seconds, subtype, sources=("drums", "bass", "other", "vocals")):
+    """Both corpus generators' layout: two train and two test songs, two unlabelled mixtures, every
+    stem a stereo file of exactly ``seconds`` at ``sample_rate`` in ``subtype``."""
+    import soundfile as sf
+
+    assert [p.name for p in corpus_songs(corpus)] == ["train_000", "train_001", "test_000", "test_001"]
+    assert sorted(os.listdir(Path(corpus) / "unlabelled")) == ["unlabelled_0000.wav", "unlabelled_0001.wav"]
+    for song in corpus_songs(corpus):
+        for stem in ("mixture", *sources):
+            info = sf.info(str(song / f"{stem}.wav"))
+            assert (info.samplerate, info.channels, info.frames, info.subtype) == \
+                (sample_rate, 2, int(seconds * sample_rate), subtype), song / stem

@@ -16,23 +16,13 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from helpers import randomise_batchnorm
+
 GOLDEN = Path(__file__).parent / "golden"
 SR = 16000
 SOURCES = ["drums", "bass", "other", "vocals"]
 SAMPLES = 4000  # 0.25 s
 CLASSES = [12]
-
-
-def _randomise_batchnorm(model, seed=0):
-    """Running statistics and affine weights as after training (at init they are trivial)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.2)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model
 
 
 def _pahubert_cfg():
@@ -129,7 +119,7 @@ def _inputs():
 def write(case):
     build, run = CASES[case]
     torch.manual_seed(0)
-    model = _randomise_batchnorm(build()).eval()
+    model = randomise_batchnorm(build()).eval()
     mixture, labels = _inputs()
     with torch.no_grad():
         outputs = run(model, mixture, labels)

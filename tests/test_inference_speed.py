@@ -5,6 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pahubert_plugin.apply import Autocast, apply_model, optimize_for_inference
+from helpers import randomise_batchnorm
 
 SR = 16000
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -34,14 +35,7 @@ def pahubert_resunet():
 
 def trained_like(model):
     """Random BatchNorm statistics and affine weights, as after training (at init a fold is trivial)."""
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.2)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
+    return randomise_batchnorm(model).eval()
 
 
 @pytest.mark.parametrize("build", [resunet, pahubert_resunet])

@@ -12,6 +12,7 @@ from scipy import signal
 
 from pahubert_plugin.data import midi_corpus
 from pahubert_plugin.data.midi_corpus import DEFAULT_SOUNDFONT, SOURCES
+from helpers import check_corpus_layout, corpus_songs
 
 pytestmark = pytest.mark.skipif(
     shutil.which("fluidsynth") is None or not os.path.isfile(DEFAULT_SOUNDFONT),
@@ -31,25 +32,13 @@ def corpus(tmp_path_factory):
     return out
 
 
-def _songs(root):
-    for split in ("train", "test"):
-        folder = root / "musdb" / split
-        for name in sorted(os.listdir(folder)):
-            yield folder / name
-
-
 def _read(path):
     return sf.read(str(path), dtype="int16")[0]
 
 
 def test_layout_and_format(corpus):
-    assert [p.name for p in _songs(corpus)] == ["train_000", "train_001", "test_000", "test_001"]
-    assert sorted(os.listdir(corpus / "unlabelled")) == ["unlabelled_0000.wav", "unlabelled_0001.wav"]
-    for song in _songs(corpus):
-        for stem in ("mixture",) + SOURCES:
-            info = sf.info(str(song / f"{stem}.wav"))
-            assert (info.samplerate, info.channels, info.frames, info.subtype) == \
-                (SR, 2, int(SECONDS * SR), "PCM_16"), song / stem
+    check_corpus_layout(corpus, SR, SECONDS, "PCM_16", SOURCES)
+    for song in corpus_songs(corpus):
         for stem in SOURCES:
             assert (corpus / "midi" / song.parent.name / song.name / f"{stem}.mid").is_file()
     meta = json.loads((corpus / "corpus.json").read_text())
@@ -60,7 +49,7 @@ def test_layout_and_format(corpus):
 
 
 def test_stems_sum_exactly_without_clipping(corpus):
-    for song in _songs(corpus):
+    for song in corpus_songs(corpus):
         mix = _read(song / "mixture.wav").astype(np.int64)
         stems = [_read(song / f"{s}.wav").astype(np.int64) for s in SOURCES]
         assert np.array_equal(sum(stems), mix), song
@@ -77,7 +66,7 @@ def _rms(x):
 
 
 def test_every_stem_audible(corpus):
-    for song in _songs(corpus):
+    for song in corpus_songs(corpus):
         mix_rms = _rms(_read(song / "mixture.wav"))
         for s in SOURCES:
             audio = _read(song / f"{s}.wav")
@@ -104,7 +93,7 @@ def _onset_rate(x):
 
 def test_stem_character(corpus):
     lows = []
-    for song in _songs(corpus):
+    for song in corpus_songs(corpus):
         bass = _read(song / "bass.wav")
         lows.append(_low_fraction(bass))
         assert lows[-1] > 0.5, (song, lows[-1])  # bass: most energy below 300 Hz

@@ -10,6 +10,7 @@ import soundfile as sf
 from pahubert_plugin.data import toy_corpus
 from pahubert_plugin.data.audio import read_audio
 from pahubert_plugin.data.toy_corpus import SOURCES, generate_corpus, synthesize_song
+from helpers import check_corpus_layout, corpus_songs
 
 SR = 16000
 SECONDS = 4.0
@@ -24,32 +25,19 @@ def corpus(tmp_path_factory):
     return out
 
 
-def _songs(root):
-    for split in ("train", "test"):
-        folder = root / "musdb" / split
-        for name in sorted(os.listdir(folder)):
-            yield folder / name
-
-
 def _all_files(root):
     return sorted(p.relative_to(root) for p in root.rglob("*.wav"))
 
 
 def test_layout_and_format(corpus):
-    assert [p.name for p in _songs(corpus)] == ["train_000", "train_001", "test_000", "test_001"]
-    assert sorted(os.listdir(corpus / "unlabelled")) == ["unlabelled_0000.wav", "unlabelled_0001.wav"]
-    for song in _songs(corpus):
-        for stem in ("mixture",) + SOURCES:
-            info = sf.info(str(song / f"{stem}.wav"))
-            assert (info.samplerate, info.channels, info.frames, info.subtype) == \
-                (SR, 2, int(SECONDS * SR), "FLOAT"), song / stem
+    check_corpus_layout(corpus, SR, SECONDS, "FLOAT", SOURCES)
     meta = json.loads((corpus / "corpus.json").read_text())
     assert meta["status"] == "complete" and meta["params"]["seed"] == 3
     assert set(meta["songs"]["train"]) == {"train_000", "train_001"}
 
 
 def test_stems_sum_to_mixture_without_clipping(corpus):
-    for song in _songs(corpus):
+    for song in corpus_songs(corpus):
         mix, _ = sf.read(str(song / "mixture.wav"), dtype="float64")
         stems = [sf.read(str(song / f"{s}.wav"), dtype="float64")[0] for s in SOURCES]
         assert np.abs(sum(stems) - mix).max() < 1e-6, song
@@ -62,7 +50,7 @@ def test_stems_sum_to_mixture_without_clipping(corpus):
 
 
 def test_every_stem_audible_and_stereo(corpus):
-    for song in _songs(corpus):
+    for song in corpus_songs(corpus):
         mix_rms = np.sqrt(np.mean(sf.read(str(song / "mixture.wav"))[0] ** 2))
         for s in SOURCES:
             audio, _ = sf.read(str(song / f"{s}.wav"))
