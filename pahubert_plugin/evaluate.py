@@ -237,7 +237,7 @@ def check_provenance(args) -> None:
     old and new scores, unless ``--force`` clears them.
     """
     st = os.stat(args.checkpoint)
-    want = {"checkpoint": os.path.abspath(args.checkpoint), "size": st.st_size, "mtime": st.st_mtime,
+    want = {"checkpoint": os.path.realpath(args.checkpoint), "size": st.st_size, "mtime": st.st_mtime,
             "segment": args.segment, "overlap": args.overlap, "subset": args.subset}
     if args.precision != "fp32":  # fp32 scores keep the provenance of earlier versions
         want["precision"] = args.precision

@@ -9,6 +9,9 @@ import joblib
 import numpy as np
 import pytest
 
+SR = 16000
+SOURCES = ["drums", "bass", "other", "vocals"]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
@@ -295,7 +298,6 @@ def _bad_label(data, row=2, value="999"):
 
 def test_pretraining_dataset_rejects_labels_outside_the_dictionary(corpora, tmp_path):
     from omegaconf import OmegaConf
-    from conftest import SR
 
     from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
 
@@ -310,7 +312,6 @@ def test_pretraining_dataset_rejects_labels_outside_the_dictionary(corpora, tmp_
 
 
 def test_check_labels_finds_the_dictionary_beside_the_labels(corpora, tmp_path, capsys):
-    from conftest import SR
 
     from pahubert_plugin.clustering import check_labels
 
@@ -344,7 +345,6 @@ def test_evaluate_skips_broken_tracks_and_scores_the_rest(tmp_path, monkeypatch,
 
     import soundfile as sf
     from omegaconf import OmegaConf
-    from conftest import SOURCES
 
     from pahubert_plugin import evaluate, separate
 

@@ -146,22 +146,32 @@ pretrain_overrides() {  # the hydra overrides of both pretraining iterations
     "dataset.validate_interval_updates=$v checkpoint.save_interval=100000 checkpoint.save_interval_updates=$v" \
     "lr_scheduler.warmup_updates=$(( pretrain_updates / 10 + 1 )) $pretrain_args"
 }
+# what a pretraining run depends on besides the corpus: the composed pretraining config and the overrides.
+# Written into the done markers of pretraining and fine-tuning runs: a run made with another config is
+# not reused (a changed recipe is trained again, not silently mixed with old results).
+fingerprint=$("$PYTHON" -c 'import hashlib, sys; from omegaconf import OmegaConf
+from pahubert_plugin.configs import load_recipe_config
+print(hashlib.sha256((OmegaConf.to_yaml(load_recipe_config(sys.argv[1])) + sys.argv[2]).encode()).hexdigest()[:16])' \
+  recipes/pahubert/conf/pretrain/tiny.yaml "$(pretrain_overrides) k=$n_clusters iteration=$iteration") \
+  || { echo "run.sh: cannot read recipes/pahubert/conf/pretrain/tiny.yaml" >&2; exit 1; }
+same_run() { [ -f "$1" ] && [ "$(cat "$1")" = "$fingerprint" ]; }  # MARKER: made with this recipe
 if [ $stage -le 2 ]; then
   step 2 "clustering: manifest, MFCC, fairseq k-means ($n_clusters clusters), labels"
   recipe --stage 0 --stop-stage 3
 fi
 if [ $stage -le 3 ]; then
-  if [ -f "$ckpt1" ] && [ -f "$pre/pretrain/done_$pretrain_updates" ]; then
+  if [ -f "$ckpt1" ] && same_run "$pre/pretrain/done_$pretrain_updates"; then
     step 3 "pretraining: $ckpt1 done before ($pretrain_updates updates), reused"
   else
     step 3 "pretraining tiny Pac-HuBERT for $pretrain_updates updates (log $pre/logs/stage4_pretrain.log)"
+    [ ! -f "$ckpt1" ] || rm -rf "$(dirname "$(dirname "$ckpt1")")"  # made with another recipe: start afresh
     # shellcheck disable=SC2046
     recipe --stage 4 --stop-stage 4 -- $(pretrain_overrides)
     [ -f "$ckpt1" ] || { echo "run.sh: pretraining left no $ckpt1" >&2; exit 1; }
-    touch "$pre/pretrain/done_$pretrain_updates"
+    echo "$fingerprint" > "$pre/pretrain/done_$pretrain_updates"
   fi
   done2=$pre/pretrain/done2_l${iter2_layer}_k${iter2_clusters}_$pretrain_updates
-  if [ $iteration = 2 ] && [ -f "$ckpt2" ] && [ -f "$done2" ]; then
+  if [ $iteration = 2 ] && [ -f "$ckpt2" ] && same_run "$done2"; then
     echo "  iteration 2: $ckpt2 done before, reused"
   elif [ $iteration = 2 ]; then
     echo "  iteration 2: layer $iter2_layer of iteration 1 -> $iter2_clusters clusters -> $pretrain_updates updates" \
@@ -169,7 +179,7 @@ if [ $stage -le 3 ]; then
     # shellcheck disable=SC2046
     recipe --stage 5 --stop-stage 6 -- $(pretrain_overrides)
     [ -f "$ckpt2" ] || { echo "run.sh: iteration 2 left no $ckpt2" >&2; exit 1; }
-    touch "$done2"
+    echo "$fingerprint" > "$done2"
   fi
 fi
 
@@ -185,8 +195,14 @@ finetune() {  # ARM N SEED
     [ -f "$src/done" ] || { echo "run.sh: --reuse-scratch $reuse_scratch: $src is not finished" >&2; exit 1; }
     mkdir -p "$ft_root"; ln -s "$src" "$out"
   fi
-  if [ -f "$out/done" ]; then echo "  $arm, $n songs, seed $seed: done before, reused"; return; fi
-  mkdir -p "$out"
+  # a --reuse-scratch link is the user's choice; a run of this folder is reused (or resumed from its
+  # checkpoint_last.pt) only if it was started with this recipe
+  if [ -f "$out/done" ] && { [ -L "$out" ] || same_run "$out/done"; }; then
+    echo "  $arm, $n songs, seed $seed: done before, reused"; return
+  elif [ -d "$out" ] && [ ! -L "$out" ] && ! same_run "$out/recipe"; then
+    echo "  $arm, $n songs, seed $seed: made with another recipe; training again"; rm -rf "$out"
+  fi
+  mkdir -p "$out"; echo "$fingerprint" > "$out/recipe"
   echo "  $arm, $n labelled songs, seed $seed: $finetune_updates updates (log $out/train.log)"
   local scratch=false; [ $arm = scratch ] && scratch=true
   if [ $arm = scratch ]; then arm_args=$scratch_args; else arm_args=$pretrained_args; fi
@@ -200,7 +216,7 @@ finetune() {  # ARM N SEED
     || { echo "run.sh: fine-tuning failed; tail of $out/train.log:" >&2; tail -n 20 "$out/train.log" >&2; exit 1; }
   grep -o '"valid_sdr": "[^"]*", "valid_sdr_[^}]*"valid_num_updates": "[0-9]*"' "$out/train.log" | tail -n 1 \
     | sed 's/^/    last validation: /' || true
-  touch "$out/done"
+  echo "$fingerprint" > "$out/done"
 }
 evaluate() {  # ARM N SEED
   local arm=$1 n=$2 seed=$3
