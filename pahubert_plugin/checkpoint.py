@@ -169,9 +169,11 @@ def load_encoder_weights(model, state: dict, path: str = "") -> int:
 # 3. ``fairseq.checkpoint_utils.load_checkpoint`` (resume): a corrupt checkpoint_last.pt is treated
 #    as missing: a warning names it and training resumes from the newest intact checkpoint of the
 #    folder (most updates), or stops with a message naming the file and the fix.
-# 4. ``torch`` as ``fairseq.checkpoint_utils`` sees it (:class:`_WeightsOnlyTorch`): its ``torch.load`` calls
-#    (``load_checkpoint_to_cpu``, ``load_pretrained_component_from_model``) pass no ``weights_only``,
-#    which torch lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turn off; they now pass ``weights_only=True``.
+# 4. ``torch`` as ``fairseq.checkpoint_utils`` and ``fairseq.distributed.utils`` see it
+#    (:class:`_WeightsOnlyTorch`): their ``torch.load`` calls (``load_checkpoint_to_cpu``,
+#    ``load_pretrained_component_from_model``, and ``broadcast_object``, by which every rank but 0 unpickles
+#    the checkpoint state rank 0 read) pass no ``weights_only``, which torch lets
+#    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turn off; they now pass ``weights_only=True``.
 
 _PATCHED = False
 
@@ -274,6 +276,7 @@ def install_fairseq_patches() -> None:
     if _PATCHED:
         return
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
 
     original_copy = PathManager.copy
@@ -302,7 +305,7 @@ def install_fairseq_patches() -> None:
 
     load_checkpoint_to_cpu.__wrapped__ = original_to_cpu
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
-    checkpoint_utils.torch = _WeightsOnlyTorch()
+    checkpoint_utils.torch = distributed_utils.torch = _WeightsOnlyTorch()
 
     original_resume = checkpoint_utils.load_checkpoint
 

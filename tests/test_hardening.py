@@ -1,4 +1,5 @@
 """Issue 11 (hardening): no code run from a model file, nothing lost on a kill, no silent damage."""
+import io
 import os
 import pickle
 import re
@@ -167,6 +168,11 @@ def test_fairseq_loaders_keep_weights_only_when_the_environment_turns_it_off(evi
                  lambda p: checkpoint_utils.load_pretrained_component_from_model(None, str(p))):
         with pytest.raises(CheckpointRefused):
             load(evil_pt)
+    # ranks other than 0 unpickle the broadcast checkpoint state with fairseq.distributed.utils' torch.load
+    from fairseq.distributed import utils as distributed_utils
+
+    with pytest.raises(pickle.UnpicklingError):
+        distributed_utils.torch.load(io.BytesIO(evil_pt.read_bytes()), map_location="cpu")  # the fixture checks it never ran
 
 
 def test_refused_checkpoint_separate_and_evaluate(evil_pt, tmp_path, caplog, capsys):
