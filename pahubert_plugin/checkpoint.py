@@ -258,7 +258,8 @@ def _corruption(path: str) -> Optional[str]:
     return None
 
 
-def _set(cfg, **values) -> None:
+def set_config_values(cfg, **values) -> None:
+    """Set fields of an omegaconf config (struct or not) or of a dataclass instance."""
     from omegaconf import OmegaConf, open_dict
 
     if OmegaConf.is_config(cfg):
@@ -325,11 +326,11 @@ def install_fairseq_patches() -> None:
             f"in {cfg.save_dir} (the next save replaces {last})")
         # a resume of this run: fairseq ignores finetune_from_model when checkpoint_last.pt exists
         saved = {"restore_file": cfg.restore_file, "finetune_from_model": cfg.finetune_from_model}
-        _set(cfg, restore_file=os.path.abspath(fallback), finetune_from_model=None)
+        set_config_values(cfg, restore_file=os.path.abspath(fallback), finetune_from_model=None)
         try:
             return original_resume(cfg, trainer, **passthrough_args)
         finally:
-            _set(cfg, **saved)
+            set_config_values(cfg, **saved)
 
     load_checkpoint_resume.__wrapped__ = original_resume
     checkpoint_utils.load_checkpoint = load_checkpoint_resume

@@ -276,7 +276,6 @@ def test_a_new_front_end_is_one_file_and_a_port_target(speech_ckpt, tmp_path):
                 self.head = MaskedPredictionHead.from_config(
                     cfg, num_classes, cfg.label_rate * self.encoder.hop / cfg.sample_rate)
 
-            forward = HubertPretrainingModel.pretraining_forward
 
             @classmethod
             def build_encoder(cls, model_cfg, task_cfg):

@@ -18,7 +18,7 @@ from typing import Dict, List
 
 from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from .demucs import DemucsHubertEncoder
 from .demucs_v2 import DemucsGeometryConfig
@@ -76,11 +76,8 @@ def with_arch(cfg, arch: Dict):
     if changed:
         logger.info("architecture from the pretrained checkpoint: " + ", ".join(
             f"{k}={new!r} (config had {old!r})" for k, (old, new) in changed.items()))
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else cfg
-    with open_dict(cfg):
-        for k, v in arch.items():
-            cfg[k] = v
-    return cfg
+    # a resolved copy: fairseq's model config interpolates into the root config, which a copy lacks
+    return OmegaConf.merge(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg, arch)
 
 
 def build_demucs_encoder(cls, cfg, user: str, model_names, audio_channels: int, sample_rate: int, **kwargs):
@@ -126,7 +123,3 @@ class DemucsHubertModel(HubertPretrainingModel):
         cfg.label_rate = float(task_cfg.get("label_rate", cfg.label_rate))
         encoder = DemucsHubertEncoder(cfg, int(task_audio_channels(task_cfg)))
         return encoder, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-    def forward(self, source, target_list=None, padding_mask=None, mask=True, features_only=False, output_layer=None):
-        """See :meth:`~pahubert_plugin.models.hubert_encoder.HubertPretrainingModel.pretraining_forward`."""
-        return self.pretraining_forward(source, target_list, padding_mask, mask, features_only, output_layer)

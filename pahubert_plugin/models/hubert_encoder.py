@@ -304,8 +304,7 @@ class HubertPretrainingModel(BaseFairseqModel):
         new pretraining model is a port target without touching ``port_hubert``."""
         raise NotImplementedError(f"{cls.__name__} does not say how to build its encoder alone")
 
-    def pretraining_forward(self, source, target_list=None, padding_mask=None, mask=True, features_only=False,
-                            output_layer=None):
+    def forward(self, source, target_list=None, padding_mask=None, mask=True, features_only=False, output_layer=None):
         """``source`` (batch, channels, samples); ``target_list`` [(batch, frames)] at the label rate.
 
         Returns HuBERT's net_output (see :class:`MaskedPredictionHead`) or, with ``features_only``,

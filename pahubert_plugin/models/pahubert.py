@@ -253,9 +253,3 @@ class PahubertModel(HubertPretrainingModel):
     def build_encoder(cls, model_cfg: dict, task_cfg: dict):
         cfg = encoder_config({"model": model_cfg, "task": task_cfg})
         return PahubertEncoder(cfg), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-    def forward(self, source: torch.Tensor, target_list: Optional[List[torch.Tensor]] = None,
-                padding_mask: Optional[torch.Tensor] = None, mask: bool = True, features_only: bool = False,
-                output_layer: Optional[int] = None):
-        """See :meth:`~pahubert_plugin.models.hubert_encoder.HubertPretrainingModel.pretraining_forward`."""
-        return self.pretraining_forward(source, target_list, padding_mask, mask, features_only, output_layer)

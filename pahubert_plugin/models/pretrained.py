@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 from fairseq.dataclass import FairseqDataclass
 
-from ..checkpoint import load_checkpoint, load_encoder_weights
+from ..checkpoint import load_checkpoint, load_encoder_weights, set_config_values
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +94,6 @@ def persist_config_updates(model, cfg) -> None:
 
     Called by the tasks' ``build_model``: fairseq hands the model a merged copy of ``cfg.model``, so
     a model cannot reach the saved config itself."""
-    from omegaconf import OmegaConf, open_dict
-
     updates = getattr(model, "config_updates", None) or {}
-    if not updates or cfg is None:
-        return
-    if OmegaConf.is_config(cfg):
-        with open_dict(cfg):
-            for key, value in updates.items():
-                cfg[key] = value
-    else:
-        for key, value in updates.items():
-            setattr(cfg, key, value)
+    if updates and cfg is not None:
+        set_config_values(cfg, **updates)
