@@ -399,7 +399,7 @@ def test_musdb_recipe_asks_the_config_whether_it_needs_a_pretrained_checkpoint(t
         proc = subprocess.run(["bash", os.path.join(REPO, "recipes", "musdb", "run.sh"), "--musdb-root",
                                str(tmp_path / "musdb"), "--exp-dir", str(tmp_path / config), "--config", config,
                                "--stage", "1", "--stop-stage", "1", "--", "optimization.max_update=0"],
-                              env=ENV, capture_output=True, text=True, timeout=300)
+                              env=dict(ENV, PYTHON=sys.executable), capture_output=True, text=True, timeout=300)
         assert ("needs --pretrained CKPT" in proc.stderr) == stops, (config, proc.stderr[-2000:])
         if stops:
             assert proc.returncode == 1
