@@ -55,15 +55,22 @@ def build_base():
     return _resunet(), 10.0
 
 
-def build_pahubert_base():
-    """pahubert_resunet on a Pac-HuBERT Base encoder (PahubertConfig defaults: 12 x 768)."""
+def build_pahubert_base(preset: str = ""):
+    """pahubert_resunet on a Pac-HuBERT Base encoder: recipes/pahubert/conf/pretrain/base.yaml's model
+    section (the paper's 12 x 768, one token per 10 ms frame), with ``preset/<preset>.yaml`` over it."""
     from omegaconf import OmegaConf
 
     from pahubert_plugin.models.pahubert import PahubertConfig
     from pahubert_plugin.models.pahubert_resunet import PahubertResUNetConfig, PahubertResUNetModel
 
-    enc = OmegaConf.merge(OmegaConf.structured(PahubertConfig), {"sample_rate": SR, "audio_channels": 2,
-                                                                 "label_rate": 100})
+    conf = os.path.join(REPO, "recipes", "pahubert", "conf", "pretrain")
+    yaml = load_recipe_config(os.path.join(conf, "base.yaml"))
+    if preset:
+        yaml = OmegaConf.merge(yaml, OmegaConf.load(os.path.join(conf, "preset", preset + ".yaml")))
+    over = {k: v for k, v in OmegaConf.to_container(yaml.model, resolve=False).items()
+            if k != "_name" and not (isinstance(v, str) and "${" in v)}  # task interpolations: set below
+    enc = OmegaConf.merge(OmegaConf.structured(PahubertConfig), over,
+                          {"sample_rate": SR, "audio_channels": 2, "label_rate": 100})
     cfg = OmegaConf.merge(OmegaConf.structured(PahubertResUNetConfig),
                           {"sources": SOURCES, "sample_rate": SR, "audio_channels": 2, "decoder_units": 4,
                            "bottleneck_units": 2})
@@ -112,6 +119,7 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, float]]] = {
     "tiny": build_tiny,
     "base": build_base,
     "pahubert_base": build_pahubert_base,
+    "pahubert_base_tokens25": lambda: build_pahubert_base("tokens25_base"),
     "umxl": build_umxl,
     "htdemucs": build_htdemucs,
     "demucs_v2": build_demucs_v2,

@@ -48,3 +48,23 @@ def test_a_shared_value_is_written_once(path):
     for name in shared:
         theirs = {k for k, _ in leaves(yaml.safe_load(open(os.path.join(os.path.dirname(path), name + ".yaml"))))}
         assert not mine & theirs, (name, sorted(mine & theirs))
+
+
+PRESETS = sorted(glob.glob(str(REPO / "recipes" / "pahubert" / "conf" / "pretrain" / "preset" / "*.yaml")))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
+def test_a_preset_changes_only_what_it_names(path):
+    """`+preset=<name>_<config>` on the command line of <config>.yaml: the composed config is the base
+    config's with the preset's keys replaced, and the stem lists still have one entry per block."""
+    conf, name = os.path.dirname(os.path.dirname(path)), os.path.basename(path)[:-5]
+    base_name = name.rsplit("_", 1)[1]
+    plain = dict(leaves(OmegaConf.to_container(fairseq_compose(conf, base_name), resolve=False)))
+    with_preset = OmegaConf.to_container(fairseq_compose(conf, base_name, [f"+preset={name}"]), resolve=False)
+    named = dict(leaves(OmegaConf.to_container(OmegaConf.load(path))))
+    assert named and "preset" not in with_preset  # @package _global_: merged at the top, not nested
+    got = dict(leaves(with_preset))
+    assert {k for k in got if got[k] != plain.get(k)} == {k for k in named if named[k] != plain[k]}
+    assert all(got[k] == v for k, v in named.items())
+    m = with_preset["model"]
+    assert len(m["stem_time_strides"]) == len(m["stem_channels"]) == len(m["stem_freq_strides"])

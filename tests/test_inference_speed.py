@@ -54,6 +54,38 @@ def test_optimized_model_computes_the_same_estimates(build):
     assert (got - ref).abs().max() <= 1e-5 * peak, float((got - ref).abs().max() / peak)
 
 
+@pytest.mark.parametrize("build", [resunet, pahubert_resunet])
+def test_inference_without_autograd_computes_the_training_graph_values(build):
+    """Without autograd the residual units, the decoder (which pops its skips), the mask head (blocks
+    of frames) and the iSTFT (one signal at a time) take a leaner path; the estimates are the ones
+    the autograd path computes, longer than one mask block, stereo, two items."""
+    torch.manual_seed(0)
+    model = trained_like(build())
+    model.mask_head.frames_per_block = 7  # several blocks and a ragged last one
+    mix = torch.randn(2, 2, SR) * 0.3
+    with torch.enable_grad():
+        ref = model(mix)
+    assert ref.requires_grad
+    with torch.inference_mode():
+        lean = model(mix)
+    assert (lean - ref.detach()).abs().max() <= 1e-5 * mix.abs().max()
+
+
+def test_decoder_consume_pops_the_skips_it_was_given():
+    from pahubert_plugin.models.blocks import ResUNetDecoder, ResUNetEncoder
+
+    enc = ResUNetEncoder(2, [4, 8], [(2, 2), (2, 1)], 1).eval()
+    dec = ResUNetDecoder(8, [4, 8], [(2, 2), (2, 1)], 1, 3).eval()
+    with torch.no_grad():
+        x, skips = enc(torch.randn(1, 2, 16, 8))
+        kept = dec(x, skips)
+        assert len(skips) == 2  # not consumed by default
+        popped = dec(x, skips, consume=True)
+    assert skips == [] and torch.equal(kept, popped)
+    with pytest.raises(ValueError, match="2 levels but got 1 skips"):
+        dec(x, [torch.zeros(1)])
+
+
 def test_bf16_autocast_stays_close_to_fp32():
     torch.manual_seed(0)
     model = trained_like(resunet())

@@ -177,5 +177,5 @@ class PahubertResUNetModel(SpectralSeparator):
         c_last, f_last = self.encoder.front_end.bottleneck_shape
         # (batch, tokens, C_last * F') -> (batch, C_last, F', tokens): the decoder's bottleneck map
         x = self.proj(feats).view(feats.shape[0], feats.shape[1], c_last, f_last).permute(0, 2, 3, 1)
-        raw = self.decoder(self.bottleneck(x), out.front.skips)[..., :spec.shape[-2], :n_frames]
+        raw = self.decoder(self.bottleneck(x), out.front.skips, consume=True)[..., :spec.shape[-2], :n_frames]
         return self.mask_head(raw, spec)

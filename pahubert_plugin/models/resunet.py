@@ -64,6 +64,8 @@ class DecoupledMaskHead(nn.Module):
     freq, frames))`` -> complex ``(batch, sources, channels, freq, frames)``.
     """
 
+    frames_per_block = 128  # without autograd the masks are made this many frames at a time
+
     def __init__(self, num_sources: int, channels: int, magnitude: str = "relu"):
         super().__init__()
         if magnitude not in MAGNITUDES:
@@ -75,6 +77,20 @@ class DecoupledMaskHead(nn.Module):
         return self.num_sources * self.channels * MASK_MAPS
 
     def forward(self, raw: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self._masks(raw, spec)
+        # without autograd, in blocks of frames: the same values up to float rounding (each output bin
+        # depends on its own bin only), a dozen full-size temporaries reduced to block-size ones
+        out, n, step = None, raw.shape[-1], self.frames_per_block
+        for t in range(0, n, step):
+            block = self._masks(raw[..., t:t + step], spec[..., t:t + step])
+            if out is None:
+                out = block.new_empty(*block.shape[:-1], n)
+            out[..., t:t + step] = block
+        return out
+
+
+    def _masks(self, raw: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
         b, _, f, n = raw.shape
         raw = raw.float().view(b, self.num_sources, self.channels, MASK_MAPS, f, n)
         mag_mask = torch.sigmoid(raw[:, :, :, 0])
@@ -86,8 +102,6 @@ class DecoupledMaskHead(nn.Module):
         mag = mix.abs()
         cos_x, sin_x = mix.real / mag.clamp_min(1e-8), mix.imag / mag.clamp_min(1e-8)
         z = mag * mag_mask + residual
-        # relu (Kong et al.): a bin with z < 0 is silent and passes no gradient, so it stays dead;
-        # leaky: slope 0.01 below zero (a tiny phase-flipped estimate), every bin keeps a gradient
         out_mag = torch.relu(z) if self.magnitude == "relu" else nn.functional.leaky_relu(z, 0.01)
         out_cos = cos_x * cos_m - sin_x * sin_m
         out_sin = sin_x * cos_m + cos_x * sin_m
@@ -167,7 +181,7 @@ class ResUNet(nn.Module):
         x = self.input_norm(x.transpose(1, 2)).transpose(1, 2)  # normalise each freq bin
         x = self.encoder.pad(x)
         bottleneck, skips = self.encoder(x)
-        raw = self.decoder(self.bottleneck(bottleneck), skips)
+        raw = self.decoder(self.bottleneck(bottleneck), skips, consume=True)
         return raw[..., :f, :n]
 
 

@@ -45,11 +45,15 @@ class Spectrogram(nn.Module):
 
     def inverse(self, spec: torch.Tensor, length: int) -> torch.Tensor:
         lead = spec.shape[:-2]
-        wav = torch.istft(
-            spec.reshape(-1, *spec.shape[-2:]), self.n_fft, self.hop_length, window=self.window,
-            center=True, length=length,
-        )
+        flat = spec.reshape(-1, *spec.shape[-2:])
+        if torch.is_grad_enabled():
+            wav = self._istft(flat, length)
+        else:  # one signal at a time: the same values with a fraction of istft's temporaries
+            wav = torch.cat([self._istft(one, length) for one in flat.split(1)])
         return wav.reshape(*lead, length)
+
+    def _istft(self, spec: torch.Tensor, length: int) -> torch.Tensor:
+        return torch.istft(spec, self.n_fft, self.hop_length, window=self.window, center=True, length=length)
 
 
 def compress(magnitude: torch.Tensor) -> torch.Tensor:
