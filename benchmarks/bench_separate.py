@@ -6,14 +6,18 @@ subprocess so measurements do not mix:
 * real-time factor: wall time to separate the same 30 s stereo 44.1 kHz input with
   :func:`pahubert_plugin.apply.apply_model` (overlap-add chunks of the model's segment),
   divided by 30 s (< 1 is faster than real time); best of ``--repeats``;
-* peak memory separating a 5-minute track: peak RSS of the process (``ru_maxrss``) and the
-  increase over the RSS after the model was built.
+* peak memory separating WAV files of ``--memory-seconds`` (default 1 and 10 minutes) to 16-bit WAV
+  stems the way ``pahubert-separate`` does (:meth:`Separator.separate_to_files
+  <pahubert_plugin.separate.Separator.separate_to_files>`: read, separate and write block by block;
+  ``--memory-path memory`` for the in-memory ``separate_file`` + ``save_stems``), with the first
+  variant: peak RSS of the process (``ru_maxrss``), the RSS after the model was built, and the ratio
+  of the longest input's peak to the shortest's (1.0: memory flat in track length).
 
 Add a model by adding a builder to :data:`BUILDERS` (as ``demucs_v2`` / ``demucs_v2_hubert``
 are): ``name -> () -> (model, segment_seconds)``,
 where ``model(mixture (batch, 2, samples)) -> (batch, sources, 2, samples)`` at 44.1 kHz.
 
-    python benchmarks/bench_separate.py [--models tiny,base,umxl,htdemucs] [--memory-seconds 300]
+    python benchmarks/bench_separate.py [--models tiny,base,umxl,htdemucs] [--memory-seconds 60,600]
     python benchmarks/bench_separate.py --models base,pahubert_base,htdemucs --variants fp32,opt,bf16 \
         --seconds 10 --memory-seconds 0 --repeats 1
 """
@@ -21,8 +25,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, Tuple
 
@@ -127,18 +133,10 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, float]]] = {
 }
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 VARIANTS = ("fp32", "opt", "bf16")  # as built | optimize_for_inference | that + bf16 autocast
 
 
-def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "fp32") -> dict:
+def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "fp32", path: str = "") -> dict:
     """Runs in a subprocess: one model, one measurement; returns a dict.
 
     ``variant``: ``fp32`` the model as built; ``opt`` after
@@ -153,6 +151,11 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
     model, segment = BUILDERS[name]()
     model.eval()
     params = sum(p.numel() for p in model.parameters())
+    if mode != "rtf":  # memory: nothing else runs in this process before the separation
+        if variant != "fp32":
+            model = optimize_for_inference(model)
+        return memory_worker(Autocast(model, "bf16") if variant == "bf16" else model, segment, path, mode) \
+            | {"model": name, "seconds": seconds}
     x = 0.1 * torch.randn(2, int(seconds * SR))
     seg = int(segment * SR)
     max_diff = None
@@ -164,27 +167,57 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
             model = Autocast(model, "bf16")
         with torch.inference_mode():
             max_diff = float((model(x[None, :, :seg]) - ref).abs().max() / x[:, :seg].abs().max())
-    base_rss = rss_mb()
-    if mode == "rtf":
-        apply_model(model, x[:, :seg], seg)  # warm-up (allocator, mkldnn)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            apply_model(model, x, seg, overlap=0.25)
-            times.append(time.perf_counter() - t0)
-        return {"model": name, "variant": variant, "params_M": params / 1e6, "segment_s": segment,
-                "seconds": seconds, "wall_s": min(times), "rtf": min(times) / seconds, "max_diff": max_diff}
+    apply_model(model, x[:, :seg], seg)  # warm-up (allocator, mkldnn)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        apply_model(model, x, seg, overlap=0.25)
+        times.append(time.perf_counter() - t0)
+    return {"model": name, "variant": variant, "params_M": params / 1e6, "segment_s": segment,
+            "seconds": seconds, "wall_s": min(times), "rtf": min(times) / seconds, "max_diff": max_diff}
+
+
+def memory_worker(model, segment: float, path: str, mode: str) -> dict:
+    """Separate the WAV at ``path`` to 16-bit stems (``stream``: as pahubert-separate; ``memory``: the
+    whole track in memory) into a temporary folder next to it; peak RSS of this process."""
+    from pahubert_plugin.separate import Separator, save_stems
+
+    sep = Separator(model, segment)
+    model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = tempfile.mkdtemp(prefix="rss-", dir=os.path.dirname(path))
     t0 = time.perf_counter()
-    apply_model(model, x, seg, overlap=0.25)
+    try:
+        if mode == "stream":
+            sep.separate_to_files(path, out, "song")
+        else:
+            stems, sr = sep.separate_file(path)
+            save_stems(stems, sr, out, "song")
+    finally:
+        shutil.rmtree(out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"model": name, "seconds": seconds, "peak_rss_mb": peak, "model_rss_mb": base_rss,
-            "delta_mb": peak - base_rss, "wall_s": time.perf_counter() - t0}
+    return {"peak_rss_mb": peak, "model_rss_mb": model_rss, "delta_mb": peak - model_rss,
+            "wall_s": time.perf_counter() - t0}
 
 
-def run_worker(name, mode, seconds, repeats, threads, variant="fp32") -> dict:
+def write_noise(path: str, seconds: float, block: int = 1 << 20) -> None:
+    """``seconds`` of stereo 44.1 kHz noise as 16-bit WAV, written in blocks (this process stays small)."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    left = int(seconds * SR)
+    with sf.SoundFile(path, "w", SR, 2, subtype="PCM_16") as f:
+        while left > 0:
+            n = min(block, left)
+            f.write((0.1 * rng.standard_normal((n, 2))).astype(np.float32))
+            left -= n
+
+
+def run_worker(name, mode, seconds, repeats, threads, variant="fp32", path="") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--mode", mode, "--seconds", str(seconds),
-                           "--repeats", str(repeats), "--variant", variant], env=env, capture_output=True, text=True)
+                           "--repeats", str(repeats), "--variant", variant, "--path", path],
+                          env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"model": name, "error": (proc.stderr or proc.stdout)[-500:]}
@@ -195,7 +228,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(BUILDERS), help=f"comma list of {list(BUILDERS)}")
     p.add_argument("--seconds", type=float, default=30.0, help="input length for the real-time factor")
-    p.add_argument("--memory-seconds", type=float, default=300.0, help="input length for peak memory (0: skip)")
+    p.add_argument("--memory-seconds", default="60,600",
+                   help="comma list of input lengths (s) for peak memory ('' or 0: skip)")
+    p.add_argument("--memory-path", default="stream", choices=["stream", "memory"],
+                   help="stream: block by block, as pahubert-separate; memory: the whole track in memory")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats (best is reported)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per model")
     p.add_argument("--variants", default="fp32",
@@ -205,9 +241,11 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="rtf", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--path", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.mode, args.seconds, args.repeats, args.variant)))
+        mode = args.mode if args.mode == "rtf" else args.memory_path
+        print(json.dumps(worker(args.worker, mode, args.seconds, args.repeats, args.variant, args.path)))
         return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in BUILDERS]
@@ -216,23 +254,36 @@ def main(argv=None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     if any(v not in VARIANTS for v in variants):
         p.error(f"--variants: choose from {list(VARIANTS)}")
-    results = []
-    for name in names:
-        for variant in variants:
-            r = run_worker(name, "rtf", args.seconds, args.repeats, args.threads, variant)
-            if args.memory_seconds > 0 and "error" not in r and variant == variants[0]:
-                r.update({f"mem_{k}": v for k, v in
-                          run_worker(name, "memory", args.memory_seconds, 1, args.threads, variant).items()
-                          if k != "model"})
-            results.append(r)
-            print(json.dumps(r), flush=True)
-    print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: "
-          f"{os.cpu_count()} cores; memory for {args.memory_seconds:g} s (first variant)")
+    try:
+        lengths = sorted({float(v) for v in args.memory_seconds.split(",") if v and float(v) > 0})
+    except ValueError:
+        p.error(f"--memory-seconds: a comma list of seconds, got {args.memory_seconds!r}")
+    tmp = tempfile.mkdtemp(prefix="bench-separate-")
+    try:
+        inputs = {}
+        for seconds in lengths:
+            inputs[seconds] = os.path.join(tmp, f"noise{seconds:g}.wav")
+            write_noise(inputs[seconds], seconds)
+        results = []
+        for name in names:
+            for variant in variants:
+                r = run_worker(name, "rtf", args.seconds, args.repeats, args.threads, variant)
+                if "error" not in r and variant == variants[0]:
+                    r["memory"] = {s: run_worker(name, "memory", s, 1, args.threads, variant, path)
+                                   for s, path in inputs.items()}
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    finally:
+        shutil.rmtree(tmp)
+    print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: {os.cpu_count()} cores; peak RSS "
+          f"separating {', '.join(f'{s:g}' for s in lengths) or 'no'} s to 16-bit WAV stems ({args.memory_path} "
+          f"path, first variant)")
     ref = next((r for r in results if r.get("model") == "htdemucs" and r.get("variant") == "fp32" and "rtf" in r),
                None)
-    print("| model | variant | params (M) | segment (s) | RTF | RTF vs htdemucs fp32 | max diff vs fp32 / peak "
-          "| peak RSS (MB) | +RSS over model (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    mem_cols = "".join(f" peak RSS {s:g} s (MB) |" for s in lengths)
+    print(f"| model | variant | params (M) | segment (s) | RTF | RTF vs htdemucs fp32 | max diff vs fp32 / peak |"
+          f"{mem_cols}{' longest / shortest |' if len(lengths) > 1 else ''}")
+    print("|---" * (7 + len(lengths) + (len(lengths) > 1)) + "|")
     for r in results:
         if "error" in r:
             print(f"| {r['model']} | {r.get('variant', '?')} | error: "
@@ -240,9 +291,13 @@ def main(argv=None) -> int:
             continue
         ratio = f"{r['rtf'] / ref['rtf']:.2f}" if ref else "-"
         diff = "-" if r.get("max_diff") is None else f"{r['max_diff']:.1e}"
+        mem = r.get("memory", {})
+        peaks = [mem.get(s, {}).get("peak_rss_mb") for s in lengths]
+        cells = "".join(f" {v:.0f} |" if v is not None else " - |" for v in peaks)
+        if len(lengths) > 1:
+            cells += f" {peaks[-1] / peaks[0]:.3f} |" if None not in peaks else " - |"
         print(f"| {r['model']} | {r['variant']} | {r['params_M']:.2f} | {r['segment_s']:.1f} | {r['rtf']:.3f} | "
-              f"{ratio} | {diff} | {r.get('mem_peak_rss_mb', float('nan')):.0f} | "
-              f"{r.get('mem_delta_mb', float('nan')):.0f} |")
+              f"{ratio} | {diff} |{cells}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

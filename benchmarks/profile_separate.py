@@ -1,28 +1,19 @@
-"""Where separation time and memory go: a per-block profile and peak RSS against track length.
+"""Where separation time goes: a per-block profile of each model (peak memory: bench_separate.py).
 
-Two parts, each case in its own subprocess (threads set, memory not shared between cases):
+Random-weight models from ``bench_separate.BUILDERS``, each in its own subprocess (threads set),
+separate ``--seconds`` of stereo 44.1 kHz noise with :func:`pahubert_plugin.apply.apply_model` (the
+model's segment, overlap 0.25) after a 1 s warm-up; forward hooks time every block (STFT, each
+stem/encoder block with its input shape, transformer, projection, bottleneck, each decoder level,
+mask head, iSTFT); ``overlap-add`` is the time outside the model.
 
-* **profile** (``--profile-models``): random-weight models from ``bench_separate.BUILDERS``
-  separate ``--seconds`` of stereo 44.1 kHz noise with :func:`pahubert_plugin.apply.apply_model`
-  (the model's segment, overlap 0.25) after a 1 s warm-up; forward hooks time every block
-  (STFT, each stem/encoder block with its input shape, transformer, projection, bottleneck,
-  each decoder level, mask head, iSTFT); ``overlap-add`` is the time outside the model.
-* **rss** (``--rss-models`` x ``--rss-seconds`` x ``--rss-paths``): peak RSS (``ru_maxrss``)
-  separating a WAV of that length to 16-bit stems, streaming
-  (:meth:`Separator.separate_to_files <pahubert_plugin.separate.Separator.separate_to_files>`,
-  what ``pahubert-separate`` does) or in memory (``separate_file`` + ``save_stems``).
-
-    nice -n 19 python benchmarks/profile_separate.py [--profile-models pahubert_base,base] [--seconds 10]
-        [--threads 2] [--rss-models tiny,base] [--rss-seconds 60,600] [--rss-paths stream,memory]
+    nice -n 19 python benchmarks/profile_separate.py [--profile-models pahubert_base,base] [--seconds 10] [--threads 2]
 """
 import argparse
 import collections
 import json
 import os
-import resource
 import subprocess
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,46 +101,6 @@ def profile_worker(name: str, seconds: float) -> dict:
             "rows": [[k, t, c, str(s)] for k, t, c, s in rows]}
 
 
-def rss_worker(name: str, path: str, mode: str) -> dict:
-    import torch
-
-    import bench_separate
-    from pahubert_plugin.separate import Separator, save_stems
-
-    torch.manual_seed(0)
-    model, segment = bench_separate.BUILDERS[name]()
-    sep = Separator(model.eval(), segment)
-    model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = tempfile.mkdtemp(prefix="rss-", dir=os.path.dirname(path))
-    t0 = time.perf_counter()
-    if mode == "stream":
-        sep.separate_to_files(path, out, "song")
-    else:
-        stems, sr = sep.separate_file(path)
-        save_stems(stems, sr, out, "song")
-    wall = time.perf_counter() - t0
-    for root, _, files in os.walk(out, topdown=False):
-        for f in files:
-            os.remove(os.path.join(root, f))
-        os.rmdir(root)
-    return {"model": name, "mode": mode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "model_rss_mb": model_rss, "wall_s": wall}
-
-
-def write_noise(path: str, seconds: float, block: int = 1 << 20) -> None:
-    """``seconds`` of stereo 44.1 kHz noise, written in blocks (this process stays small)."""
-    import numpy as np
-    import soundfile as sf
-
-    rng = np.random.default_rng(0)
-    left = int(seconds * SR)
-    with sf.SoundFile(path, "w", SR, 2, subtype="PCM_16") as f:
-        while left > 0:
-            n = min(block, left)
-            f.write((0.1 * rng.standard_normal((n, 2))).astype(np.float32))
-            left -= n
-
-
 def run(args_list, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, __file__, *args_list], env=env, capture_output=True, text=True)
@@ -174,40 +125,15 @@ def main(argv=None) -> int:
     p.add_argument("--profile-models", default="pahubert_base,base", help="comma list ('' to skip)")
     p.add_argument("--seconds", type=float, default=10.0, help="input length for the profile")
     p.add_argument("--threads", type=int, default=2, help="torch threads per case")
-    p.add_argument("--rss-models", default="tiny,base", help="comma list ('' to skip)")
-    p.add_argument("--rss-seconds", default="60,600", help="comma list of input lengths in seconds")
-    p.add_argument("--rss-paths", default="stream,memory", help="stream (pahubert-separate), memory, or both")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        kind, *rest = args.worker
-        out = profile_worker(rest[0], float(rest[1])) if kind == "profile" else rss_worker(*rest)
-        print(json.dumps(out))
+        print(json.dumps(profile_worker(args.worker[0], float(args.worker[1]))))
         return 0
     for name in filter(None, args.profile_models.split(",")):
-        r = run(["--worker", "profile", name, str(args.seconds)], args.threads)
+        r = run(["--worker", name, str(args.seconds)], args.threads)
         print_profile(r) if "error" not in r else print(f"{name}: error {r['error']}")
         sys.stdout.flush()
-    models = [m for m in args.rss_models.split(",") if m]
-    if not models:
-        return 0
-    print(f"\n### peak RSS separating stereo 44.1 kHz to 16-bit WAV stems ({args.threads} threads)")
-    print("| model | path | input (s) | peak RSS (MB) | RSS after model built (MB) | wall (s) |")
-    print("|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory(prefix="profile-separate-") as tmp:
-        for seconds in map(float, args.rss_seconds.split(",")):
-            path = os.path.join(tmp, f"noise{seconds:g}.wav")
-            write_noise(path, seconds)
-            for name in models:
-                for mode in filter(None, args.rss_paths.split(",")):
-                    r = run(["--worker", "rss", name, path, mode], args.threads)
-                    if "error" in r:
-                        print(f"| {name} | {mode} | {seconds:g} | error: {r['error'].splitlines()[-1]} |")
-                    else:
-                        print(f"| {name} | {mode} | {seconds:g} | {r['peak_rss_mb']:.0f} | {r['model_rss_mb']:.0f} | "
-                              f"{r['wall_s']:.1f} |")
-                    sys.stdout.flush()
-            os.remove(path)
     return 0
 
 

@@ -328,7 +328,8 @@ def test_cosine_logits_equal_fairseq_compute_nce():
 def test_input_norm_freq_standardises_every_bin():
     """model.input_norm=freq (Kong et al.'s bn0): in training mode each frequency bin of the compressed
     spectrogram reaches the stem with mean 0 and variance 1 over batch, channels and frames, whatever
-    its level; none leaves the input as it was; anything else is refused by name."""
+    its level; none leaves the input as it was; freq_raw hands the stem both (normalised channels first);
+    anything else is refused by name."""
     from omegaconf import OmegaConf
 
     from pahubert_plugin.models.pahubert import PahubertConfig, PahubertEncoder
@@ -345,7 +346,7 @@ def test_input_norm_freq_standardises_every_bin():
     torch.manual_seed(0)
     seen = {}
     wav = torch.randn(3, 2, 8000) * torch.linspace(0.01, 1, 8000)
-    for norm in ("none", "freq"):
+    for norm in ("none", "freq", "freq_raw"):
         enc = encoder(norm)
         enc.front_end.stem.register_forward_pre_hook(lambda m, args, norm=norm: seen.__setitem__(norm, args[0].detach()))
         enc(wav)
@@ -355,7 +356,9 @@ def test_input_norm_freq_standardises_every_bin():
     raw = compress(enc.front_end.spectrogram(wav).abs())  # (3, 2, 161, frames)
     assert torch.allclose(seen["none"][:, :, :161, : raw.shape[-1]], raw, atol=1e-6)
     assert not torch.allclose(seen["freq"][:, :, :161, : raw.shape[-1]], raw, atol=0.1)
-    with pytest.raises(ValueError, match="input_norm must be none or freq"):
+    assert seen["freq_raw"].shape[1] == 4 and torch.equal(seen["freq_raw"][:, :2], seen["freq"])
+    assert torch.equal(seen["freq_raw"][:, 2:], seen["none"])
+    with pytest.raises(ValueError, match="input_norm must be one of none, freq, freq_raw"):
         encoder("layer")
 
 

@@ -31,6 +31,9 @@ from .spectral import Spectrogram, compress
 
 
 
+INPUT_NORMS = ("none", "freq", "freq_raw")
+
+
 @dataclass
 class PahubertConfig(HubertConfig):
     """HuBERT's model options (transformer, masking, logits) plus the spectral stem.
@@ -82,10 +85,12 @@ class PahubertConfig(HubertConfig):
     )
     input_norm: str = field(
         default="none",
-        metadata={"help": "normalisation of the compressed spectrogram before the stem: none, or freq "
+        metadata={"help": "normalisation of the compressed spectrogram before the stem: none, freq "
                           "(BatchNorm2d with one channel per frequency bin, Kong et al.'s bn0: every bin "
                           "standardised with running statistics of the training data, so quiet high "
-                          "bins weigh as much as loud low ones)"},
+                          "bins weigh as much as loud low ones), or freq_raw (the stem sees both: the "
+                          "normalised bins and the raw compressed ones as extra input channels, so level "
+                          "differences between bins stay visible)"},
     )
     stem_bn_momentum: float = field(
         default=0.01,
@@ -124,12 +129,14 @@ class SpectralFrontEnd(FrontEnd):
         self.audio_channels = int(cfg.audio_channels)
         self.spectrogram = Spectrogram(self.sample_rate, cfg.n_fft or None)
         input_norm = getattr(cfg, "input_norm", None) or "none"  # older checkpoints: none
-        if input_norm not in ("none", "freq"):
-            raise ValueError(f"input_norm must be none or freq, got {input_norm!r}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}")
         self.input_norm = (nn.BatchNorm2d(self.spectrogram.freq_bins, momentum=cfg.stem_bn_momentum)
-                           if input_norm == "freq" else None)
+                           if input_norm != "none" else None)
+        self.keep_raw = input_norm == "freq_raw"
         strides = list(zip(cfg.stem_freq_strides, cfg.stem_time_strides))
-        self.stem = ResUNetEncoder(self.audio_channels, cfg.stem_channels, strides, cfg.stem_units,
+        in_channels = self.audio_channels * (2 if self.keep_raw else 1)
+        self.stem = ResUNetEncoder(in_channels, cfg.stem_channels, strides, cfg.stem_units,
                                    getattr(cfg, "stem_norm", None) or "batch")  # older checkpoints: batch
         for module in self.stem.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -178,7 +185,8 @@ class SpectralFrontEnd(FrontEnd):
         num_frames = spec.shape[-1]
         x = compress(spec.abs())
         if self.input_norm is not None:  # (B, C, F, T) -> one BatchNorm channel per frequency bin
-            x = self.input_norm(x.transpose(1, 2)).transpose(1, 2)
+            normed = self.input_norm(x.transpose(1, 2)).transpose(1, 2)
+            x = torch.cat([normed, x], dim=1) if self.keep_raw else normed  # freq_raw: (B, 2C, F, T)
         x = self.band_mask(x)
         x = self.stem.pad(x).to(next(self.stem.parameters()).dtype)  # (B, C, F_pad, frames_pad)
         bottleneck, skips = self.stem(x)  # (B, C_last, F', T')
