@@ -42,7 +42,8 @@ def _parts(model):
     if not hasattr(model, "net"):
         parts += trunk
     parts += [("bottleneck", bottleneck)]
-    parts += [(f"decoder level {i}", m) for i, (u, b) in enumerate(zip(decoder.ups, decoder.blocks)) for m in (u, b)]
+    parts += [(f"decoder level {i}", m) for i, (u, b) in enumerate(zip(decoder.ups, decoder.blocks))
+              for m in (u, *b)]  # the decoder calls its units one by one
     parts += [("decoder head", decoder.head), ("mask head", model.mask_head)]
     return parts
 
