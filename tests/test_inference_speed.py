@@ -108,3 +108,24 @@ def test_separator_precision_option_is_checked(tmp_path):
     sep = Separator(trained_like(resunet()), 1.0, precision="bf16")
     stems = sep.separate(np.random.default_rng(0).standard_normal((2, SR // 2)).astype("float32") * 0.1, SR)
     assert set(stems) == set(SOURCES) and all(np.isfinite(np.asarray(v)).all() for v in stems.values())
+
+
+def test_bench_separate_prints_speed_and_flat_memory_columns(tmp_path):
+    """benchmarks/bench_separate.py runs end to end on the tiny model: a real-time factor, a peak RSS
+    per --memory-seconds length (streamed to stems, as pahubert-separate) and their ratio."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_separate.py"), "--models", "tiny",
+                           "--seconds", "1", "--memory-seconds", "2,4", "--repeats", "1", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| peak RSS 2 s (MB) | peak RSS 4 s (MB) | longest / shortest |" in proc.stdout
+    row = json.loads(out.read_text())[0]
+    assert row["model"] == "tiny" and 0 < row["rtf"] < 100
+    peaks = [row["memory"][k]["peak_rss_mb"] for k in ("2.0", "4.0")]
+    assert all(100 < p < 20000 for p in peaks), peaks
