@@ -46,15 +46,17 @@ class ResUnit(nn.Module):
     def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
         """The same values (up to float rounding) without autograd, with fewer full-size temporaries alive:
         activations in place on tensors this unit made, the shortcut added into the body's output
-        (float addition commutes, so the sum is bit-identical). At 1025 bins one temporary is
-        ~140 MB per 10 s of stereo audio at 32 channels (benchmarks/profile_separate.py)."""
+        (float addition commutes, so the sum is bit-identical; under autocast, where the two can differ
+        in dtype, the promoted out-of-place sum as in training). At 1025 bins one temporary is ~140 MB
+        per 10 s of stereo audio at 32 channels (benchmarks/bench_separate.py measures the peak)."""
         h = x
         for layer in self.body:
             if isinstance(layer, nn.LeakyReLU) and h is not x:
                 h = nn.functional.leaky_relu_(h, layer.negative_slope)
             else:
                 h = layer(h)
-        return h.add_(self.shortcut(x))
+        short = self.shortcut(x)
+        return h.add_(short) if short.dtype == h.dtype else short + h
 
 
 def res_block(in_channels: int, out_channels: int, units: int, norm: str = "batch") -> nn.Sequential:
