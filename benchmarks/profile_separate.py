@@ -1,10 +1,11 @@
-"""Where separation time goes: a per-block profile of each model (peak memory: bench_separate.py).
+"""Where separation time and memory go: a per-block profile of each model (whole-run peak RSS: bench_separate.py).
 
 Random-weight models from ``bench_separate.BUILDERS``, each in its own subprocess (threads set),
 separate ``--seconds`` of stereo 44.1 kHz noise with :func:`pahubert_plugin.apply.apply_model` (the
 model's segment, overlap 0.25) after a 1 s warm-up; forward hooks time every block (STFT, each
 stem/encoder block with its input shape, transformer, projection, bottleneck, each decoder level,
-mask head, iSTFT); ``overlap-add`` is the time outside the model.
+mask head, iSTFT) and the resident set at each block's end (the largest over calls, minus the resident
+set before the separation); ``overlap-add`` is the time outside the model.
 
     nice -n 19 python benchmarks/profile_separate.py [--profile-models pahubert_base,base] [--seconds 10] [--threads 2]
 """
@@ -12,6 +13,7 @@ import argparse
 import collections
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -61,7 +63,12 @@ def profile_worker(name: str, seconds: float) -> dict:
     x = 0.1 * torch.randn(2, int(seconds * SR))
     apply_model(model, x[:, :SR], seg)  # warm-up (allocator, oneDNN kernels)
     spent, shapes, calls = collections.defaultdict(float), {}, collections.Counter()
-    starts = {}
+    starts, live = {}, collections.defaultdict(float)
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident_mb() -> float:  # now, not the peak: tensors this size are mmapped and freed at once
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page / 2 ** 20
 
     def pre(label):
         def hook(module, args):
@@ -73,6 +80,7 @@ def profile_worker(name: str, seconds: float) -> dict:
         def hook(module, args, out):
             spent[label] += time.perf_counter() - starts.pop(id(module))
             calls[label] += 1
+            live[label] = max(live[label], resident_mb() - base_mb)
         return hook
 
     for label, module in _parts(model) + [("model", model)]:
@@ -89,17 +97,19 @@ def profile_worker(name: str, seconds: float) -> dict:
         return out
 
     model.spectrogram.inverse = timed_inverse
+    base_mb = resident_mb()
     t0 = time.perf_counter()
     apply_model(model, x, seg, overlap=0.25)
     total = time.perf_counter() - t0
     inner = sum(v for k, v in spent.items() if k != "model")
     spent["other (inside the model)"] = spent["model"] - inner
     spent["overlap-add, chunking (outside)"] = total - spent["model"]
-    rows = [(k, spent[k], calls.get(k, 0), shapes.get(k, "")) for k in spent if k != "model"]
+    rows = [(k, spent[k], calls.get(k, 0), shapes.get(k, ""), live.get(k)) for k in spent if k != "model"]
     return {"model": name, "seconds": seconds, "segment_s": segment, "chunks": calls["model"], "wall_s": total,
             "rtf": total / seconds, "threads": torch.get_num_threads(),
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "rows": [[k, t, c, str(s)] for k, t, c, s in rows]}
+            "peak_over_start_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mb,
+            "rows": [[k, t, c, str(s), m] for k, t, c, s, m in rows]}
 
 
 def run(args_list, threads: int) -> dict:
@@ -114,11 +124,13 @@ def run(args_list, threads: int) -> dict:
 def print_profile(r: dict) -> None:
     print(f"\n### {r['model']} ({r['params_M']:.1f} M parameters): {r['seconds']:g} s stereo 44.1 kHz, "
           f"{r['chunks']} chunks of {r['segment_s']:g} s, {r['threads']} threads: "
-          f"{r['wall_s']:.1f} s wall, RTF {r['rtf']:.2f}")
-    print("| block | seconds | share | calls | input shape (first call) |")
-    print("|---|---|---|---|---|")
-    for label, t, calls, shape in r["rows"]:
-        print(f"| {label} | {t:.2f} | {100 * t / r['wall_s']:.1f} % | {calls} | {shape} |")
+          f"{r['wall_s']:.1f} s wall, RTF {r['rtf']:.2f}; peak RSS {r['peak_over_start_mb']:.0f} MB over the "
+          f"resident set before the separation (model and imports)")
+    print("| block | seconds | share | calls | input shape (first call) | resident after it, over the start (MB) |")
+    print("|---|---|---|---|---|---|")
+    for label, t, calls, shape, mb in r["rows"]:
+        mb = "" if mb is None else f"{mb:.0f}"
+        print(f"| {label} | {t:.2f} | {100 * t / r['wall_s']:.1f} % | {calls} | {shape} | {mb} |")
 
 
 def main(argv=None) -> int:
