@@ -278,18 +278,18 @@ def main(argv=None) -> int:
     print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: {os.cpu_count()} cores; peak RSS "
           f"separating {', '.join(f'{s:g}' for s in lengths) or 'no'} s to 16-bit WAV stems ({args.memory_path} "
           f"path, first variant)")
-    ref = next((r for r in results if r.get("model") == "htdemucs" and r.get("variant") == "fp32" and "rtf" in r),
-               None)
+    htdemucs = {r["variant"]: r for r in results if r.get("model") == "htdemucs" and "rtf" in r}
     mem_cols = "".join(f" peak RSS {s:g} s (MB) |" for s in lengths)
-    print(f"| model | variant | params (M) | segment (s) | RTF | RTF vs htdemucs fp32 | max diff vs fp32 / peak |"
-          f"{mem_cols}{' longest / shortest |' if len(lengths) > 1 else ''}")
-    print("|---" * (7 + len(lengths) + (len(lengths) > 1)) + "|")
+    print(f"| model | variant | params (M) | segment (s) | RTF | RTF vs htdemucs fp32 | RTF vs htdemucs, same variant "
+          f"| max diff vs fp32 / peak |{mem_cols}{' longest / shortest |' if len(lengths) > 1 else ''}")
+    print("|---" * (8 + len(lengths) + (len(lengths) > 1)) + "|")
     for r in results:
         if "error" in r:
             print(f"| {r['model']} | {r.get('variant', '?')} | error: "
                   f"{r['error'].splitlines()[-1] if r['error'] else '?'} |")
             continue
-        ratio = f"{r['rtf'] / ref['rtf']:.2f}" if ref else "-"
+        ratio = " | ".join(f"{r['rtf'] / htdemucs[v]['rtf']:.2f}" if v in htdemucs else "-"
+                           for v in ("fp32", r["variant"]))
         diff = "-" if r.get("max_diff") is None else f"{r['max_diff']:.1e}"
         mem = r.get("memory", {})
         peaks = [mem.get(s, {}).get("peak_rss_mb") for s in lengths]
