@@ -154,7 +154,7 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
     if mode != "rtf":  # memory: nothing else runs in this process before the separation
         if variant != "fp32":
             model = optimize_for_inference(model)
-        return memory_worker(Autocast(model, "bf16") if variant == "bf16" else model, segment, path, mode) \
+        return memory_worker(model, segment, path, mode, "bf16" if variant == "bf16" else "fp32") \
             | {"model": name, "seconds": seconds}
     x = 0.1 * torch.randn(2, int(seconds * SR))
     seg = int(segment * SR)
@@ -177,12 +177,25 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
             "seconds": seconds, "wall_s": min(times), "rtf": min(times) / seconds, "max_diff": max_diff}
 
 
-def memory_worker(model, segment: float, path: str, mode: str) -> dict:
+class Described(torch.nn.Module):
+    """Any builder's model with what :class:`~pahubert_plugin.separate.Separator` reads from ours
+    (``sources``, ``sample_rate``, ``audio_channels``): every builder's model is 44.1 kHz stereo in
+    :data:`SOURCES` order."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.sources, self.sample_rate, self.audio_channels = model, SOURCES, SR, 2
+
+    def forward(self, mixture: torch.Tensor) -> torch.Tensor:
+        return self.model(mixture)
+
+
+def memory_worker(model, segment: float, path: str, mode: str, precision: str = "fp32") -> dict:
     """Separate the WAV at ``path`` to 16-bit stems (``stream``: as pahubert-separate; ``memory``: the
     whole track in memory) into a temporary folder next to it; peak RSS of this process."""
     from pahubert_plugin.separate import Separator, save_stems
 
-    sep = Separator(model, segment)
+    sep = Separator(Described(model), segment, precision=precision)
     model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = tempfile.mkdtemp(prefix="rss-", dir=os.path.dirname(path))
     t0 = time.perf_counter()
