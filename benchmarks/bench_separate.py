@@ -288,9 +288,9 @@ def main(argv=None) -> int:
                 print(json.dumps(r), flush=True)
     finally:
         shutil.rmtree(tmp)
-    print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: {os.cpu_count()} cores; peak RSS "
-          f"separating {', '.join(f'{s:g}' for s in lengths) or 'no'} s to 16-bit WAV stems ({args.memory_path} "
-          f"path, first variant)")
+    memory = (f"peak RSS separating {', '.join(f'{s:g}' for s in lengths)} s to 16-bit WAV stems "
+              f"({args.memory_path} path, first variant)" if lengths else "no memory runs")
+    print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: {os.cpu_count()} cores; {memory}")
     htdemucs = {r["variant"]: r for r in results if r.get("model") == "htdemucs" and "rtf" in r}
     mem_cols = "".join(f" peak RSS {s:g} s (MB) |" for s in lengths)
     print(f"| model | variant | params (M) | segment (s) | RTF | RTF vs htdemucs fp32 | RTF vs htdemucs, same variant "
