@@ -121,7 +121,7 @@ def test_label_quality_refuses_malicious_kmeans(tmp_path, caplog):
 
 # ---- item 4: one message for refused checkpoints --------------------------------------------
 
-RAW_ADVICE = ("weights_only` set to `False", "weights_only=False", "add_safe_globals")
+RAW_ADVICE = ("weights_only` set to `False", "add_safe_globals")  # torch's advice to loosen the check
 
 
 @pytest.fixture
@@ -139,6 +139,7 @@ def _assert_one_message(text, path):
     assert "posix.system" in text
     for advice in RAW_ADVICE:
         assert advice not in text, text
+    assert set(re.findall(r"weights_only\W*(\w+)", text)) <= {"True"}, text  # never advises turning it off
 
 
 def test_refused_checkpoint_message_in_fairseq_loaders(evil_pt):
@@ -154,25 +155,34 @@ def test_refused_checkpoint_message_in_fairseq_loaders(evil_pt):
         _assert_one_message(str(e.value), evil_pt)
 
 
-def test_fairseq_loaders_keep_weights_only_when_the_environment_turns_it_off(evil_pt, monkeypatch):
-    """torch.load without an explicit weights_only obeys TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1; the plugin makes
-    fairseq's checkpoint loads pass weights_only=True, so a crafted file is still refused (and never runs)."""
+def test_fairseq_loaders_pass_weights_only_explicitly(evil_pt, monkeypatch):
+    """torch lets its environment switch (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) turn the check off only where a call
+    passes no weights_only (torch/serialization.py: an explicit argument wins). Once the plugin is imported every
+    torch.load fairseq makes on a checkpoint's way in passes weights_only=True explicitly -- load_checkpoint_to_cpu
+    (model loading, resume), load_pretrained_component_from_model, and broadcast_object, by which ranks other
+    than 0 unpickle the state rank 0 read -- and the crafted file is refused (the fixture checks it never ran)."""
+    import torch
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
 
     import pahubert_plugin  # noqa: F401
     from pahubert_plugin.checkpoint import CheckpointRefused
 
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    passed, real_load = [], torch.load
+
+    def recording_load(f, *args, **kwargs):
+        passed.append(kwargs.get("weights_only"))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
     for load in (checkpoint_utils.load_checkpoint_to_cpu,
                  lambda p: checkpoint_utils.load_model_ensemble_and_task([str(p)]),
                  lambda p: checkpoint_utils.load_pretrained_component_from_model(None, str(p))):
         with pytest.raises(CheckpointRefused):
             load(evil_pt)
-    # ranks other than 0 unpickle the broadcast checkpoint state with fairseq.distributed.utils' torch.load
-    from fairseq.distributed import utils as distributed_utils
-
     with pytest.raises(pickle.UnpicklingError):
-        distributed_utils.torch.load(io.BytesIO(evil_pt.read_bytes()), map_location="cpu")  # the fixture checks it never ran
+        distributed_utils.torch.load(io.BytesIO(evil_pt.read_bytes()), map_location="cpu")
+    assert len(passed) == 4 and all(v is True for v in passed), passed
 
 
 def test_refused_checkpoint_separate_and_evaluate(evil_pt, tmp_path, caplog, capsys):
