@@ -257,8 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--path", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        mode = args.mode if args.mode == "rtf" else args.memory_path
-        print(json.dumps(worker(args.worker, mode, args.seconds, args.repeats, args.variant, args.path)))
+        print(json.dumps(worker(args.worker, args.mode, args.seconds, args.repeats, args.variant, args.path)))
         return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in BUILDERS]
@@ -282,7 +281,7 @@ def main(argv=None) -> int:
             for variant in variants:
                 r = run_worker(name, "rtf", args.seconds, args.repeats, args.threads, variant)
                 if "error" not in r and variant == variants[0]:
-                    r["memory"] = {s: run_worker(name, "memory", s, 1, args.threads, variant, path)
+                    r["memory"] = {s: run_worker(name, args.memory_path, s, 1, args.threads, variant, path)
                                    for s, path in inputs.items()}
                 results.append(r)
                 print(json.dumps(r), flush=True)

@@ -30,7 +30,6 @@ from .hubert_encoder import FrontEnd, FrontEndOutput, HubertPretrainingModel, Hu
 from .spectral import Spectrogram, compress
 
 
-
 INPUT_NORMS = ("none", "freq", "freq_raw")
 
 
