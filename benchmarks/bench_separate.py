@@ -126,6 +126,7 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, float]]] = {
     "base": build_base,
     "pahubert_base": build_pahubert_base,
     "pahubert_base_tokens25": lambda: build_pahubert_base("tokens25_base"),
+    "pahubert_base_fast": lambda: build_pahubert_base("fast_base"),
     "umxl": build_umxl,
     "htdemucs": build_htdemucs,
     "demucs_v2": build_demucs_v2,

@@ -31,6 +31,13 @@ share() {  # DIR: a work folder for another pretraining on the demo's corpus, fe
   mkdir -p "$1/pahubert"; [ -e "$1/corpus" ] || ln -s ../midi/corpus "$1/corpus"
   local d; for d in data feat km labels; do [ -e "$1/pahubert/$d" ] || ln -s "../../midi/pahubert/$d" "$1/pahubert/$d"; done
 }
+subset() {  # DIR N: a work folder whose unlabelled audio is the demo's first N unlabelled songs (its own
+  # manifest, features, k-means and labels: less unlabelled music), labelled songs shared with the demo
+  mkdir -p "$1/corpus/unlabelled"; [ -e "$1/corpus/musdb" ] || ln -s ../../midi/corpus/musdb "$1/corpus/musdb"
+  local f; for f in $(ls exp/demo/midi/corpus/unlabelled | sort | head -n "$2"); do
+    [ -e "$1/corpus/unlabelled/$f" ] || ln -s "../../../midi/corpus/unlabelled/$f" "$1/corpus/unlabelled/$f"
+  done
+}
 setting() {  # TAG -> run.sh options of that setting
   case $1 in
     s0) run s0 ;;
@@ -71,6 +78,12 @@ setting() {  # TAG -> run.sh options of that setting
                 --pretrain-args "model.input_norm=freq" ;;
     fnorm_bs8) run fnorm_bs8 --work exp/demo/midi_fnorm --ft-args "dataset.batch_size=8" ;;
     bs8_skips0) run bs8_skips0 --ft-args "dataset.batch_size=8 model.decoder_skips=0" ;;
+    s0r) run s0r ;;
+    probe_fn) run probe_fn --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
+    bs8_u200) run bs8_u200 --ft-args "dataset.batch_size=8" --finetune-updates 200 ;;
+    h025) subset exp/demo/midi_h025 45; run h025 --work exp/demo/midi_h025 --stage 2 --unlabelled-hours 0.25 \
+                --reuse-scratch exp/demo/midi/finetune/s0r ;;
+    fast) share exp/demo/midi_fast; run fast --work exp/demo/midi_fast --stage 3 --pretrain-args "+preset=fast_tiny" ;;
     probe) run probe --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     *) echo "diagnose.sh: unknown setting $1 (see examples/demo/diagnose.tsv)" >&2; return 1 ;;
   esac
