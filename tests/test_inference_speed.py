@@ -130,3 +130,30 @@ def test_bench_separate_prints_speed_and_flat_memory_columns(tmp_path):
     assert row["model"] == "tiny" and 0 < row["rtf"] < 100
     peaks = [row["memory"][k]["peak_rss_mb"] for k in ("2.0", "4.0")]
     assert all(100 < p < 20000 for p in peaks), peaks
+
+
+
+def test_profile_separate_counts_convolution_work():
+    """benchmarks/profile_separate.py: per-block rows that add up to the wall time, a convolution
+    throughput next to a matrix product's, and multiply-adds counted exactly (Conv2d by its outputs,
+    grouped Conv1d, ConvTranspose2d by its inputs: hand-computed figures)."""
+    import sys
+
+    from helpers import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import profile_separate
+
+    r = profile_separate.profile_worker("tiny", 1.0, "opt")
+    assert r["model"] == "tiny" and r["variant"] == "opt" and r["conv_calls"] > 0
+    assert 0 < r["conv_s"] <= r["wall_s"] and r["conv_gflop"] > 0 and r["matmul_gflops"] > 0
+    assert sum(row[1] for row in r["rows"]) == pytest.approx(r["wall_s"], rel=1e-6)
+
+    x = torch.zeros(1, 2, 5, 7)
+    conv = torch.nn.Conv2d(2, 4, (3, 3), padding=1)
+    assert profile_separate.conv_macs(conv, x, conv(x)) == 4 * 5 * 7 * 2 * 9
+    up = torch.nn.ConvTranspose2d(2, 6, (1, 2), stride=(1, 2))
+    assert profile_separate.conv_macs(up, x, up(x)) == 2 * 5 * 7 * 6 * 2
+    pos = torch.nn.Conv1d(8, 8, 5, padding=2, groups=4)
+    y = torch.zeros(1, 8, 11)
+    assert profile_separate.conv_macs(pos, y, pos(y)) == 8 * 11 * 5 * 2
