@@ -6,6 +6,11 @@ subprocess so measurements do not mix:
 * real-time factor: wall time to separate the same 30 s stereo 44.1 kHz input with
   :func:`pahubert_plugin.apply.apply_model` (overlap-add chunks of the model's segment),
   divided by 30 s (< 1 is faster than real time); best of ``--repeats``;
+* long-track real-time factor: the wall time of one chunk of the model's own segment divided by the
+  chunk hop, ``(1 - overlap) x segment``: what a track much longer than the segment costs per second.
+  Short inputs are padded to a whole segment, so at ``--seconds`` of a few seconds the RTF above
+  charges a model with a 10 s segment for 10 s and HT-Demucs (7.8 s) for 7.8 s; this column compares
+  models with different segments fairly;
 * peak memory separating WAV files of ``--memory-seconds`` (default 1 and 10 minutes) to 16-bit WAV
   stems the way ``pahubert-separate`` does (:meth:`Separator.separate_to_files
   <pahubert_plugin.separate.Separator.separate_to_files>`: read, separate and write block by block;
@@ -134,6 +139,7 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, float]]] = {
 }
 
 
+OVERLAP = 0.25  # of the segment, as pahubert-separate
 VARIANTS = ("fp32", "opt", "bf16")  # as built | optimize_for_inference | that + bf16 autocast
 
 
@@ -168,14 +174,21 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
             model = Autocast(model, "bf16")
         with torch.inference_mode():
             max_diff = float((model(x[None, :, :seg]) - ref).abs().max() / x[:, :seg].abs().max())
-    apply_model(model, x[:, :seg], seg)  # warm-up (allocator, mkldnn)
-    times = []
+    chunk = 0.1 * torch.randn(2, seg)  # one full segment
+    apply_model(model, chunk, seg)  # warm-up (allocator, mkldnn)
+    times, chunk_times = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        apply_model(model, x, seg, overlap=0.25)
+        apply_model(model, x, seg, overlap=OVERLAP)
         times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        apply_model(model, chunk, seg, overlap=OVERLAP)
+        chunk_times.append(time.perf_counter() - t0)
+    # a long track is separated in chunks of the segment, one every (1 - overlap) x segment seconds
+    hop = segment * (1 - OVERLAP)
     return {"model": name, "variant": variant, "params_M": params / 1e6, "segment_s": segment,
-            "seconds": seconds, "wall_s": min(times), "rtf": min(times) / seconds, "max_diff": max_diff}
+            "seconds": seconds, "wall_s": min(times), "rtf": min(times) / seconds, "max_diff": max_diff,
+            "chunk_s": min(chunk_times), "rtf_long": min(chunk_times) / hop}
 
 
 class Described(torch.nn.Module):
@@ -294,8 +307,9 @@ def main(argv=None) -> int:
     htdemucs = {r["variant"]: r for r in results if r.get("model") == "htdemucs" and "rtf" in r}
     mem_cols = "".join(f" peak RSS {s:g} s (MB) |" for s in lengths)
     print(f"| model | variant | params (M) | segment (s) | RTF | RTF vs htdemucs fp32 | RTF vs htdemucs, same variant "
+          f"| RTF long track | long vs htdemucs fp32 | long vs htdemucs, same variant "
           f"| max diff vs fp32 / peak |{mem_cols}{' longest / shortest |' if len(lengths) > 1 else ''}")
-    print("|---" * (8 + len(lengths) + (len(lengths) > 1)) + "|")
+    print("|---" * (11 + len(lengths) + (len(lengths) > 1)) + "|")
     for r in results:
         if "error" in r:
             print(f"| {r['model']} | {r.get('variant', '?')} | error: "
@@ -303,6 +317,8 @@ def main(argv=None) -> int:
             continue
         ratio = " | ".join(f"{r['rtf'] / htdemucs[v]['rtf']:.2f}" if v in htdemucs else "-"
                            for v in ("fp32", r["variant"]))
+        long = " | ".join(f"{r['rtf_long'] / htdemucs[v]['rtf_long']:.2f}" if v in htdemucs else "-"
+                          for v in ("fp32", r["variant"]))
         diff = "-" if r.get("max_diff") is None else f"{r['max_diff']:.1e}"
         mem = r.get("memory", {})
         peaks = [mem.get(s, {}).get("peak_rss_mb") for s in lengths]
@@ -310,7 +326,7 @@ def main(argv=None) -> int:
         if len(lengths) > 1:
             cells += f" {peaks[-1] / peaks[0]:.3f} |" if None not in peaks else " - |"
         print(f"| {r['model']} | {r['variant']} | {r['params_M']:.2f} | {r['segment_s']:.1f} | {r['rtf']:.3f} | "
-              f"{ratio} | {diff} |{cells}")
+              f"{ratio} | {r['rtf_long']:.3f} | {long} | {diff} |{cells}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

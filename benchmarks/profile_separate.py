@@ -29,7 +29,10 @@ SR = 44100
 
 
 def _parts(model):
-    """``[(label, module)]`` of non-nested blocks to time, in forward order."""
+    """``[(label, module)]`` of non-nested blocks to time, in forward order (none for models that are
+    not ours, e.g. HT-Demucs: their time and convolutions are still measured)."""
+    if not hasattr(model, "mask_head"):
+        return []
     if hasattr(model, "net"):  # resunet
         stem, trunk, bottleneck, decoder = model.net.encoder, [("input norm", model.net.input_norm)], \
             model.net.bottleneck, model.net.decoder
@@ -107,7 +110,7 @@ def profile_worker(name: str, seconds: float, variant: str = "opt") -> dict:
     for label, module in _parts(model) + [("model", model)]:
         module.register_forward_pre_hook(pre(label))
         module.register_forward_hook(post(label))
-    inverse = model.spectrogram.inverse
+    inverse = getattr(getattr(model, "spectrogram", None), "inverse", None)
 
     def timed_inverse(spec, length):
         t0 = time.perf_counter()
@@ -117,7 +120,8 @@ def profile_worker(name: str, seconds: float, variant: str = "opt") -> dict:
         shapes.setdefault("iSTFT", tuple(spec.shape))
         return out
 
-    model.spectrogram.inverse = timed_inverse
+    if inverse is not None:
+        model.spectrogram.inverse = timed_inverse
     conv = {"s": 0.0, "flop": 0.0, "calls": 0}
     conv_starts = {}
 
@@ -177,8 +181,8 @@ def print_profile(r: dict) -> None:
         print(f"| {label} | {t:.2f} | {100 * t / r['wall_s']:.1f} % | {calls} | {shape} | {mb} |")
     rate = r["conv_gflop"] / r["conv_s"]
     print(f"convolutions: {r['conv_s']:.1f} s ({100 * r['conv_s'] / r['wall_s']:.0f} % of the wall), "
-          f"{r['conv_calls']} calls, {r['conv_gflop']:.0f} GFLOP ({r['conv_gflop'] / r['seconds']:.0f} per second "
-          f"of audio) at {rate:.1f} GFLOP/s; a 2048 x 2048 matrix product in the same process: "
+          f"{r['conv_calls']} calls, {r['conv_gflop']:.0f} GFLOP ({r['conv_gflop'] / (r['chunks'] * r['segment_s']):.0f} "
+          f"per second of model input, {r['chunks']} x {r['segment_s']:g} s) at {rate:.1f} GFLOP/s; a 2048 x 2048 matrix product in the same process: "
           f"{r['matmul_gflops']:.1f} GFLOP/s (convolutions at {100 * rate / r['matmul_gflops']:.0f} % of it)")
 
 

@@ -124,10 +124,13 @@ def test_bench_separate_prints_speed_and_flat_memory_columns(tmp_path):
                            "--seconds", "1", "--memory-seconds", "2,4", "--repeats", "1", "--threads", "1",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    header = "| RTF vs htdemucs, same variant | max diff vs fp32 / peak | peak RSS 2 s (MB) | peak RSS 4 s (MB) |"
+    header = ("| RTF vs htdemucs, same variant | RTF long track | long vs htdemucs fp32 | long vs htdemucs, same "
+              "variant | max diff vs fp32 / peak | peak RSS 2 s (MB) | peak RSS 4 s (MB) |")
     assert header + " longest / shortest |" in proc.stdout
     row = json.loads(out.read_text())[0]
     assert row["model"] == "tiny" and 0 < row["rtf"] < 100
+    # long-track RTF: one chunk of the segment over the hop (0.75 x segment)
+    assert row["rtf_long"] == pytest.approx(row["chunk_s"] / (0.75 * row["segment_s"]))
     peaks = [row["memory"][k]["peak_rss_mb"] for k in ("2.0", "4.0")]
     assert all(100 < p < 20000 for p in peaks), peaks
 
