@@ -181,8 +181,8 @@ def print_profile(r: dict) -> None:
         print(f"| {label} | {t:.2f} | {100 * t / r['wall_s']:.1f} % | {calls} | {shape} | {mb} |")
     rate = r["conv_gflop"] / r["conv_s"]
     print(f"convolutions: {r['conv_s']:.1f} s ({100 * r['conv_s'] / r['wall_s']:.0f} % of the wall), "
-          f"{r['conv_calls']} calls, {r['conv_gflop']:.0f} GFLOP ({r['conv_gflop'] / (r['chunks'] * r['segment_s']):.0f} "
-          f"per second of model input, {r['chunks']} x {r['segment_s']:g} s) at {rate:.1f} GFLOP/s; a 2048 x 2048 matrix product in the same process: "
+          f"{r['conv_calls']} calls, {r['conv_gflop']:.0f} GFLOP ({r['conv_gflop'] / r['seconds']:.0f} per second of "
+          f"input; HT-Demucs pads inputs shorter than its 7.8 s segment) at {rate:.1f} GFLOP/s; a 2048 x 2048 matrix product in the same process: "
           f"{r['matmul_gflops']:.1f} GFLOP/s (convolutions at {100 * rate / r['matmul_gflops']:.0f} % of it)")
 
 
