@@ -182,7 +182,7 @@ def print_profile(r: dict) -> None:
     rate = r["conv_gflop"] / r["conv_s"]
     print(f"convolutions: {r['conv_s']:.1f} s ({100 * r['conv_s'] / r['wall_s']:.0f} % of the wall), "
           f"{r['conv_calls']} calls, {r['conv_gflop']:.0f} GFLOP ({r['conv_gflop'] / r['seconds']:.0f} per second of "
-          f"input; HT-Demucs pads inputs shorter than its 7.8 s segment) at {rate:.1f} GFLOP/s; a 2048 x 2048 matrix product in the same process: "
+          f"input; HT-Demucs pads inputs shorter than its segment) at {rate:.1f} GFLOP/s; a 2048 x 2048 matrix product in the same process: "
           f"{r['matmul_gflops']:.1f} GFLOP/s (convolutions at {100 * rate / r['matmul_gflops']:.0f} % of it)")
 
 
