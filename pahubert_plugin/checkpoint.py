@@ -172,8 +172,8 @@ def load_encoder_weights(model, state: dict, path: str = "") -> int:
 # 4. ``torch`` as ``fairseq.checkpoint_utils`` and ``fairseq.distributed.utils`` see it
 #    (:class:`_WeightsOnlyTorch`): their ``torch.load`` calls (``load_checkpoint_to_cpu``,
 #    ``load_pretrained_component_from_model``, and ``broadcast_object``, by which every rank but 0 unpickles
-#    the checkpoint state rank 0 read) pass no ``weights_only``, which torch lets
-#    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turn off; they now pass ``weights_only=True``.
+#    the checkpoint state rank 0 read) pass no ``weights_only``, where torch lets an environment
+#    switch lift the restriction; they now pass ``weights_only=True``, which no switch overrides.
 
 _PATCHED = False
 

@@ -121,7 +121,7 @@ def test_label_quality_refuses_malicious_kmeans(tmp_path, caplog):
 
 # ---- item 4: one message for refused checkpoints --------------------------------------------
 
-RAW_ADVICE = ("weights_only` set to `False", "add_safe_globals")  # torch's advice to loosen the check
+RAW_ADVICE = ("set to `False", "add_safe_globals")  # torch's advice to loosen the check
 
 
 @pytest.fixture
@@ -156,8 +156,8 @@ def test_refused_checkpoint_message_in_fairseq_loaders(evil_pt):
 
 
 def test_fairseq_loaders_pass_weights_only_explicitly(evil_pt, monkeypatch):
-    """torch lets its environment switch (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) turn the check off only where a call
-    passes no weights_only (torch/serialization.py: an explicit argument wins). Once the plugin is imported every
+    """torch lets an environment switch lift the restriction only where a call passes no weights_only
+    (torch/serialization.py: an explicit argument wins). Once the plugin is imported every
     torch.load fairseq makes on a checkpoint's way in passes weights_only=True explicitly -- load_checkpoint_to_cpu
     (model loading, resume), load_pretrained_component_from_model, and broadcast_object, by which ranks other
     than 0 unpickle the state rank 0 read -- and the crafted file is refused (the fixture checks it never ran)."""
