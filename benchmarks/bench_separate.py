@@ -9,9 +9,10 @@ subprocess so measurements do not mix:
 * long-track real-time factor: the wall time of one chunk of the model's own segment divided by the
   chunk hop, ``(1 - overlap) x segment``: what a track much longer than the segment costs per second.
   Our models separate an input shorter than their segment in one pass of its own length, while
-  HT-Demucs pads it to its training segment (``use_train_segment``; 10 s for the class defaults built here), so below that the RTF above
-  charges HT-Demucs for its whole segment and flatters every ratio against it; and on long tracks each
-  model pays its own overlap. This column compares what long tracks cost;
+  HT-Demucs pads it to its training segment (``use_train_segment``; 10 s for the class defaults built
+  here), so below that the RTF above charges HT-Demucs for its whole segment and flatters every ratio
+  against it; and on long tracks each model pays its own overlap. This column compares what long
+  tracks cost;
 * peak memory separating WAV files of ``--memory-seconds`` (default 1 and 10 minutes) to 16-bit WAV
   stems the way ``pahubert-separate`` does (:meth:`Separator.separate_to_files
   <pahubert_plugin.separate.Separator.separate_to_files>`: read, separate and write block by block;

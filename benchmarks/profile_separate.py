@@ -61,17 +61,17 @@ def conv_macs(module, inp, out) -> int:
     """Multiply-adds of one call of a convolution: each output value of a ``ConvNd`` sums
     ``in_channels / groups x kernel`` products; each input value of a ``ConvTransposeNd`` is spread over
     ``out_channels / groups x kernel`` outputs."""
-    import torch.nn.modules.conv as conv
+    from torch.nn.modules.conv import _ConvTransposeNd
 
     kernel = math.prod(module.kernel_size)
-    if isinstance(module, conv._ConvTransposeNd):
+    if isinstance(module, _ConvTransposeNd):
         return inp.numel() * kernel * module.out_channels // module.groups
     return out.numel() * kernel * module.in_channels // module.groups
 
 
 def profile_worker(name: str, seconds: float, variant: str = "opt") -> dict:
     import torch
-    import torch.nn.modules.conv  # _ConvNd
+    from torch.nn.modules.conv import _ConvNd
 
     import bench_separate
     from pahubert_plugin.apply import apply_model
@@ -134,12 +134,12 @@ def profile_worker(name: str, seconds: float, variant: str = "opt") -> dict:
         conv["calls"] += 1
 
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.conv._ConvNd):
+        if isinstance(module, _ConvNd):
             module.register_forward_pre_hook(conv_pre)
             module.register_forward_hook(conv_post)
     base_mb = resident_mb()
     t0 = time.perf_counter()
-    apply_model(model, x, seg, overlap=0.25)
+    apply_model(model, x, seg, overlap=bench_separate.OVERLAP)
     total = time.perf_counter() - t0
     inner = sum(v for k, v in spent.items() if k != "model")
     spent["other (inside the model)"] = spent["model"] - inner
@@ -151,8 +151,8 @@ def profile_worker(name: str, seconds: float, variant: str = "opt") -> dict:
     for _ in range(5):
         torch.mm(a, b)
     matmul_gflops = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t1) / 1e9
-    return {"model": name, "variant": variant, "seconds": seconds, "segment_s": segment, "chunks": calls["model"], "wall_s": total,
-            "rtf": total / seconds, "threads": torch.get_num_threads(),
+    return {"model": name, "variant": variant, "seconds": seconds, "segment_s": segment, "chunks": calls["model"],
+            "wall_s": total, "rtf": total / seconds, "threads": torch.get_num_threads(),
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "peak_over_start_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mb,
             "rows": [[k, t, c, str(s), m] for k, t, c, s, m in rows],
@@ -170,8 +170,8 @@ def run(args_list, threads: int) -> dict:
 
 
 def print_profile(r: dict) -> None:
-    print(f"\n### {r['model']} ({r['variant']}, {r['params_M']:.1f} M parameters): {r['seconds']:g} s stereo 44.1 kHz, "
-          f"{r['chunks']} chunks of {r['segment_s']:g} s, {r['threads']} threads: "
+    print(f"\n### {r['model']} ({r['variant']}, {r['params_M']:.1f} M parameters): {r['seconds']:g} s stereo "
+          f"44.1 kHz, {r['chunks']} chunks of {r['segment_s']:g} s, {r['threads']} threads: "
           f"{r['wall_s']:.1f} s wall, RTF {r['rtf']:.2f}; peak RSS {r['peak_over_start_mb']:.0f} MB over the "
           f"resident set before the separation (model and imports)")
     print("| block | seconds | share | calls | input shape (first call) | resident after it, over the start (MB) |")
@@ -181,9 +181,10 @@ def print_profile(r: dict) -> None:
         print(f"| {label} | {t:.2f} | {100 * t / r['wall_s']:.1f} % | {calls} | {shape} | {mb} |")
     rate = r["conv_gflop"] / r["conv_s"]
     print(f"convolutions: {r['conv_s']:.1f} s ({100 * r['conv_s'] / r['wall_s']:.0f} % of the wall), "
-          f"{r['conv_calls']} calls, {r['conv_gflop']:.0f} GFLOP ({r['conv_gflop'] / r['seconds']:.0f} per second of "
-          f"input; HT-Demucs pads inputs shorter than its segment) at {rate:.1f} GFLOP/s; a 2048 x 2048 matrix product in the same process: "
-          f"{r['matmul_gflops']:.1f} GFLOP/s (convolutions at {100 * rate / r['matmul_gflops']:.0f} % of it)")
+          f"{r['conv_calls']} calls, {r['conv_gflop']:.0f} GFLOP ({r['conv_gflop'] / r['seconds']:.0f} per second "
+          f"of input; HT-Demucs pads inputs shorter than its segment) at {rate:.1f} GFLOP/s; a 2048 x 2048 "
+          f"matrix product in the same process: {r['matmul_gflops']:.1f} GFLOP/s (convolutions at "
+          f"{100 * rate / r['matmul_gflops']:.0f} % of it)")
 
 
 def main(argv=None) -> int:

@@ -135,7 +135,6 @@ def test_bench_separate_prints_speed_and_flat_memory_columns(tmp_path):
     assert all(100 < p < 20000 for p in peaks), peaks
 
 
-
 def test_profile_separate_counts_convolution_work():
     """benchmarks/profile_separate.py: per-block rows that add up to the wall time, a convolution
     throughput next to a matrix product's, and multiply-adds counted exactly (Conv2d by its outputs,
