@@ -31,11 +31,14 @@ share() {  # DIR: a work folder for another pretraining on the demo's corpus, fe
   mkdir -p "$1/pahubert"; [ -e "$1/corpus" ] || ln -s ../midi/corpus "$1/corpus"
   local d; for d in data feat km labels; do [ -e "$1/pahubert/$d" ] || ln -s "../../midi/pahubert/$d" "$1/pahubert/$d"; done
 }
-subset() {  # DIR N: a work folder whose unlabelled audio is the demo's first N unlabelled songs (its own
-  # manifest, features, k-means and labels: less unlabelled music), labelled songs shared with the demo
-  mkdir -p "$1/corpus/unlabelled"; [ -e "$1/corpus/musdb" ] || ln -s ../../midi/corpus/musdb "$1/corpus/musdb"
-  local f; for f in $(ls exp/demo/midi/corpus/unlabelled | sort | head -n "$2"); do
-    [ -e "$1/corpus/unlabelled/$f" ] || ln -s "../../../midi/corpus/unlabelled/$f" "$1/corpus/unlabelled/$f"
+subset() {  # DIR N [FROM]: a work folder whose unlabelled audio is the first N unlabelled songs of the work
+  # folder FROM (default midi, the demo's; its own manifest, features, k-means and labels: less unlabelled
+  # music), labelled songs shared with FROM. Songs are composed from (seed, split, index), so the first N
+  # are the same files in every corpus of seed 0
+  local from=${3:-midi}
+  mkdir -p "$1/corpus/unlabelled"; [ -e "$1/corpus/musdb" ] || ln -s "../../$from/corpus/musdb" "$1/corpus/musdb"
+  local f; for f in $(ls "exp/demo/$from/corpus/unlabelled" | sort | head -n "$2"); do
+    [ -e "$1/corpus/unlabelled/$f" ] || ln -s "../../../$from/corpus/unlabelled/$f" "$1/corpus/unlabelled/$f"
   done
 }
 setting() {  # TAG -> run.sh options of that setting
@@ -81,8 +84,9 @@ setting() {  # TAG -> run.sh options of that setting
     s0r) run s0r ;;
     probe_fn) run probe_fn --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     bs8_u200) run bs8_u200 --ft-args "dataset.batch_size=8" --finetune-updates 200 ;;
-    h025) subset exp/demo/midi_h025 45; run h025 --work exp/demo/midi_h025 --stage 2 --unlabelled-hours 0.25 \
-                --reuse-scratch exp/demo/midi/finetune/s0r ;;
+    h2) run h2 --work exp/demo/midi_h2 --stage 1 --unlabelled-hours 2 ;;  # own corpus (2 h), own scratch arm
+    h025) subset exp/demo/midi_h025 45 midi_h2; run h025 --work exp/demo/midi_h025 --stage 2 --unlabelled-hours 0.25 \
+                --reuse-scratch exp/demo/midi_h2/finetune/h2 ;;  # after h2 (its corpus, its scratch arm)
     fast) share exp/demo/midi_fast; run fast --work exp/demo/midi_fast --stage 3 --pretrain-args "+preset=fast_tiny" ;;
     probe) run probe --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     *) echo "diagnose.sh: unknown setting $1 (see examples/demo/diagnose.tsv)" >&2; return 1 ;;
