@@ -16,9 +16,11 @@ subprocess so measurements do not mix:
 * peak memory separating WAV files of ``--memory-seconds`` (default 1 and 10 minutes) to 16-bit WAV
   stems the way ``pahubert-separate`` does (:meth:`Separator.separate_to_files
   <pahubert_plugin.separate.Separator.separate_to_files>`: read, separate and write block by block;
-  ``--memory-path memory`` for the in-memory ``separate_file`` + ``save_stems``), with the first
+  ``--memory-path memory`` for the in-memory ``separate_file`` + ``save_stems``), with every
   variant: peak RSS of the process (``ru_maxrss``), the RSS after the model was built, and the ratio
-  of the longest input's peak to the shortest's (1.0: memory flat in track length).
+  of the longest input's peak to the shortest's (1.0: memory flat in track length). The ``tile``
+  variant decodes ``pahubert_resunet`` chunks in time tiles (``pahubert-separate --tile``): its cost
+  in time and its saving in memory.
 
 Add a model by adding a builder to :data:`BUILDERS` (as ``demucs_v2`` / ``demucs_v2_hubert``
 are): ``name -> () -> (model, segment_seconds)``,
@@ -27,6 +29,8 @@ where ``model(mixture (batch, 2, samples)) -> (batch, sources, 2, samples)`` at 
     python benchmarks/bench_separate.py [--models tiny,base,umxl,htdemucs] [--memory-seconds 60,600]
     python benchmarks/bench_separate.py --models base,pahubert_base,htdemucs --variants fp32,opt,bf16 \
         --seconds 10 --memory-seconds 0 --repeats 1
+    python benchmarks/bench_separate.py --models pahubert_base --variants opt,tile --tile 2.5 \
+        --seconds 1 --memory-seconds 12 --repeats 1
 """
 import argparse
 import json
@@ -68,25 +72,26 @@ def build_base():
     return _resunet(), 10.0
 
 
-def build_pahubert_base(preset: str = ""):
+def build_pahubert_base(preset: str = "", config: str = "base", decoder_units: int = 4, bottleneck_units: int = 2):
     """pahubert_resunet on a Pac-HuBERT Base encoder: recipes/pahubert/conf/pretrain/base.yaml's model
-    section (the paper's 12 x 768, one token per 10 ms frame), with ``preset/<preset>.yaml`` over it."""
+    section (the paper's 12 x 768, one token per 10 ms frame), with ``preset/<preset>.yaml`` over it;
+    ``config="tiny"``: the tiny one's (the demo's model, here at 44.1 kHz)."""
     from omegaconf import OmegaConf
 
     from pahubert_plugin.models.pahubert import PahubertConfig
     from pahubert_plugin.models.pahubert_resunet import PahubertResUNetConfig, PahubertResUNetModel
 
     conf = os.path.join(REPO, "recipes", "pahubert", "conf", "pretrain")
-    yaml = load_recipe_config(os.path.join(conf, "base.yaml"))
+    yaml = load_recipe_config(os.path.join(conf, config + ".yaml"))
     if preset:
         yaml = OmegaConf.merge(yaml, OmegaConf.load(os.path.join(conf, "preset", preset + ".yaml")))
     over = {k: v for k, v in OmegaConf.to_container(yaml.model, resolve=False).items()
             if k != "_name" and not (isinstance(v, str) and "${" in v)}  # task interpolations: set below
     enc = OmegaConf.merge(OmegaConf.structured(PahubertConfig), over,
-                          {"sample_rate": SR, "audio_channels": 2, "label_rate": 100})
+                          {"sample_rate": SR, "audio_channels": 2, "label_rate": 100, "n_fft": 0})  # 2048 at 44.1 kHz
     cfg = OmegaConf.merge(OmegaConf.structured(PahubertResUNetConfig),
-                          {"sources": SOURCES, "sample_rate": SR, "audio_channels": 2, "decoder_units": 4,
-                           "bottleneck_units": 2})
+                          {"sources": SOURCES, "sample_rate": SR, "audio_channels": 2,
+                           "decoder_units": decoder_units, "bottleneck_units": bottleneck_units})
     return PahubertResUNetModel(cfg, OmegaConf.to_container(enc, resolve=True)), 10.0
 
 
@@ -131,6 +136,7 @@ def build_demucs_v2_hubert():
 BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, float]]] = {
     "tiny": build_tiny,
     "base": build_base,
+    "pahubert_tiny": lambda: build_pahubert_base("", "tiny", 1, 1),  # recipes/musdb/conf/pahubert_tiny.yaml
     "pahubert_base": build_pahubert_base,
     "pahubert_base_tokens25": lambda: build_pahubert_base("tokens25_base"),
     "pahubert_base_fast": lambda: build_pahubert_base("fast_base"),
@@ -142,19 +148,22 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, float]]] = {
 
 
 OVERLAP = 0.25  # of the segment, as pahubert-separate
-VARIANTS = ("fp32", "opt", "bf16")  # as built | optimize_for_inference | that + bf16 autocast
+VARIANTS = ("fp32", "opt", "bf16", "tile")  # as built | optimize_for_inference | that + bf16 autocast |
+# opt + tiled decoding (pahubert_resunet: set_decode_tile, --tile seconds)
 
 
-def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "fp32", path: str = "") -> dict:
+def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "fp32", path: str = "",
+           tile: float = 2.5) -> dict:
     """Runs in a subprocess: one model, one measurement; returns a dict.
 
     ``variant``: ``fp32`` the model as built; ``opt`` after
     :func:`pahubert_plugin.apply.optimize_for_inference` (BatchNorm folded, channels_last);
-    ``bf16`` that under bfloat16 autocast. For ``opt`` / ``bf16`` the estimates of the first
+    ``bf16`` that under bfloat16 autocast; ``tile`` ``opt`` decoding in time tiles of ``tile`` seconds
+    (:func:`pahubert_plugin.apply.set_decode_tile`). For the last three the estimates of the first
     segment are compared with the model as built: ``max_diff`` is the largest difference over
     the input's peak."""
     import pahubert_plugin  # noqa: F401
-    from pahubert_plugin.apply import Autocast, apply_model, optimize_for_inference
+    from pahubert_plugin.apply import Autocast, apply_model, optimize_for_inference, set_decode_tile
 
     torch.manual_seed(0)
     model, segment = BUILDERS[name]()
@@ -163,6 +172,8 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
     if mode != "rtf":  # memory: nothing else runs in this process before the separation
         if variant != "fp32":
             model = optimize_for_inference(model)
+        if variant == "tile":
+            set_decode_tile(model, tile)
         return memory_worker(model, segment, path, mode, "bf16" if variant == "bf16" else "fp32") \
             | {"model": name, "seconds": seconds}
     x = 0.1 * torch.randn(2, int(seconds * SR))
@@ -174,6 +185,8 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
         model = optimize_for_inference(model)
         if variant == "bf16":
             model = Autocast(model, "bf16")
+        if variant == "tile":
+            set_decode_tile(model, tile)
         with torch.inference_mode():
             max_diff = float((model(x[None, :, :seg]) - ref).abs().max() / x[:, :seg].abs().max())
     chunk = 0.1 * torch.randn(2, seg)  # one full segment
@@ -242,10 +255,10 @@ def write_noise(path: str, seconds: float, block: int = 1 << 20) -> None:
             left -= n
 
 
-def run_worker(name, mode, seconds, repeats, threads, variant="fp32", path="") -> dict:
+def run_worker(name, mode, seconds, repeats, threads, variant="fp32", path="", tile=2.5) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--mode", mode, "--seconds", str(seconds),
-                           "--repeats", str(repeats), "--variant", variant, "--path", path],
+                           "--repeats", str(repeats), "--variant", variant, "--path", path, "--tile", str(tile)],
                           env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -256,7 +269,8 @@ def run_worker(name, mode, seconds, repeats, threads, variant="fp32", path="") -
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(BUILDERS), help=f"comma list of {list(BUILDERS)}")
-    p.add_argument("--seconds", type=float, default=30.0, help="input length for the real-time factor")
+    p.add_argument("--seconds", type=float, default=30.0,
+                   help="input length for the real-time factor (0: memory runs only)")
     p.add_argument("--memory-seconds", default="60,600",
                    help="comma list of input lengths (s) for peak memory ('' or 0: skip)")
     p.add_argument("--memory-path", default="stream", choices=["stream", "memory"],
@@ -265,7 +279,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per model")
     p.add_argument("--variants", default="fp32",
                    help="comma list of fp32 (as built), opt (BatchNorm folded + channels_last, what "
-                        "pahubert-separate runs), bf16 (opt under bfloat16 autocast, --precision bf16)")
+                        "pahubert-separate runs), bf16 (opt under bfloat16 autocast, --precision bf16), "
+                        "tile (opt decoding each chunk in time tiles of --tile seconds, pahubert-separate "
+                        "--tile; pahubert_resunet models only). Memory runs use every variant")
+    p.add_argument("--tile", type=float, default=2.5, help="tile length (s) of the tile variant (default 2.5)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="rtf", help=argparse.SUPPRESS)
@@ -273,7 +290,8 @@ def main(argv=None) -> int:
     p.add_argument("--path", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.mode, args.seconds, args.repeats, args.variant, args.path)))
+        print(json.dumps(worker(args.worker, args.mode, args.seconds, args.repeats, args.variant, args.path,
+                                args.tile)))
         return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in BUILDERS]
@@ -295,16 +313,17 @@ def main(argv=None) -> int:
         results = []
         for name in names:
             for variant in variants:
-                r = run_worker(name, "rtf", args.seconds, args.repeats, args.threads, variant)
-                if "error" not in r and variant == variants[0]:
-                    r["memory"] = {s: run_worker(name, args.memory_path, s, 1, args.threads, variant, path)
-                                   for s, path in inputs.items()}
+                r = (run_worker(name, "rtf", args.seconds, args.repeats, args.threads, variant, tile=args.tile)
+                     if args.seconds > 0 else {"model": name, "variant": variant})
+                if "error" not in r:
+                    r["memory"] = {s: run_worker(name, args.memory_path, s, 1, args.threads, variant, path,
+                                                 args.tile) for s, path in inputs.items()}
                 results.append(r)
                 print(json.dumps(r), flush=True)
     finally:
         shutil.rmtree(tmp)
     memory = (f"peak RSS separating {', '.join(f'{s:g}' for s in lengths)} s to 16-bit WAV stems "
-              f"({args.memory_path} path, first variant)" if lengths else "no memory runs")
+              f"({args.memory_path} path)" if lengths else "no memory runs")
     print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: {os.cpu_count()} cores; {memory}")
     htdemucs = {r["variant"]: r for r in results if r.get("model") == "htdemucs" and "rtf" in r}
     mem_cols = "".join(f" peak RSS {s:g} s (MB) |" for s in lengths)
@@ -313,6 +332,8 @@ def main(argv=None) -> int:
           f"| max diff vs fp32 / peak |{mem_cols}{' longest / shortest |' if len(lengths) > 1 else ''}")
     print("|---" * (11 + len(lengths) + (len(lengths) > 1)) + "|")
     for r in results:
+        if "error" not in r and "rtf" not in r:  # --seconds 0: memory runs only (the table below)
+            continue
         if "error" in r:
             print(f"| {r['model']} | {r.get('variant', '?')} | error: "
                   f"{r['error'].splitlines()[-1] if r['error'] else '?'} |")
@@ -329,6 +350,16 @@ def main(argv=None) -> int:
             cells += f" {peaks[-1] / peaks[0]:.3f} |" if None not in peaks else " - |"
         print(f"| {r['model']} | {r['variant']} | {r['params_M']:.2f} | {r['segment_s']:.1f} | {r['rtf']:.3f} | "
               f"{ratio} | {r['rtf_long']:.3f} | {long} | {diff} |{cells}")
+    if lengths:  # what each memory run took: the tile variant's time cost next to its saving
+        print("\n| model | variant | input (s) | peak RSS (MB) | RSS with the model built (MB) | wall (s) |")
+        print("|---" * 6 + "|")
+        for r in results:
+            for sec, m in r.get("memory", {}).items():
+                if "error" in m:
+                    print(f"| {r['model']} | {r['variant']} | {sec:g} | error: {m['error'].splitlines()[-1]} |")
+                else:
+                    print(f"| {r['model']} | {r['variant']} | {sec:g} | {m['peak_rss_mb']:.0f} | "
+                          f"{m['model_rss_mb']:.0f} | {m['wall_s']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

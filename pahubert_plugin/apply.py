@@ -54,6 +54,18 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     return model
 
 
+def set_decode_tile(model: nn.Module, seconds: float) -> nn.Module:
+    """Make ``model`` decode each chunk in time tiles of about ``seconds`` (0: whole chunks); see
+    :meth:`~pahubert_plugin.models.pahubert_resunet.PahubertResUNetModel.set_decode_tile`. A ValueError for
+    models that cannot (every other model's memory is already one chunk's, without tiles)."""
+    target = getattr(model, "model", model)  # Autocast and benchmark wrappers hold the model as .model
+    if not hasattr(target, "set_decode_tile"):
+        raise ValueError(f"tiled decoding (--tile) is for pahubert_resunet models; {type(target).__name__} "
+                         f"decodes whole chunks: use a shorter --segment for less memory")
+    target.set_decode_tile(seconds)
+    return model
+
+
 class Autocast(nn.Module):
     """``model`` run under ``torch.autocast`` (``bf16``: bfloat16 matrix products and convolutions,
     float32 elsewhere; fast on CPUs with AMX or AVX512-BF16). Estimates differ from fp32 by about

@@ -65,8 +65,10 @@ def load_separation_model(path: str, device="cpu"):
 
 
 def check_options(segment: Optional[float] = None, overlap: float = 0.25, batch_size: int = 1,
-                  shifts: int = 0) -> None:
+                  shifts: int = 0, tile: float = 0.0) -> None:
     """ValueError naming the option when a chunking option is out of range."""
+    if not (tile >= 0 and tile < float("inf")):
+        raise ValueError(f"tile must be >= 0 seconds (0: whole chunks), got {tile}")
     if segment is not None and not segment > 0:
         raise ValueError(f"segment must be > 0 seconds, got {segment}")
     if not 0 <= overlap < 1:
@@ -92,17 +94,22 @@ class Separator:
     memory for activations is bounded by ``batch_size`` chunks of ``segment`` seconds.
     ``shifts`` > 0 averages that many passes over the input delayed by a random 0-0.5 s
     (demucs' shift trick; the offsets come from ``seed``, so results are reproducible).
+    ``tile`` > 0 (seconds; ``pahubert_resunet`` only) decodes each chunk in time tiles: the same estimates
+    in the memory of a tile instead of a chunk, slower (:func:`~pahubert_plugin.apply.set_decode_tile`).
     """
 
     def __init__(self, model, segment: float, overlap: float = 0.25, batch_size: int = 1,
-                 device="cpu", shifts: int = 0, seed: int = 0, precision: str = "fp32"):
+                 device="cpu", shifts: int = 0, seed: int = 0, precision: str = "fp32", tile: float = 0.0):
         import torch
 
-        from .apply import Autocast
+        from .apply import Autocast, set_decode_tile
 
-        check_options(segment, overlap, batch_size, shifts)
+        check_options(segment, overlap, batch_size, shifts, tile)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if tile > 0:
+            set_decode_tile(self.model, tile)
+        self.tile = float(tile)
         self.precision = precision
         self._runner = Autocast(self.model, precision) if precision != "fp32" else self.model
         self.sources: List[str] = list(model.sources)
@@ -114,21 +121,21 @@ class Separator:
     @classmethod
     def from_checkpoint(cls, path: str, device="cpu", segment: Optional[float] = None,
                         overlap: float = 0.25, batch_size: int = 1, shifts: int = 0,
-                        precision: str = "fp32", optimize: bool = True) -> "Separator":
+                        precision: str = "fp32", optimize: bool = True, tile: float = 0.0) -> "Separator":
         """``segment`` defaults to the task's validation chunk (``valid_segment`` or ``segment``).
         ``optimize``: :func:`~pahubert_plugin.apply.optimize_for_inference` (BatchNorm folded into
         convolutions, channels_last; same estimates up to float rounding). ``precision="bf16"``:
         autocast (faster on CPUs with bfloat16 units, estimates about 1e-2 of the peak off)."""
         from .apply import check_precision, optimize_for_inference
 
-        check_options(segment, overlap, batch_size, shifts)
+        check_options(segment, overlap, batch_size, shifts, tile)
         check_precision(precision)  # before the model is loaded
         model, cfg = load_separation_model(path, device)
         if optimize:
             model = optimize_for_inference(model)
         if segment is None:
             segment = float(cfg.task.get("valid_segment", 0) or cfg.task.get("segment", 10.0))
-        return cls(model, segment, overlap, batch_size, device, shifts, precision=precision)
+        return cls(model, segment, overlap, batch_size, device, shifts, precision=precision, tile=tile)
 
     def _to_model_channels(self, wav):
         from .data.audio import apply_channel_policy  # the one channel rule
@@ -452,6 +459,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="fp32 (default) or bf16: autocast to bfloat16, several times faster on CPUs with AMX or "
                         "AVX512-BF16 units, estimates about 1e-2 of the peak away from fp32 (README: Speed)")
+    p.add_argument("--tile", type=float, default=0.0, metavar="SECONDS",
+                   help="pahubert_resunet only: decode each chunk in time tiles of about SECONDS, for less memory "
+                        "(peak memory follows the tile instead of --segment; the same estimates up to float "
+                        "rounding, the stem runs twice: slower, README: Speed and memory). Default 0: whole chunks")
     p.add_argument("--shifts", type=int, default=0,
                    help="average N passes over the input shifted by a random 0-0.5 s (demucs' shift trick; "
                         "N times slower; default 0 = one unshifted pass)")
@@ -471,7 +482,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def _check_args(args) -> None:
     """Every check that needs neither the model nor torch, so a bad command fails at once."""
-    check_options(args.segment, args.overlap, args.batch_size, args.shifts)
+    check_options(args.segment, args.overlap, args.batch_size, args.shifts, args.tile)
     if args.jobs < 1:
         raise ValueError(f"-j/--jobs must be >= 1, got {args.jobs}")
     if args.threads is not None and args.threads < 1:
@@ -537,7 +548,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         device = _resolve_device(args.device)
         names = output_names(args.audio)
         sep = Separator.from_checkpoint(args.checkpoint, device, args.segment, args.overlap, args.batch_size,
-                                        args.shifts, precision=args.precision)
+                                        args.shifts, precision=args.precision, tile=args.tile)
         if args.two_stems is not None and args.two_stems not in sep.sources:
             raise ValueError(f"--two-stems {args.two_stems}: the checkpoint's sources are {', '.join(sep.sources)}")
         _check_paths(args, names, [args.two_stems, f"no_{args.two_stems}"] if args.two_stems else sep.sources)

@@ -159,3 +159,97 @@ def test_profile_separate_counts_convolution_work():
     pos = torch.nn.Conv1d(8, 8, 5, padding=2, groups=4)
     y = torch.zeros(1, 8, 11)
     assert profile_separate.conv_macs(pos, y, pos(y)) == 8 * 11 * 5 * 2
+
+
+def pahubert_resunet_strided(time_strides, decoder_skips=-1, stem_norm="batch"):
+    """A three-level pahubert_resunet with the shipped stem's input normalisation and the given time pooling."""
+    from pahubert_plugin.models.pahubert import PahubertConfig
+    from pahubert_plugin.models.pahubert_resunet import PahubertResUNetConfig, PahubertResUNetModel
+
+    enc = OmegaConf.merge(OmegaConf.structured(PahubertConfig), {
+        "sample_rate": SR, "audio_channels": 2, "label_rate": 100, "n_fft": 512, "stem_channels": [8, 16, 16],
+        "stem_freq_strides": [2, 2, 2], "stem_time_strides": time_strides, "stem_units": 2, "stem_norm": stem_norm,
+        "input_norm": "freq", "encoder_layers": 2, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
+        "encoder_attention_heads": 2, "conv_pos": 8, "conv_pos_groups": 4})
+    cfg = OmegaConf.merge(OmegaConf.structured(PahubertResUNetConfig), {
+        "sources": SOURCES, "sample_rate": SR, "audio_channels": 2, "decoder_skips": decoder_skips,
+        "decoder_units": 2})
+    return PahubertResUNetModel(cfg, OmegaConf.to_container(enc, resolve=True))
+
+
+@pytest.mark.parametrize("time_strides,skips,margin", [([1, 1, 1], -1, 24), ([1, 1, 1], 1, 12),
+                                                       ([1, 2, 2], -1, 32), ([2, 1, 2], 1, 20)])
+def test_tiled_decoding_computes_the_same_estimates(time_strides, skips, margin):
+    """pahubert-separate --tile: the stem tile by tile, the transformer on the whole chunk, the stem again and
+    the decoder per tile with tile_margin() frames of context: the estimates of whole chunks, for tiles
+    shorter than the margin, tiles that do not divide the chunk and one tile longer than it. The margin is
+    the hand count (3x3 convolutions: each unit reaches 2 frames at its level; 2 units per block, 3 stem
+    blocks, 3 decoder levels; with one skip the decoder's deep levels need no stem context), and a decoder
+    without it gets the tile edges wrong."""
+    torch.manual_seed(0)
+    model = optimize_for_inference(trained_like(pahubert_resunet_strided(time_strides, skips)))
+    assert model.tile_margin() == margin
+    mix = torch.randn(2, 2, int(2.3 * SR)) * 0.3  # 230 frames, two items
+    peak = mix.abs().max()
+    with torch.inference_mode():
+        ref = model(mix)
+        for seconds in (0.05, 0.13, 0.5, 5.0):
+            model.set_decode_tile(seconds)
+            assert model.decode_tile_frames % model.encoder.front_end.time_stride == 0
+            got = model(mix)
+            assert (got - ref).abs().max() <= 1e-5 * peak, (seconds, float((got - ref).abs().max() / peak))
+        model.set_decode_tile(0.5)
+        model.tile_margin = lambda: 0
+        assert (model(mix) - ref).abs().max() > 1e-3 * peak
+        del model.tile_margin
+        model.set_decode_tile(0)
+        assert model.decode_tile_frames == 0 and torch.equal(model(mix), ref)
+    with torch.enable_grad():  # training and autograd never tile
+        model.set_decode_tile(0.05)
+        assert torch.allclose(model(mix), ref, atol=1e-5 * float(peak))
+
+
+def test_tiled_decoding_is_refused_where_it_would_change_the_estimates(tmp_path):
+    from pahubert_plugin.apply import set_decode_tile
+    from pahubert_plugin.separate import Separator, check_options
+
+    with pytest.raises(ValueError, match="GroupNorm"):
+        pahubert_resunet_strided([1, 1, 1], stem_norm="group").set_decode_tile(1.0)
+    with pytest.raises(ValueError, match="tiled decoding .* is for pahubert_resunet models; ResUNetModel"):
+        set_decode_tile(resunet(), 1.0)
+    with pytest.raises(ValueError, match="tile must be >= 0 seconds"):
+        check_options(tile=-1.0)
+    with pytest.raises(ValueError, match="tile must be >= 0 seconds"):
+        Separator.from_checkpoint(str(tmp_path / "missing.pt"), tile=float("nan"))
+    torch.manual_seed(0)
+    model = trained_like(pahubert_resunet_strided([1, 1, 1]))
+    wav = np.random.default_rng(0).standard_normal((2, 2 * SR)).astype("float32") * 0.1
+    whole = Separator(model, 1.0).separate(wav, SR)
+    tiled_sep = Separator(model, 1.0, tile=0.2)
+    assert model.decode_tile_frames == 20 and tiled_sep.tile == 0.2
+    tiled = tiled_sep.separate(wav, SR)
+    for name in SOURCES:
+        assert np.abs(np.asarray(tiled[name]) - np.asarray(whole[name])).max() <= 1e-5 * np.abs(wav).max()
+
+
+def test_bench_separate_tile_variant(tmp_path):
+    """bench_separate.py --variants tile: the tiled model's estimates against the model as built, its speed
+    and memory; a model without tiled decoding gets an error row that says so."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_separate.py"), "--models",
+                           "pahubert_tiny,tiny", "--variants", "tile", "--tile", "0.5", "--seconds", "1",
+                           "--memory-seconds", "2", "--repeats", "1", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert rows[0]["model"] == "pahubert_tiny" and rows[0]["variant"] == "tile"
+    assert rows[0]["max_diff"] <= 1e-5 and rows[0]["rtf_long"] > 0
+    assert rows[0]["memory"]["2.0"]["peak_rss_mb"] > 100
+    assert "tiled decoding (--tile) is for pahubert_resunet models" in rows[1]["error"]
+    assert "| pahubert_tiny | tile | 2 |" in proc.stdout  # the memory table: input, peak, wall

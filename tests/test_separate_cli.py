@@ -106,6 +106,7 @@ def test_mp3_bitrate(toy, tmp_path):
     (("--overlap", "-0.1"), r"overlap must be in \[0, 1\)"),
     (("--batch-size", "0"), "batch size must be >= 1"),
     (("--shifts", "-1"), "shifts must be >= 0"),
+    (("--tile", "-1"), r"tile must be >= 0 seconds"),
     (("--segment", "0"), "segment must be > 0"),
     (("-j", "0"), "jobs must be >= 1"),
     (("--filename", "{track}/{source}.{ext}"), "unknown or bad field"),

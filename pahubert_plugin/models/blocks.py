@@ -99,13 +99,57 @@ class ResUNetEncoder(nn.Module):
         pf, pt = (-x.shape[-2]) % sf, (-x.shape[-1]) % st
         return nn.functional.pad(x, (0, pt, 0, pf)) if pf or pt else x
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, keep_skips: bool = True) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``keep_skips=False``: the skip list comes back empty, and each block's output is freed as soon as
+        it is pooled (the bottleneck alone, in the memory of one block)."""
         skips = []
         for block, pool in zip(self.blocks, self.pools):
             x = block(x)
-            skips.append(x)
+            if keep_skips:
+                skips.append(x)
             x = pool(x)
         return x, skips
+
+
+def time_reach(module: nn.Module, scale: int = 1) -> int:
+    """Frames (at the input's time resolution) by which the zero padding of ``module``'s convolutions
+    reaches inward from a cut in time: each convolution of time kernel k and dilation d at a level of
+    ``scale`` input frames per frame adds ``(k // 2) * d * scale``."""
+    return sum((m.kernel_size[1] // 2) * m.dilation[1] * scale for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
+def round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def encoder_reach(encoder: "ResUNetEncoder") -> Tuple[List[int], List[int], int]:
+    """For tiling an encoder in time: ``(skip_reach, scales, bottleneck_reach)``, the reach (input frames) of a
+    cut into each block's output (skip) and into the bottleneck, and each block's frames per input frame.
+    A pooled frame is contaminated when any frame of its window is, so the reach is rounded up to whole
+    frames of every pooling level."""
+    reach, scale, skip_reach, scales = 0, 1, [], []
+    for block, (_, st) in zip(encoder.blocks, encoder.strides):
+        reach += time_reach(block, scale)
+        skip_reach.append(reach)
+        scales.append(scale)
+        scale *= st
+        reach = round_up(reach, scale)
+    return skip_reach, scales, round_up(reach, encoder.stride[1])
+
+
+def tiled_in_time(fn, x: torch.Tensor, tile: int, margin: int, stride: int = 1) -> torch.Tensor:
+    """``fn`` (local in time: output frame j depends on input frames near ``j * stride`` only) applied to
+    ``x (..., frames)`` tile by tile: each tile of ``tile`` frames with ``margin`` frames of context each
+    side, the outputs cut back to the tile and concatenated. ``tile``, ``margin`` and the frames of ``x``
+    must be multiples of ``stride``; with a margin of at least ``fn``'s reach the result is ``fn(x)``."""
+    total, pieces = x.shape[-1], []
+    for a in range(0, total, tile):
+        b = min(total, a + tile)
+        lo, hi = max(0, a - margin), min(total, b + margin)
+        y = fn(x[..., lo:hi], lo, hi)
+        pieces.append(y[..., (a - lo) // stride:(b - lo) // stride])
+        del y
+    return torch.cat(pieces, dim=-1)
 
 
 class ResUNetDecoder(nn.Module):

@@ -25,7 +25,7 @@ from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig
 
 from .. import frames
-from .blocks import ResUNetEncoder
+from .blocks import ResUNetEncoder, encoder_reach, tiled_in_time
 from .hubert_encoder import FrontEnd, FrontEndOutput, HubertPretrainingModel, HubertTokenEncoder, MaskedPredictionHead
 from .spectral import Spectrogram, compress
 
@@ -172,25 +172,38 @@ class SpectralFrontEnd(FrontEnd):
         valid_tokens = torch.div(valid_frames + self.time_stride - 1, self.time_stride, rounding_mode="floor")
         return torch.arange(num_tokens, device=padding_mask.device)[None] >= valid_tokens[:, None]
 
-    def forward(self, source: torch.Tensor) -> FrontEndOutput:
-        """``source`` (batch, channels, samples) -> tokens (batch, T', C_last * F'), stem skips and
-        a :class:`SpectralContext`."""
+    keep_skips = True  # False: the stem's skips are not kept (FrontEndOutput.skips is empty) ...
+    tile_frames = 0  # ... and with tile_frames > 0 the stem runs in time tiles (pahubert_resunet's tiled decoding)
+
+    def stem_input(self, source: torch.Tensor):
+        """``source`` (batch, channels, samples) -> the stem's input (B, C, F_pad, frames_pad) and the
+        mixture's complex STFT (B, C, F, frames)."""
         if source.dim() != 3 or source.shape[1] != self.audio_channels:
             raise ValueError(
                 f"expected source of shape (batch, {self.audio_channels} channels, samples), "
                 f"got {tuple(source.shape)}"
             )
         spec = self.spectrogram(source.float())  # (B, C, F, frames), fp32 even under .half()
-        num_frames = spec.shape[-1]
         x = compress(spec.abs())
         if self.input_norm is not None:  # (B, C, F, T) -> one BatchNorm channel per frequency bin
             normed = self.input_norm(x.transpose(1, 2)).transpose(1, 2)
             x = torch.cat([normed, x], dim=1) if self.keep_raw else normed  # freq_raw: (B, 2C, F, T)
         x = self.band_mask(x)
-        x = self.stem.pad(x).to(next(self.stem.parameters()).dtype)  # (B, C, F_pad, frames_pad)
-        bottleneck, skips = self.stem(x)  # (B, C_last, F', T')
+        return self.stem.pad(x).to(next(self.stem.parameters()).dtype), spec
+
+    def forward(self, source: torch.Tensor) -> FrontEndOutput:
+        """``source`` (batch, channels, samples) -> tokens (batch, T', C_last * F'), stem skips and
+        a :class:`SpectralContext`."""
+        x, spec = self.stem_input(source)
+        if self.keep_skips or self.tile_frames <= 0:
+            bottleneck, skips = self.stem(x, keep_skips=self.keep_skips)  # (B, C_last, F', T')
+        else:  # the bottleneck alone, in the memory of a tile
+            margin = encoder_reach(self.stem)[2]
+            bottleneck = tiled_in_time(lambda t, lo, hi: self.stem(t, keep_skips=False)[0], x, self.tile_frames,
+                                       margin, self.time_stride)
+            skips = []
         tokens = bottleneck.permute(0, 3, 1, 2).flatten(2)  # one token per (strided) frame: (B, T', C_last * F')
-        return FrontEndOutput(tokens, skips, SpectralContext(spec, num_frames, bottleneck))
+        return FrontEndOutput(tokens, skips, SpectralContext(spec, spec.shape[-1], bottleneck))
 
 
 class PahubertEncoder(HubertTokenEncoder):

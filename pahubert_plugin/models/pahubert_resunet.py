@@ -26,7 +26,7 @@ from fairseq.models import register_model
 from omegaconf import II, OmegaConf, open_dict
 from torch import nn
 
-from .blocks import ResUNetDecoder, res_block
+from .blocks import ResUNetDecoder, encoder_reach, res_block, round_up, tiled_in_time, time_reach
 from .pahubert import PahubertEncoder, encoder_config
 from .pretrained import PretrainedEncoderConfig, load_pretrained_weights, remember, resolve_pretrained
 from .resunet import MASK_MAGNITUDE_HELP, SpectralSeparator
@@ -164,18 +164,81 @@ class PahubertResUNetModel(SpectralSeparator):
         super().set_num_updates(num_updates)
         self.num_updates = num_updates
 
-    def estimate_spec(self, padded: torch.Tensor) -> torch.Tensor:
-        frozen = self.training and self.num_updates < self.freeze_encoder_updates
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            out = self.encoder(padded, mask=self.training and self.encoder.mask_prob > 0)
-        spec, n_frames = out.front.context.spec, out.front.context.num_frames  # complex (B, C, F, frames)
+    def _bottleneck_map(self, out) -> torch.Tensor:
+        """The encoder's output -> the decoder's bottleneck map (batch, C_last, F', tokens)."""
         feats = out.features  # (batch, tokens, D)
         if self.layer_weights is not None:  # layer_results: (tokens, batch, D) after each layer
             stacked = torch.stack([r[0] for r in out.layer_results], dim=0).transpose(1, 2)
             weights = torch.softmax(self.layer_weights, dim=0).to(stacked.dtype)
             feats = (weights[:, None, None, None] * stacked).sum(0)
         c_last, f_last = self.encoder.front_end.bottleneck_shape
-        # (batch, tokens, C_last * F') -> (batch, C_last, F', tokens): the decoder's bottleneck map
         x = self.proj(feats).view(feats.shape[0], feats.shape[1], c_last, f_last).permute(0, 2, 3, 1)
-        raw = self.decoder(self.bottleneck(x), out.front.skips, consume=True)[..., :spec.shape[-2], :n_frames]
+        return self.bottleneck(x)
+
+    def estimate_spec(self, padded: torch.Tensor) -> torch.Tensor:
+        if self.decode_tile_frames > 0 and not torch.is_grad_enabled() and not self.training:
+            return self._estimate_spec_tiled(padded)
+        frozen = self.training and self.num_updates < self.freeze_encoder_updates
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            out = self.encoder(padded, mask=self.training and self.encoder.mask_prob > 0)
+        spec, n_frames = out.front.context.spec, out.front.context.num_frames  # complex (B, C, F, frames)
+        raw = self.decoder(self._bottleneck_map(out), out.front.skips, consume=True)[..., :spec.shape[-2], :n_frames]
         return self.mask_head(raw, spec)
+
+    # ---- tiled decoding (inference only): memory of a tile instead of a chunk, same estimates ----------------
+    decode_tile_frames = 0  # > 0: set_decode_tile() was called
+
+    def set_decode_tile(self, seconds: float) -> None:
+        """Decode each chunk in time tiles of about ``seconds`` (0: whole chunks, the default).
+
+        The transformer still sees the whole chunk, so the estimates are the same up to float rounding: a
+        first pass runs the stem without keeping its skips and the transformer; then for every tile the stem
+        runs again on the tile plus a margin on each side (:meth:`tile_margin` frames: as far as a tile's
+        edge can reach into its output through the stem's and the decoder's convolutions) and the decoder
+        decodes it. Peak memory follows the tile instead of the chunk (the five full-time-resolution stem
+        skips of a 10 s chunk alone are ~0.65 GB at base size); the price is the stem twice plus the margins
+        (``benchmarks/bench_separate.py --variants tile`` measures both). Needs BatchNorm in the stem and the
+        decoder: GroupNorm normalises over the whole chunk, so a tile would see other statistics."""
+        seconds = float(seconds)
+        if not (seconds >= 0 and seconds < float("inf")):
+            raise ValueError(f"decode tile must be >= 0 seconds, got {seconds}")
+        if seconds > 0 and any(isinstance(m, nn.GroupNorm) for m in self.modules()):
+            raise ValueError("tiled decoding needs BatchNorm in the stem and the decoder; this model has GroupNorm "
+                             "(model.stem_norm=group), which normalises over the whole chunk: decode whole chunks")
+        front = self.encoder.front_end
+        stride = front.time_stride
+        frames = int(round(seconds * self.sample_rate / front.spectrogram.hop_length))
+        self.decode_tile_frames = 0 if seconds == 0 else max(stride, -(-frames // stride) * stride)
+
+    def tile_margin(self) -> int:
+        """STFT frames of context each side of a tile that make its decoded frames exact: how far the zeros at
+        a tile's edge reach inward through the stem's convolutions (to each skip) and then the decoder's
+        (:func:`~pahubert_plugin.models.blocks.encoder_reach`); a multiple of the stem's time stride."""
+        stem = self.encoder.front_end.stem
+        skip_reach, scales, _ = encoder_reach(stem)
+        reach = 0  # the bottleneck map comes from the first pass, whose tiles have the stem's own margin: exact
+        for level, block in enumerate(self.decoder.blocks):
+            i = len(stem.blocks) - 1 - level  # the stem block this level mirrors
+            if self.decoder.uses_skip[level]:
+                reach = max(reach, skip_reach[i])
+            reach += time_reach(block, scales[i])
+        return round_up(reach + time_reach(self.decoder.head), stem.stride[1])
+
+    def _estimate_spec_tiled(self, padded: torch.Tensor) -> torch.Tensor:
+        front = self.encoder.front_end
+        front.keep_skips, front.tile_frames = False, self.decode_tile_frames
+        try:
+            out = self.encoder(padded)  # the stem tile by tile, the transformer on the whole chunk
+        finally:
+            front.keep_skips, front.tile_frames = True, 0
+        spec, n_frames = out.front.context.spec, out.front.context.num_frames
+        x = self._bottleneck_map(out)  # (B, C_last, F', tokens)
+        del out
+        stem_in, _ = front.stem_input(padded)  # (B, C, F_pad, frames_pad), frames_pad = tokens x time stride
+        stride = front.time_stride
+
+        def decode(tile: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+            return self.decoder(x[..., lo // stride:hi // stride], front.stem(tile)[1], consume=True)
+
+        raw = tiled_in_time(decode, stem_in, self.decode_tile_frames, self.tile_margin())
+        return self.mask_head(raw[..., :spec.shape[-2], :n_frames], spec)
