@@ -222,8 +222,10 @@ class Described(torch.nn.Module):
 def memory_worker(model, segment: float, path: str, mode: str, precision: str = "fp32") -> dict:
     """Separate the WAV at ``path`` to 16-bit stems (``stream``: as pahubert-separate; ``memory``: the
     whole track in memory) into a temporary folder next to it; peak RSS of this process."""
+    from pahubert_plugin.apply import return_freed_memory
     from pahubert_plugin.separate import Separator, save_stems
 
+    return_freed_memory()  # as pahubert-separate's main does
     sep = Separator(Described(model), segment, precision=precision)
     model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = tempfile.mkdtemp(prefix="rss-", dir=os.path.dirname(path))

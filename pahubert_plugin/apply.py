@@ -54,6 +54,28 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     return model
 
 
+MMAP_THRESHOLD = 1 << 20  # bytes
+
+
+def return_freed_memory() -> bool:
+    """Make freed activations go back to the operating system (glibc only; True when set).
+
+    glibc serves an allocation from the heap unless it is larger than its mmap threshold, and raises that
+    threshold (up to 32 MiB) each time a block it had mmapped is freed; after the first chunk, tensors of a
+    few MiB to 32 MiB then live in the heap, where fragmentation keeps freed memory resident, and a
+    process's RSS climbs with every chunk or tile of a different size. ``mallopt(M_MMAP_THRESHOLD, 1 MiB)``
+    fixes the threshold: every block of 1 MiB or more is its own mapping, unmapped when freed. Process-wide;
+    ``pahubert-separate`` and ``Separator(tile=...)`` call it (README: Speed and memory)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt): nothing to do
+        return False
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def set_decode_tile(model: nn.Module, seconds: float) -> nn.Module:
     """Make ``model`` decode each chunk in time tiles of about ``seconds`` (0: whole chunks); see
     :meth:`~pahubert_plugin.models.pahubert_resunet.PahubertResUNetModel.set_decode_tile`. A ValueError for

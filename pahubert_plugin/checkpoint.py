@@ -9,6 +9,7 @@ never turned off: anything else in a pickle is refused.
 """
 import argparse
 import collections
+import contextlib
 import logging
 import os
 import pickle
@@ -176,10 +177,26 @@ def load_encoder_weights(model, state: dict, path: str = "") -> int:
 #    switch lift the restriction; they now pass ``weights_only=True``, which no switch overrides.
 
 _PATCHED = False
+_MAPPED = 0  # > 0 inside mapped_loads()
+
+
+@contextlib.contextmanager
+def mapped_loads():
+    """Inside, fairseq's checkpoint loads map the file (``torch.load(mmap=True)``) instead of reading it whole:
+    tensors nobody reads never become resident. For inference: a fine-tuned checkpoint also holds the
+    optimizer state (two more copies of the weights under Adam, 1.1 GB for ``pahubert_resunet`` base) that
+    ``load_model_ensemble_and_task`` would otherwise read into memory next to the model."""
+    global _MAPPED
+    _MAPPED += 1
+    try:
+        yield
+    finally:
+        _MAPPED -= 1
 
 
 class _WeightsOnlyTorch:
-    """``torch`` for ``fairseq.checkpoint_utils``: the same module, but ``load`` always restricted."""
+    """``torch`` for ``fairseq.checkpoint_utils``: the same module, but ``load`` always restricted (and, inside
+    :func:`mapped_loads`, mapping local zip checkpoints)."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -187,6 +204,9 @@ class _WeightsOnlyTorch:
     @staticmethod
     def load(f, *args, **kwargs):
         kwargs["weights_only"] = True  # explicit: no environment variable can turn it off
+        name = getattr(f, "name", None)
+        if _MAPPED and isinstance(name, str) and os.path.isfile(name) and zipfile.is_zipfile(name):
+            return torch.load(name, *args, mmap=True, **kwargs)
         return torch.load(f, *args, **kwargs)
 
 

@@ -49,10 +49,13 @@ def load_separation_model(path: str, device="cpu"):
     pahubert_plugin.register()  # our components and the checkpoint allow-list
     from fairseq import checkpoint_utils
 
+    from .checkpoint import mapped_loads
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path])
+        with mapped_loads():  # the optimizer state in the file is never read into memory
+            models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path])
     except (KeyError, AttributeError, TypeError) as e:  # a torch file, but not a fairseq checkpoint
         raise ValueError(f"{path}: not a fairseq checkpoint ({type(e).__name__}: {e}); expected "
                          f"checkpoint_best.pt of a music_separation fine-tuning run") from None
@@ -102,13 +105,14 @@ class Separator:
                  device="cpu", shifts: int = 0, seed: int = 0, precision: str = "fp32", tile: float = 0.0):
         import torch
 
-        from .apply import Autocast, set_decode_tile
+        from .apply import Autocast, return_freed_memory, set_decode_tile
 
         check_options(segment, overlap, batch_size, shifts, tile)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        if tile > 0:
+        if tile > 0:  # the memory of a tile: what a tile frees must leave the process too
             set_decode_tile(self.model, tile)
+            return_freed_memory()
         self.tile = float(tile)
         self.precision = precision
         self._runner = Autocast(self.model, precision) if precision != "fp32" else self.model
@@ -544,6 +548,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         _check_args(args)
     except ValueError as e:
         parser.error(str(e))
+    from .apply import return_freed_memory
+
+    return_freed_memory()  # a long file's chunks must not pile up in the heap
     try:
         device = _resolve_device(args.device)
         names = output_names(args.audio)

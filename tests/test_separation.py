@@ -580,3 +580,36 @@ def test_resunet_strides_as_lists_and_the_older_string_build_the_same_network():
         ResUNetModel(ResUNetConfig(freq_strides=[4, 2], time_strides=[2], **common))
     with pytest.raises(ValueError, match="1 strides for 2 encoder blocks"):
         ResUNetModel(ResUNetConfig(strides="[[4,2]]", **common))
+
+
+@pytest.mark.slow
+def test_separator_maps_the_checkpoint_instead_of_reading_it(resunet_ckpt, tmp_path):
+    """A fine-tuned checkpoint also holds the optimizer state (under Adam two more copies of the weights:
+    1.1 GB for pahubert_resunet base). Separator.from_checkpoint maps the file, so what the model does not
+    copy never becomes resident: 400 MB of extra optimizer state add almost nothing to the peak RSS of
+    loading (read whole, they added 425 MB), and the model works after the file is gone."""
+    import subprocess
+    import sys
+
+    from pahubert_plugin.checkpoint import load_checkpoint
+
+    state = load_checkpoint(str(resunet_ckpt[0]))
+    state["last_optimizer_state"]["unread"] = torch.ones(100 * 2 ** 20)  # 400 MB
+    padded = tmp_path / "padded.pt"
+    torch.save(state, padded)
+    del state
+    code = ("import resource, sys, numpy as np\n"
+            "import pahubert_plugin; pahubert_plugin.register()\n"
+            "from pahubert_plugin.separate import Separator\n"
+            "import fairseq.checkpoint_utils, torch, os\n"
+            "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+            "before = peak()\n"
+            "sep = Separator.from_checkpoint(sys.argv[1], segment=1.0)\n"
+            "grew = peak() - before\n"
+            "os.remove(sys.argv[1])\n"
+            "stems = sep.separate(np.zeros((2, 8000), np.float32) + 0.1, 16000)\n"
+            "print('grew', grew, len(stems))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(padded)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grew, n = proc.stdout.split()[-2:]
+    assert float(grew) < 150 and int(n) == len(SOURCES), proc.stdout
