@@ -85,6 +85,8 @@ setting() {  # TAG -> run.sh options of that setting
     probe_fn) run probe_fn --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     bs8_u200) run bs8_u200 --ft-args "dataset.batch_size=8" --finetune-updates 200 ;;
     h2) run h2 --work exp/demo/midi_h2 --stage 1 --unlabelled-hours 2 ;;  # own corpus (2 h), own scratch arm
+    ft800) run ft800 --work exp/demo/midi_h2 --finetune-updates 800 ;;  # after h2 (its pretraining)
+    h2_bs8) run h2_bs8 --work exp/demo/midi_h2 --ft-args "dataset.batch_size=8" ;;  # after h2 (its pretraining)
     h025) subset exp/demo/midi_h025 45 midi_h2; run h025 --work exp/demo/midi_h025 --stage 2 --unlabelled-hours 0.25 \
                 --reuse-scratch exp/demo/midi_h2/finetune/h2 ;;  # after h2 (its corpus, its scratch arm)
     fast) share exp/demo/midi_fast; run fast --work exp/demo/midi_fast --stage 3 --pretrain-args "+preset=fast_tiny" ;;

@@ -146,7 +146,7 @@ def tiled_in_time(fn, x: torch.Tensor, tile: int, margin: int, stride: int = 1) 
     for a in range(0, total, tile):
         b = min(total, a + tile)
         lo, hi = max(0, a - margin), min(total, b + margin)
-        y = fn(x[..., lo:hi], lo, hi)
+        y = fn(x[..., lo:hi])
         pieces.append(y[..., (a - lo) // stride:(b - lo) // stride])
         del y
     return torch.cat(pieces, dim=-1)

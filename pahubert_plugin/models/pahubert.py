@@ -199,8 +199,8 @@ class SpectralFrontEnd(FrontEnd):
             bottleneck, skips = self.stem(x, keep_skips=self.keep_skips)  # (B, C_last, F', T')
         else:  # the bottleneck alone, in the memory of a tile
             margin = encoder_reach(self.stem)[2]
-            bottleneck = tiled_in_time(lambda t, lo, hi: self.stem(t, keep_skips=False)[0], x, self.tile_frames,
-                                       margin, self.time_stride)
+            bottleneck = tiled_in_time(lambda t: self.stem(t, keep_skips=False)[0], x, self.tile_frames, margin,
+                                       self.time_stride)
             skips = []
         tokens = bottleneck.permute(0, 3, 1, 2).flatten(2)  # one token per (strided) frame: (B, T', C_last * F')
         return FrontEndOutput(tokens, skips, SpectralContext(spec, spec.shape[-1], bottleneck))

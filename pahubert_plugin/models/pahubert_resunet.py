@@ -26,7 +26,7 @@ from fairseq.models import register_model
 from omegaconf import II, OmegaConf, open_dict
 from torch import nn
 
-from .blocks import ResUNetDecoder, encoder_reach, res_block, round_up, tiled_in_time, time_reach
+from .blocks import ResUNetDecoder, encoder_reach, res_block, round_up, time_reach
 from .pahubert import PahubertEncoder, encoder_config
 from .pretrained import PretrainedEncoderConfig, load_pretrained_weights, remember, resolve_pretrained
 from .resunet import MASK_MAGNITUDE_HELP, SpectralSeparator
@@ -172,6 +172,7 @@ class PahubertResUNetModel(SpectralSeparator):
             weights = torch.softmax(self.layer_weights, dim=0).to(stacked.dtype)
             feats = (weights[:, None, None, None] * stacked).sum(0)
         c_last, f_last = self.encoder.front_end.bottleneck_shape
+        # (batch, tokens, C_last * F') -> (batch, C_last, F', tokens)
         x = self.proj(feats).view(feats.shape[0], feats.shape[1], c_last, f_last).permute(0, 2, 3, 1)
         return self.bottleneck(x)
 
@@ -208,7 +209,7 @@ class PahubertResUNetModel(SpectralSeparator):
         front = self.encoder.front_end
         stride = front.time_stride
         frames = int(round(seconds * self.sample_rate / front.spectrogram.hop_length))
-        self.decode_tile_frames = 0 if seconds == 0 else max(stride, -(-frames // stride) * stride)
+        self.decode_tile_frames = 0 if seconds == 0 else max(stride, round_up(frames, stride))
 
     def tile_margin(self) -> int:
         """STFT frames of context each side of a tile that make its decoded frames exact: how far the zeros at
@@ -235,10 +236,15 @@ class PahubertResUNetModel(SpectralSeparator):
         x = self._bottleneck_map(out)  # (B, C_last, F', tokens)
         del out
         stem_in, _ = front.stem_input(padded)  # (B, C, F_pad, frames_pad), frames_pad = tokens x time stride
-        stride = front.time_stride
-
-        def decode(tile: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-            return self.decoder(x[..., lo // stride:hi // stride], front.stem(tile)[1], consume=True)
-
-        raw = tiled_in_time(decode, stem_in, self.decode_tile_frames, self.tile_margin())
-        return self.mask_head(raw[..., :spec.shape[-2], :n_frames], spec)
+        stride, tile, margin = front.time_stride, self.decode_tile_frames, self.tile_margin()
+        n_bins, total, out = spec.shape[-2], stem_in.shape[-1], None
+        for a in range(0, n_frames, tile):  # the frames past n_frames (the stem's padding) are never needed
+            b = min(n_frames, a + tile)
+            lo, hi = max(0, a - margin), min(total, round_up(b, stride) + margin)
+            raw = self.decoder(x[..., lo // stride:hi // stride], front.stem(stem_in[..., lo:hi])[1], consume=True)
+            est = self.mask_head(raw[..., :n_bins, a - lo:b - lo], spec[..., a:b])  # the head is frame-wise
+            del raw
+            if out is None:
+                out = est.new_empty(*est.shape[:-1], n_frames)
+            out[..., a:b] = est
+        return out
