@@ -31,6 +31,9 @@ share() {  # DIR: a work folder for another pretraining on the demo's corpus, fe
   mkdir -p "$1/pahubert"; [ -e "$1/corpus" ] || ln -s ../midi/corpus "$1/corpus"
   local d; for d in data feat km labels; do [ -e "$1/pahubert/$d" ] || ln -s "../../midi/pahubert/$d" "$1/pahubert/$d"; done
 }
+corpus_of() {  # DIR: a work folder on the demo's corpus with its own manifest, features, k-means and labels
+  mkdir -p "$1"; [ -e "$1/corpus" ] || ln -s ../midi/corpus "$1/corpus"
+}
 subset() {  # DIR N [FROM]: a work folder whose unlabelled audio is the first N unlabelled songs of the work
   # folder FROM (default midi, the demo's; its own manifest, features, k-means and labels: less unlabelled
   # music), labelled songs shared with FROM. Songs are composed from (seed, split, index), so the first N
@@ -85,7 +88,11 @@ setting() {  # TAG -> run.sh options of that setting
     probe_fn) run probe_fn --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     bs8_u200) run bs8_u200 --ft-args "dataset.batch_size=8" --finetune-updates 200 ;;
     h2) run h2 --work exp/demo/midi_h2 --stage 1 --unlabelled-hours 2 ;;  # own corpus (2 h), own scratch arm
-    ft800) run ft800 --work exp/demo/midi_h2 --finetune-updates 800 ;;  # after h2 (its pretraining)
+    ft800) run ft800 --finetune-updates 800 ;;  # the demo's pretraining, its own scratch arm
+    prim) corpus_of exp/demo/midi_prim; run prim --work exp/demo/midi_prim --stage 2 --feature primitive \
+                --reuse-scratch exp/demo/midi/finetune/s0r ;;  # after s0r (its scratch arm)
+    k200) corpus_of exp/demo/midi_k200; run k200 --work exp/demo/midi_k200 --stage 2 --n-clusters 200 \
+                --reuse-scratch exp/demo/midi/finetune/s0r ;;  # after s0r (its scratch arm)
     h2_bs8) run h2_bs8 --work exp/demo/midi_h2 --ft-args "dataset.batch_size=8" ;;  # after h2 (its pretraining)
     h025) subset exp/demo/midi_h025 45 midi_h2; run h025 --work exp/demo/midi_h025 --stage 2 --unlabelled-hours 0.25 \
                 --reuse-scratch exp/demo/midi_h2/finetune/h2 ;;  # after h2 (its corpus, its scratch arm)

@@ -35,6 +35,9 @@
 #                               (recipe stages 5-6: k-means of iteration 1's layer --iter2-layer into
 #                               --iter2-clusters clusters, then a second pretraining of the same size)
 #   --iter2-layer L, --iter2-clusters K   defaults 3 and 100
+#   --feature mfcc|primitive    clustering feature of iteration 1 (default mfcc; primitive adds the
+#                               Bregman grouping cues, recipes/pahubert/run.sh --feature)
+#   --n-clusters K              k-means clusters of iteration 1 (default 50; 16 with --quick)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
@@ -60,6 +63,8 @@ select=best
 iteration=1
 iter2_layer=3
 iter2_clusters=100
+feature=mfcc
+clusters=
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=true; shift ;;
@@ -82,6 +87,8 @@ while [ $# -gt 0 ]; do
     --iteration) iteration=$2; shift 2 ;;
     --iter2-layer) iter2_layer=$2; shift 2 ;;
     --iter2-clusters) iter2_clusters=$2; shift 2 ;;
+    --feature) feature=$2; shift 2 ;;
+    --n-clusters) clusters=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
@@ -89,6 +96,8 @@ done
 case $corpus_kind in midi|toy) ;; *) echo "run.sh: --corpus must be midi or toy, got $corpus_kind" >&2; exit 1 ;; esac
 case $select in best|last) ;; *) echo "run.sh: --select must be best or last, got $select" >&2; exit 1 ;; esac
 case $iteration in 1|2) ;; *) echo "run.sh: --iteration must be 1 or 2, got $iteration" >&2; exit 1 ;; esac
+case $feature in mfcc|primitive) ;; *) echo "run.sh: --feature must be mfcc or primitive, got $feature" >&2; exit 1 ;; esac
+case $clusters in ''|[1-9]|[1-9][0-9]*) ;; *) echo "run.sh: --n-clusters must be a positive integer, got $clusters" >&2; exit 1 ;; esac
 
 # ---- sizes: everything the demo does is here ---------------------------------------------------
 sample_rate=16000
@@ -102,6 +111,7 @@ else
   p_updates=600; f_updates=400
 fi
 hours=${unlabelled_hours:-$hours}
+n_clusters=${clusters:-$n_clusters}
 pretrain_updates=${pretrain_updates:-$p_updates}
 finetune_updates=${finetune_updates:-$f_updates}
 work=${work:-exp/demo/${corpus_kind}$suffix}
@@ -132,12 +142,12 @@ fi
 
 # ---- 2-3: clustering + pretraining (recipes/pahubert/run.sh) -----------------------------------
 pre=$work/pahubert
-ckpt1=$pre/pretrain/iter1_mfcc_k${n_clusters}/checkpoints/checkpoint_last.pt
-ckpt2=$pre/pretrain/iter2_mfcc_k${n_clusters}_l${iter2_layer}_k${iter2_clusters}/checkpoints/checkpoint_last.pt
+ckpt1=$pre/pretrain/iter1_${feature}_k${n_clusters}/checkpoints/checkpoint_last.pt
+ckpt2=$pre/pretrain/iter2_${feature}_k${n_clusters}_l${iter2_layer}_k${iter2_clusters}/checkpoints/checkpoint_last.pt
 if [ $iteration = 1 ]; then ckpt=$ckpt1; else ckpt=$ckpt2; fi
 recipe() {
   bash recipes/pahubert/run.sh --audio-dir "$corpus/unlabelled" --exp-dir "$pre" --sample-rate $sample_rate \
-    --nj 2 --feature mfcc --n-clusters $n_clusters --valid-percent 0.02 --min-seconds 1 \
+    --nj 2 --feature $feature --n-clusters $n_clusters --valid-percent 0.02 --min-seconds 1 \
     --pretrain-config tiny --hubert-layer $iter2_layer --n-clusters-iter2 $iter2_clusters "$@"
 }
 pretrain_overrides() {  # the hydra overrides of both pretraining iterations
@@ -147,16 +157,17 @@ pretrain_overrides() {  # the hydra overrides of both pretraining iterations
     "lr_scheduler.warmup_updates=$(( pretrain_updates / 10 + 1 )) $pretrain_args"
 }
 # what a pretraining run depends on besides the corpus: the composed pretraining config and the overrides.
+feature_mark=; [ $feature = mfcc ] || feature_mark=" feature=$feature"  # mfcc runs keep their old fingerprints
 # Written into the done markers of pretraining and fine-tuning runs: a run made with another config is
 # not reused (a changed recipe is trained again, not silently mixed with old results).
 fingerprint=$("$PYTHON" -c 'import hashlib, sys; from omegaconf import OmegaConf
 from pahubert_plugin.configs import load_recipe_config
 print(hashlib.sha256((OmegaConf.to_yaml(load_recipe_config(sys.argv[1])) + sys.argv[2]).encode()).hexdigest()[:16])' \
-  recipes/pahubert/conf/pretrain/tiny.yaml "$(pretrain_overrides) k=$n_clusters iteration=$iteration") \
+  recipes/pahubert/conf/pretrain/tiny.yaml "$(pretrain_overrides) k=$n_clusters iteration=$iteration$feature_mark") \
   || { echo "run.sh: cannot read recipes/pahubert/conf/pretrain/tiny.yaml" >&2; exit 1; }
 same_run() { [ -f "$1" ] && [ "$(cat "$1")" = "$fingerprint" ]; }  # MARKER: made with this recipe
 if [ $stage -le 2 ]; then
-  step 2 "clustering: manifest, MFCC, fairseq k-means ($n_clusters clusters), labels"
+  step 2 "clustering: manifest, $feature features, fairseq k-means ($n_clusters clusters), labels"
   recipe --stage 0 --stop-stage 3
 fi
 if [ $stage -le 3 ]; then
