@@ -46,3 +46,24 @@ def test_quick_demo_end_to_end(tmp_path):
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert rerun.stdout.count("done before, reused") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--feature", "chroma"], "--feature must be mfcc or primitive, got chroma"),
+    (["--n-clusters", "0"], "--n-clusters must be a positive integer, got 0"),
+    (["--n-clusters", "50k"], "--n-clusters must be a positive integer, got 50k"),
+    (["--select", "median"], "--select must be best or last, got median"),
+])
+def test_demo_refuses_bad_options_before_any_work(tmp_path, args, message):
+    work = tmp_path / "work"
+    proc = subprocess.run(["bash", "examples/demo/run.sh", "--work", str(work), *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert proc.returncode == 1 and message in proc.stdout, proc.stdout
+    assert not work.exists()  # refused before anything was made
+
+
+def test_demo_help_names_the_clustering_options():
+    proc = subprocess.run(["bash", "examples/demo/run.sh", "--help"], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    assert "--feature mfcc|primitive" in proc.stdout and "--n-clusters K" in proc.stdout

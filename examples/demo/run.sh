@@ -97,7 +97,8 @@ case $corpus_kind in midi|toy) ;; *) echo "run.sh: --corpus must be midi or toy,
 case $select in best|last) ;; *) echo "run.sh: --select must be best or last, got $select" >&2; exit 1 ;; esac
 case $iteration in 1|2) ;; *) echo "run.sh: --iteration must be 1 or 2, got $iteration" >&2; exit 1 ;; esac
 case $feature in mfcc|primitive) ;; *) echo "run.sh: --feature must be mfcc or primitive, got $feature" >&2; exit 1 ;; esac
-case $clusters in ''|[1-9]|[1-9][0-9]*) ;; *) echo "run.sh: --n-clusters must be a positive integer, got $clusters" >&2; exit 1 ;; esac
+[[ -z $clusters || $clusters =~ ^[1-9][0-9]*$ ]] \
+  || { echo "run.sh: --n-clusters must be a positive integer, got $clusters" >&2; exit 1; }
 
 # ---- sizes: everything the demo does is here ---------------------------------------------------
 sample_rate=16000
