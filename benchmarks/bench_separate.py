@@ -206,6 +206,10 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
             "chunk_s": min(chunk_times), "rtf_long": min(chunk_times) / hop}
 
 
+KEEP_GPU_PAGES = "PAHUBERT_BENCH_KEEP_GPU_PAGES"  # how main tells its workers --keep-gpu-pages
+DROP_GPU_PAGES = os.environ.get(KEEP_GPU_PAGES) != "1"
+
+
 class Described(torch.nn.Module):
     """Any builder's model with what :class:`~pahubert_plugin.separate.Separator` reads from ours
     (``sources``, ``sample_rate``, ``audio_channels``): every builder's model is 44.1 kHz stereo in
@@ -222,11 +226,13 @@ class Described(torch.nn.Module):
 def memory_worker(model, segment: float, path: str, mode: str, precision: str = "fp32") -> dict:
     """Separate the WAV at ``path`` to 16-bit stems (``stream``: as pahubert-separate; ``memory``: the
     whole track in memory) into a temporary folder next to it; peak RSS of this process."""
-    from pahubert_plugin.apply import return_freed_memory
+    from pahubert_plugin.apply import drop_gpu_library_pages, return_freed_memory
     from pahubert_plugin.separate import Separator, save_stems
 
     return_freed_memory()  # as pahubert-separate's main does
     sep = Separator(Described(model), segment, precision=precision)
+    if DROP_GPU_PAGES:
+        drop_gpu_library_pages()  # as pahubert-separate's main does on the CPU
     model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = tempfile.mkdtemp(prefix="rss-", dir=os.path.dirname(path))
     t0 = time.perf_counter()
@@ -259,6 +265,7 @@ def write_noise(path: str, seconds: float, block: int = 1 << 20) -> None:
 
 def run_worker(name, mode, seconds, repeats, threads, variant="fp32", path="", tile=2.5) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    env[KEEP_GPU_PAGES] = "1" if not DROP_GPU_PAGES else "0"
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--mode", mode, "--seconds", str(seconds),
                            "--repeats", str(repeats), "--variant", variant, "--path", path, "--tile", str(tile)],
                           env=env, capture_output=True, text=True)
@@ -286,11 +293,17 @@ def main(argv=None) -> int:
                         "--tile; pahubert_resunet models only). Memory runs use every variant")
     p.add_argument("--tile", type=float, default=2.5, help="tile length (s) of the tile variant (default 2.5)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--keep-gpu-pages", action="store_true",
+                   help="memory runs keep the CUDA libraries' resident pages (pahubert-separate drops them on "
+                        "the CPU: pahubert_plugin.apply.drop_gpu_library_pages); for the before/after figure")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="rtf", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--path", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global DROP_GPU_PAGES
+    if args.keep_gpu_pages:
+        DROP_GPU_PAGES = False
     if args.worker:
         print(json.dumps(worker(args.worker, args.mode, args.seconds, args.repeats, args.variant, args.path,
                                 args.tile)))
@@ -325,7 +338,8 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp)
     memory = (f"peak RSS separating {', '.join(f'{s:g}' for s in lengths)} s to 16-bit WAV stems "
-              f"({args.memory_path} path)" if lengths else "no memory runs")
+              f"({args.memory_path} path, CUDA library pages {'dropped' if DROP_GPU_PAGES else 'kept'})"
+              if lengths else "no memory runs")
     print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: {os.cpu_count()} cores; {memory}")
     htdemucs = {r["variant"]: r for r in results if r.get("model") == "htdemucs" and "rtf" in r}
     mem_cols = "".join(f" peak RSS {s:g} s (MB) |" for s in lengths)

@@ -11,6 +11,7 @@ of output, so callers can stream results to disk for tracks of any length;
 :func:`apply_model` collects them into one tensor.  Neither changes the model's
 train/eval mode: the caller decides (fairseq's validation and :class:`Separator` use eval).
 """
+import re
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -74,6 +75,51 @@ def return_freed_memory() -> bool:
         return False
     M_MMAP_THRESHOLD = -3  # malloc.h
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+# shared libraries that only a GPU run executes: the CUDA runtime and its maths libraries (PyPI's torch
+# wheels for Linux link them into every process, CPU-only runs included)
+GPU_LIBRARIES = re.compile(r"/nvidia/|/lib(torch_cuda|c10_cuda|cudnn|nccl|cublas|cusparse|cufft|curand|cusolver|"
+                           r"nvrtc|nvJitLink|cupti|cufile|nvshmem|triton)[^/]*$")
+
+
+def drop_gpu_library_pages() -> float:
+    """Drop this process's resident pages of GPU-only shared libraries; the MiB dropped (0 off Linux).
+
+    Loading PyPI's CUDA build of torch maps the CUDA libraries (cuBLASLt, NVRTC, nvJitLink, ...) and
+    touches about 270 MiB of their pages, which then count in the resident memory of a CPU-only run for its
+    whole life. Only clean pages are dropped: read-only file mappings that hold no private (copy-on-write)
+    page, i.e. exactly what the kernel may reclaim on its own under memory pressure; a page touched again is
+    read back from the file, so nothing a program computes can change. Call it once the model is built, for
+    runs on the CPU (``pahubert-separate`` does; README: Speed and memory)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # not Linux
+        return 0.0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    MADV_DONTNEED = 4
+    mappings, current = [], None
+    for line in lines:
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # "start-end perms offset dev inode path"
+            current = {"range": head[0], "perms": head[1], "path": head[5] if len(head) > 5 else ""}
+            mappings.append(current)
+        elif current is not None and line.endswith(" kB"):
+            key, value = line.split(":", 1)
+            current[key] = int(value.split()[0])
+    dropped_kib = 0
+    for m in mappings:
+        if ("w" in m["perms"] or not GPU_LIBRARIES.search(m["path"]) or m.get("Anonymous", 1) != 0
+                or m.get("Rss", 0) == 0):
+            continue
+        start, end = (int(x, 16) for x in m["range"].split("-"))
+        if madvise(start, end - start, MADV_DONTNEED) == 0:
+            dropped_kib += m["Rss"]
+    return dropped_kib / 1024
 
 
 def set_decode_tile(model: nn.Module, seconds: float) -> nn.Module:
