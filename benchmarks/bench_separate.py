@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -58,7 +58,9 @@ def _resunet(**over):
     from pahubert_plugin.models.resunet import ResUNetConfig, ResUNetModel
 
     cfg = ResUNetConfig(sources=SOURCES, sample_rate=SR, audio_channels=2, **over)
-    return ResUNetModel(cfg)
+    model = ResUNetModel(cfg)
+    model.bench_cfg = cfg  # what save_checkpoint writes
+    return model
 
 
 def build_tiny():
@@ -80,6 +82,7 @@ def build_pahubert_base(preset: str = "", config: str = "base", decoder_units: i
 
     from pahubert_plugin.models.pahubert import PahubertConfig
     from pahubert_plugin.models.pahubert_resunet import PahubertResUNetConfig, PahubertResUNetModel
+    from pahubert_plugin.models.pretrained import remember
 
     conf = os.path.join(REPO, "recipes", "pahubert", "conf", "pretrain")
     yaml = load_recipe_config(os.path.join(conf, config + ".yaml"))
@@ -92,7 +95,11 @@ def build_pahubert_base(preset: str = "", config: str = "base", decoder_units: i
     cfg = OmegaConf.merge(OmegaConf.structured(PahubertResUNetConfig),
                           {"sources": SOURCES, "sample_rate": SR, "audio_channels": 2,
                            "decoder_units": decoder_units, "bottleneck_units": bottleneck_units})
-    return PahubertResUNetModel(cfg, OmegaConf.to_container(enc, resolve=True)), 10.0
+    enc = OmegaConf.to_container(enc, resolve=True)
+    model = PahubertResUNetModel(cfg, enc)
+    model.bench_cfg = cfg  # what save_checkpoint writes
+    remember(model, encoder_cfg=enc)  # as build_model: a saved checkpoint carries the architecture
+    return model, 10.0
 
 
 def build_umxl():
@@ -122,7 +129,10 @@ def build_demucs_v2():
     """recipes/musdb/conf/demucs_v2_base.yaml: Demucs V2 (64 ch doubling, depth 6, 2-layer BiLSTM, ~266 M)."""
     from pahubert_plugin.models.demucs_v2 import DemucsV2Config, DemucsV2Model
 
-    return DemucsV2Model(_musdb_model_cfg(DemucsV2Config, "demucs_v2_base.yaml"), SOURCES, SR, 2), 10.0
+    cfg = _musdb_model_cfg(DemucsV2Config, "demucs_v2_base.yaml")
+    model = DemucsV2Model(cfg, SOURCES, SR, 2)
+    model.bench_cfg = cfg  # what save_checkpoint writes
+    return model, 10.0
 
 
 def build_demucs_v2_hubert():
@@ -130,7 +140,9 @@ def build_demucs_v2_hubert():
     from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertConfig, DemucsV2HubertModel
 
     cfg = _musdb_model_cfg(DemucsV2HubertConfig, "demucs_v2_hubert_base.yaml")
-    return DemucsV2HubertModel(cfg, 2, SR, sources=SOURCES), 10.0
+    model = DemucsV2HubertModel(cfg, 2, SR, sources=SOURCES)
+    model.bench_cfg = cfg  # what save_checkpoint writes
+    return model, 10.0
 
 
 BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, float]]] = {
@@ -140,6 +152,8 @@ BUILDERS: Dict[str, Callable[[], Tuple[torch.nn.Module, float]]] = {
     "pahubert_base": build_pahubert_base,
     "pahubert_base_tokens25": lambda: build_pahubert_base("tokens25_base"),
     "pahubert_base_fast": lambda: build_pahubert_base("fast_base"),
+    "pahubert_base_fast_dec2": lambda: build_pahubert_base("fast_base", decoder_units=2),
+    "pahubert_base_fast_dec1": lambda: build_pahubert_base("fast_base", decoder_units=1),
     "umxl": build_umxl,
     "htdemucs": build_htdemucs,
     "demucs_v2": build_demucs_v2,
@@ -153,7 +167,7 @@ VARIANTS = ("fp32", "opt", "bf16", "tile")  # as built | optimize_for_inference 
 
 
 def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "fp32", path: str = "",
-           tile: float = 2.5) -> dict:
+           tile: float = 2.5, checkpoint: str = "") -> dict:
     """Runs in a subprocess: one model, one measurement; returns a dict.
 
     ``variant``: ``fp32`` the model as built; ``opt`` after
@@ -165,6 +179,15 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
     import pahubert_plugin  # noqa: F401
     from pahubert_plugin.apply import Autocast, apply_model, optimize_for_inference, set_decode_tile
 
+    if mode == "save":  # our models: a checkpoint file for the memory runs
+        torch.manual_seed(0)
+        model, segment = BUILDERS[name]()
+        save_checkpoint(model, segment, path)
+        return {"model": name, "checkpoint": path}
+    if mode != "rtf" and checkpoint:  # memory, loaded as pahubert-separate loads it: nothing built here
+        return memory_worker(None, None, path, mode, "bf16" if variant == "bf16" else "fp32", checkpoint,
+                             tile if variant == "tile" else 0.0, optimize=variant != "fp32") \
+            | {"model": name, "seconds": seconds, "loaded": "checkpoint"}
     torch.manual_seed(0)
     model, segment = BUILDERS[name]()
     model.eval()
@@ -175,7 +198,7 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
         if variant == "tile":
             set_decode_tile(model, tile)
         return memory_worker(model, segment, path, mode, "bf16" if variant == "bf16" else "fp32") \
-            | {"model": name, "seconds": seconds}
+            | {"model": name, "seconds": seconds, "loaded": "built"}
     x = 0.1 * torch.randn(2, int(seconds * SR))
     seg = int(segment * SR)
     max_diff = None
@@ -223,14 +246,46 @@ class Described(torch.nn.Module):
         return self.model(mixture)
 
 
-def memory_worker(model, segment: float, path: str, mode: str, precision: str = "fp32") -> dict:
+OURS = ("tiny", "base", "pahubert_tiny", "pahubert_base", "pahubert_base_tokens25", "pahubert_base_fast",
+        "pahubert_base_fast_dec2", "pahubert_base_fast_dec1", "demucs_v2", "demucs_v2_hubert")  # fairseq models
+FAIRSEQ_NAMES = {"ResUNetModel": "resunet", "PahubertResUNetModel": "pahubert_resunet",
+                 "DemucsV2Model": "demucs_v2", "DemucsV2HubertModel": "demucs_v2_hubert"}
+
+
+def save_checkpoint(model, segment: float, path: str) -> None:
+    """``model`` (one of ours, random weights) as the fine-tuned fairseq checkpoint a user would hand to
+    ``pahubert-separate``: ``cfg`` (task ``music_separation`` at 44.1 kHz stereo, :data:`SOURCES`, chunks of
+    ``segment`` seconds; the model's config with what its ``build_model`` saves, e.g. the encoder
+    architecture) and the weights. No optimizer state (the loader maps the file and never reads it)."""
+    from omegaconf import OmegaConf
+
+    name = FAIRSEQ_NAMES[type(model).__name__]
+    cfg = OmegaConf.to_container(OmegaConf.create(model.bench_cfg), resolve=True, enum_to_str=True)
+    cfg.update({"_name": name, **OmegaConf.to_container(OmegaConf.create(getattr(model, "config_updates", {})),
+                                                        resolve=True, enum_to_str=True)})
+    task = {"_name": "music_separation", "data": "", "sources": list(SOURCES), "sample_rate": SR,
+            "audio_channels": 2, "segment": segment, "valid_segment": segment}
+    torch.save({"cfg": {"task": task, "model": cfg}, "model": model.state_dict(),
+                "optimizer_history": [{"criterion_name": "SeparationCriterion", "optimizer_name": "Adam",
+                                       "lr_scheduler_state": {}, "num_updates": 0}],
+                "extra_state": {}, "last_optimizer_state": None}, path)
+
+
+def memory_worker(model, segment: Optional[float], path: str, mode: str, precision: str = "fp32",
+                  checkpoint: str = "", tile: float = 0.0, optimize: bool = True) -> dict:
     """Separate the WAV at ``path`` to 16-bit stems (``stream``: as pahubert-separate; ``memory``: the
-    whole track in memory) into a temporary folder next to it; peak RSS of this process."""
+    whole track in memory) into a temporary folder next to it; peak RSS of this process. With
+    ``checkpoint`` (our models) the model is loaded from that file as ``pahubert-separate`` does
+    (``Separator.from_checkpoint``: the weights mapped, not copied), else ``model`` is used as built."""
     from pahubert_plugin.apply import drop_gpu_library_pages, return_freed_memory
     from pahubert_plugin.separate import Separator, save_stems
 
     return_freed_memory()  # as pahubert-separate's main does
-    sep = Separator(Described(model), segment, precision=precision)
+    if checkpoint:
+        sep = Separator.from_checkpoint(checkpoint, "cpu", segment, precision=precision, optimize=optimize,
+                                        tile=tile)  # segment None: the one saved in the checkpoint
+    else:
+        sep = Separator(Described(model), segment, precision=precision)
     if DROP_GPU_PAGES:
         drop_gpu_library_pages()  # as pahubert-separate's main does on the CPU
     model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -263,12 +318,12 @@ def write_noise(path: str, seconds: float, block: int = 1 << 20) -> None:
             left -= n
 
 
-def run_worker(name, mode, seconds, repeats, threads, variant="fp32", path="", tile=2.5) -> dict:
+def run_worker(name, mode, seconds, repeats, threads, variant="fp32", path="", tile=2.5, checkpoint="") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     env[KEEP_GPU_PAGES] = "1" if not DROP_GPU_PAGES else "0"
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--mode", mode, "--seconds", str(seconds),
-                           "--repeats", str(repeats), "--variant", variant, "--path", path, "--tile", str(tile)],
-                          env=env, capture_output=True, text=True)
+                           "--repeats", str(repeats), "--variant", variant, "--path", path, "--tile", str(tile),
+                           "--checkpoint", checkpoint], env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"model": name, "error": (proc.stderr or proc.stdout)[-500:]}
@@ -300,13 +355,18 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="rtf", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--path", default="", help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", default="", help=argparse.SUPPRESS)
+    p.add_argument("--from-built", action="store_true",
+                   help="memory runs use the model built in the measuring process (random weights, as before the "
+                        "tenth session) instead of loading our models from a checkpoint file as pahubert-separate "
+                        "does (HT-Demucs and UMX-L are always built)")
     args = p.parse_args(argv)
     global DROP_GPU_PAGES
     if args.keep_gpu_pages:
         DROP_GPU_PAGES = False
     if args.worker:
         print(json.dumps(worker(args.worker, args.mode, args.seconds, args.repeats, args.variant, args.path,
-                                args.tile)))
+                                args.tile, args.checkpoint)))
         return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in BUILDERS]
@@ -330,9 +390,18 @@ def main(argv=None) -> int:
             for variant in variants:
                 r = (run_worker(name, "rtf", args.seconds, args.repeats, args.threads, variant, tile=args.tile)
                      if args.seconds > 0 else {"model": name, "variant": variant})
-                if "error" not in r:
-                    r["memory"] = {s: run_worker(name, args.memory_path, s, 1, args.threads, variant, path,
-                                                 args.tile) for s, path in inputs.items()}
+                if "error" not in r and inputs:
+                    ckpt = ""
+                    if not args.from_built and name in OURS:
+                        ckpt = os.path.join(tmp, f"{name}.pt")
+                        if not os.path.exists(ckpt):
+                            saved = run_worker(name, "save", 0, 1, args.threads, path=ckpt)
+                            if "error" in saved:
+                                r["memory_error"] = saved["error"]
+                                ckpt = None
+                    if ckpt is not None:
+                        r["memory"] = {s: run_worker(name, args.memory_path, s, 1, args.threads, variant, path,
+                                                     args.tile, ckpt) for s, path in inputs.items()}
                 results.append(r)
                 print(json.dumps(r), flush=True)
     finally:

@@ -55,16 +55,64 @@ def load_separation_model(path: str, device="cpu"):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with mapped_loads():  # the optimizer state in the file is never read into memory
-            models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path])
+            state = checkpoint_utils.load_checkpoint_to_cpu(path)
+        model, cfg = build_from_state(state)
     except (KeyError, AttributeError, TypeError) as e:  # a torch file, but not a fairseq checkpoint
         raise ValueError(f"{path}: not a fairseq checkpoint ({type(e).__name__}: {e}); expected "
                          f"checkpoint_best.pt of a music_separation fine-tuning run") from None
-    model = models[0]
+    del state  # the model's tensors keep what they use of the mapping; the rest is let go
     missing = [a for a in ("sources", "sample_rate", "audio_channels") if not hasattr(model, a)]
     if missing:
         raise ValueError(f"{path}: model {type(model).__name__} (task {cfg.task._name}) is not a separation "
                          f"model (no {missing}); expected a checkpoint fine-tuned with task=music_separation")
     return model.to(device).eval(), cfg
+
+
+def build_from_state(state: dict):
+    """``(model, cfg)`` from a fairseq checkpoint state, as ``load_model_ensemble_and_task`` builds it
+    (task from ``cfg.task``, model from ``cfg.model``, fairseq's state-dict upgrade and pruning), except
+    that the weights are *assigned*, not copied: the parameters become the checkpoint's own tensors.
+
+    With ``state`` read by :func:`~pahubert_plugin.checkpoint.mapped_loads` those tensors are views of the
+    mapped file, so the weights are resident once (as file pages, touched when used), not twice: fairseq's
+    ``load_state_dict`` copies them into the freshly initialised model, and for a moment (up to the end of
+    loading) both the model's copy and the file pages it was read from count in the process's RSS; for
+    ``demucs_v2`` base (1013 MiB of weights) that was the peak of a whole separation (README, "Speed and
+    memory"). A tensor whose dtype differs from the model's (a half-precision checkpoint) is converted, as
+    a copy would."""
+    import gc
+    import inspect
+
+    import torch
+    from fairseq import checkpoint_utils, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    if state.get("args") is not None:
+        cfg = convert_namespace_to_omegaconf(state["args"])
+    elif state.get("cfg") is not None:
+        cfg = state["cfg"]
+    else:
+        raise KeyError(f"neither args nor cfg in the checkpoint (keys {sorted(state)})")
+    task = tasks.setup_task(cfg.task, from_checkpoint=True)
+    if "task_state" in state:
+        task.load_state_dict(state["task_state"])
+    if "from_checkpoint" in inspect.getfullargspec(task.build_model).args:
+        model = task.build_model(cfg.model, from_checkpoint=True)
+    else:
+        model = task.build_model(cfg.model)
+    history = state.get("optimizer_history") or []
+    if history and "num_updates" in history[-1]:
+        model.set_num_updates(history[-1]["num_updates"])
+    weights = state["model"]
+    model.upgrade_state_dict(weights)
+    weights = checkpoint_utils.prune_state_dict(weights, cfg.model)
+    own = model.state_dict(keep_vars=True)
+    weights = {k: (v.to(own[k].dtype) if k in own and torch.is_tensor(v) and v.dtype != own[k].dtype else v)
+               for k, v in weights.items()}
+    torch.nn.Module.load_state_dict(model, weights, strict=True, assign=True)
+    del own, weights
+    gc.collect()  # the replaced random-init tensors can sit in reference cycles of the built model
+    return model, cfg
 
 
 def check_options(segment: Optional[float] = None, overlap: float = 0.25, batch_size: int = 1,

@@ -284,3 +284,26 @@ print(json.dumps({"cuda_build": torch.version.cuda is not None, "dropped": dropp
         pytest.skip("a CPU build of torch maps no CUDA library")
     assert r["dropped"] > 50 and r["rss_drop"] > 0.8 * r["dropped"], r  # the resident set fell by what it said
     assert r["again"] < 0.2 * r["dropped"], r  # what the CPU run touched since is all that comes back
+
+
+def test_demucs_without_autograd_computes_the_training_graph_values():
+    """Demucs V2 without autograd: ReLUs in place, each skip added into the decoder's own output and let go
+    once used (the list is emptied); the estimates are the autograd path's, and a tuple of skips works."""
+    from pahubert_plugin.models.demucs import DEMUCS_PRESETS, DemucsV2
+
+    torch.manual_seed(0)
+    model = DemucsV2(SOURCES, **DEMUCS_PRESETS["tiny"]).eval()
+    mix = torch.randn(2, 2, SR) * 0.3
+    with torch.enable_grad():
+        ref = model(mix)
+    assert ref.requires_grad
+    with torch.inference_mode():
+        lean = model(mix)
+        x, skips, ctx = model.encoder(mix)
+        n = len(skips)
+        from_tuple = model.decoder(model.bottleneck(x), tuple(skips), ctx)
+        assert len(skips) == n  # a tuple is not the caller's list: nothing emptied
+        from_list = model.decoder(model.bottleneck(x), skips, ctx)
+    assert skips == []
+    assert (lean - ref.detach()).abs().max() <= 1e-6 * mix.abs().max()
+    assert torch.equal(from_tuple, lean) and torch.equal(from_list, lean)

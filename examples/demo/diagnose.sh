@@ -97,6 +97,7 @@ setting() {  # TAG -> run.sh options of that setting
     h025) subset exp/demo/midi_h025 45 midi_h2; run h025 --work exp/demo/midi_h025 --stage 2 --unlabelled-hours 0.25 \
                 --reuse-scratch exp/demo/midi_h2/finetune/h2 ;;  # after h2 (its corpus, its scratch arm)
     fast) share exp/demo/midi_fast; run fast --work exp/demo/midi_fast --stage 3 --pretrain-args "+preset=fast_tiny" ;;
+    dec2) run dec2 --ft-args "model.decoder_units=2" ;;  # the demo's pretraining, its own scratch arm
     probe) run probe --ft-args "model.freeze_encoder_updates=1000000 model.decoder_skips=0" ;;
     *) echo "diagnose.sh: unknown setting $1 (see examples/demo/diagnose.tsv)" >&2; return 1 ;;
   esac

@@ -144,10 +144,19 @@ class DemucsEncoder(nn.Module):
         padded = self.num_steps(length) * self.total_stride
         x = F.pad(x, (0, padded - x.size(-1)))  # right-pad to a multiple of stride**depth
         skips = []
+        lean = not torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x)
+            x = _run_lean(layer, x) if lean else layer(x)
             skips.append(x)
         return x, skips, DemucsContext(length=length, padded=padded, mean=mean, std=std)
+
+
+def _run_lean(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` without autograd, each ReLU applied in place on the convolution output before it (the
+    same values; one full-size temporary less)."""
+    for sub in layer:
+        x = torch.relu_(x) if isinstance(sub, nn.ReLU) else sub(x)
+    return x
 
 
 class DemucsDecoder(nn.Module):
@@ -178,15 +187,37 @@ class DemucsDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor],
                 ctx: DemucsContext) -> torch.Tensor:
-        """x (batch, C_last, steps), skips from the encoder -> (batch, sources, channels, samples)."""
-        for layer, skip in zip(self.layers, reversed(skips)):
-            x = layer(x + skip)
+        """x (batch, C_last, steps), skips from the encoder -> (batch, sources, channels, samples).
+
+        Without autograd (``torch.no_grad`` / ``inference_mode``) a ``skips`` list is emptied as its
+        tensors are used, so that each can be freed (:meth:`_forward_lean`)."""
+        if not torch.is_grad_enabled():  # inference: the same values with fewer full-size tensors alive;
+            x = self._forward_lean(x, skips if isinstance(skips, list) else list(skips))  # empties a list
+        else:
+            for layer, skip in zip(self.layers, reversed(skips)):
+                x = layer(x + skip)
         if self.upsample > 1:
             x = AF.resample(x, self.upsample, 1)
         x = x[..., :ctx.length]  # drop the padding added by the encoder
         if ctx.std is not None:
             x = x * (1e-5 + ctx.std) + ctx.mean
         return x.reshape(x.size(0), self.num_sources, self.audio_channels, x.size(-1))
+
+
+    def _forward_lean(self, x: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
+        """The decoder layers without autograd: ``skips`` is emptied as it is used (each skip is let go
+        once its layer has added it), every skip after the first is added into the previous layer's own
+        output in place, and ReLUs run in place. Bit-identical to the autograd path (same operations, the
+        addition is commutative). The first layer's input is the bottleneck's, which callers may hold, so it
+        is added out of place."""
+        own = False
+        for layer in self.layers:
+            skip = skips.pop()
+            x = x.add_(skip) if own else x + skip
+            del skip
+            x = _run_lean(layer, x)
+            own = True
+        return x
 
 
 class BLSTM(nn.Module):
