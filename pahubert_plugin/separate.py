@@ -178,13 +178,14 @@ class Separator:
         ``optimize``: :func:`~pahubert_plugin.apply.optimize_for_inference` (BatchNorm folded into
         convolutions, channels_last; same estimates up to float rounding). ``precision="bf16"``:
         autocast (faster on CPUs with bfloat16 units, estimates about 1e-2 of the peak off)."""
-        from .apply import check_precision, optimize_for_inference
+        from .apply import check_precision, drop_file_pages, optimize_for_inference
 
         check_options(segment, overlap, batch_size, shifts, tile)
         check_precision(precision)  # before the model is loaded
         model, cfg = load_separation_model(path, device)
         if optimize:
             model = optimize_for_inference(model)
+            drop_file_pages(path)  # the file pages of the weights it replaced (README: Speed and memory)
         if segment is None:
             segment = float(cfg.task.get("valid_segment", 0) or cfg.task.get("segment", 10.0))
         return cls(model, segment, overlap, batch_size, device, shifts, precision=precision, tile=tile)

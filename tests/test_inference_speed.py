@@ -307,3 +307,22 @@ def test_demucs_without_autograd_computes_the_training_graph_values():
     assert skips == []
     assert (lean - ref.detach()).abs().max() <= 1e-6 * mix.abs().max()
     assert torch.equal(from_tuple, lean) and torch.equal(from_list, lean)
+
+
+def test_dropping_a_mapped_checkpoints_pages_changes_no_value(tmp_path):
+    """drop_file_pages lets go of the resident pages of a mapped file (a checkpoint whose weights
+    optimize_for_inference replaced): the tensors still read the same values, read back from the file; a
+    mapping with a page written in place (copy-on-write) is left alone, so the write survives."""
+    from pahubert_plugin.apply import drop_file_pages
+
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.arange(16 * 2 ** 20, dtype=torch.float32)}, path)  # 64 MiB
+    w = torch.load(path, mmap=True, weights_only=True)["w"]
+    expected = float(w.double().sum())  # touches every page
+    assert drop_file_pages(str(path)) > 48
+    assert drop_file_pages(str(path)) < 1  # nothing left resident
+    assert float(w.double().sum()) == expected and w[12345] == 12345
+    w[7] = -1.0  # a private page: the mapping is not dropped again
+    float(w.double().sum())
+    assert drop_file_pages(str(path)) == 0
+    assert w[7] == -1.0 and w[8] == 8
