@@ -286,11 +286,30 @@ print(json.dumps({"cuda_build": torch.version.cuda is not None, "dropped": dropp
     assert r["again"] < 0.2 * r["dropped"], r  # what the CPU run touched since is all that comes back
 
 
-def test_demucs_without_autograd_computes_the_training_graph_values():
-    """Demucs V2 without autograd: ReLUs in place, each skip added into the decoder's own output and let go
-    once used (the list is emptied); the estimates are the autograd path's, and a tuple of skips works."""
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_demucs_conv_glu_in_time_slices_is_the_whole_convolution(kernel):
+    """The lean path's stride-1 convolution + GLU over time slices with kernel // 2 steps of context: the
+    whole-signal values, ragged last slice and slices shorter than the signal's ends included."""
+    from pahubert_plugin.models.demucs import _conv_glu_sliced, _sliceable
+
+    torch.manual_seed(0)
+    conv, glu = torch.nn.Conv1d(6, 10, kernel, padding=kernel // 2), torch.nn.GLU(dim=1)
+    assert _sliceable(conv) and not _sliceable(torch.nn.Conv1d(6, 10, 3, padding=0))
+    x = torch.randn(2, 6, 1000)
+    with torch.no_grad():
+        ref = glu(conv(x))
+        for step in (1, 97, 999, 1000):
+            assert (_conv_glu_sliced(conv, glu, x, step=step) - ref).abs().max() < 1e-6
+
+
+def test_demucs_without_autograd_computes_the_training_graph_values(monkeypatch):
+    """Demucs V2 without autograd: ReLUs in place, convolution + GLU pairs in time slices, each skip added
+    into the decoder's own output and let go once used (the list is emptied), the LSTM on torch's native
+    kernels; the estimates are the autograd path's, and a tuple of skips works."""
+    from pahubert_plugin.models import demucs
     from pahubert_plugin.models.demucs import DEMUCS_PRESETS, DemucsV2
 
+    monkeypatch.setattr(demucs, "LEAN_SLICE", 300)  # several slices per layer at this size
     torch.manual_seed(0)
     model = DemucsV2(SOURCES, **DEMUCS_PRESETS["tiny"]).eval()
     mix = torch.randn(2, 2, SR) * 0.3
@@ -305,6 +324,7 @@ def test_demucs_without_autograd_computes_the_training_graph_values():
         assert len(skips) == n  # a tuple is not the caller's list: nothing emptied
         from_list = model.decoder(model.bottleneck(x), skips, ctx)
     assert skips == []
+    assert torch.backends.mkldnn.enabled  # the LSTM's switch is restored
     assert (lean - ref.detach()).abs().max() <= 1e-6 * mix.abs().max()
     assert torch.equal(from_tuple, lean) and torch.equal(from_list, lean)
 

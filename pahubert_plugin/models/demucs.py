@@ -21,6 +21,7 @@ Choices (documented, not taken from the paper):
 * ``normalize``: optionally standardise the mixture by the mean/std of its mono downmix and
   undo it on the output (off in the paper; useful for audio of arbitrary level).
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -151,12 +152,53 @@ class DemucsEncoder(nn.Module):
         return x, skips, DemucsContext(length=length, padded=padded, mean=mean, std=std)
 
 
-def _run_lean(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` without autograd, each ReLU applied in place on the convolution output before it (the
-    same values; one full-size temporary less)."""
-    for sub in layer:
-        x = torch.relu_(x) if isinstance(sub, nn.ReLU) else sub(x)
+LEAN_SLICE = 1 << 16  # time steps per slice of a stride-1 convolution + GLU in the lean path
+
+
+def _run_lean(layer: nn.Sequential, x) -> torch.Tensor:
+    """``layer(x)`` without autograd (``x`` a tensor, or a one-tensor list that is emptied so that the input
+    is freed as soon as it is used): each ReLU in place on the convolution output before it, and a stride-1
+    convolution followed by a GLU (the encoder's 1x1, the decoder's context convolution) computed
+    :data:`LEAN_SLICE` steps at a time, so its double-width output never exists whole (113 MiB per 10 s
+    chunk at 64 channels). The same values up to float rounding."""
+    if isinstance(x, list):
+        x = x.pop()
+    subs = list(layer)
+    i = 0
+    while i < len(subs):
+        sub = subs[i]
+        if isinstance(sub, nn.ReLU):
+            x = torch.relu_(x)
+        elif i + 1 < len(subs) and isinstance(subs[i + 1], nn.GLU) and _sliceable(sub):
+            x = _conv_glu_sliced(sub, subs[i + 1], x)
+            i += 1
+        else:
+            x = sub(x)
+        i += 1
     return x
+
+
+def _sliceable(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv1d and conv.stride == (1,) and conv.dilation == (1,) and conv.groups == 1
+            and conv.padding == (conv.kernel_size[0] // 2,) and conv.kernel_size[0] % 2 == 1
+            and conv.padding_mode == "zeros")
+
+
+def _conv_glu_sliced(conv: nn.Conv1d, glu: nn.GLU, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+    """``glu(conv(x))`` over time slices of ``x`` with ``kernel // 2`` steps of context each side (zeros
+    past the ends, as the convolution's own padding)."""
+    step = step or LEAN_SLICE
+    n = x.shape[-1]
+    if n <= step:
+        return glu(conv(x))
+    half = conv.kernel_size[0] // 2
+    out = x.new_empty(x.shape[0], conv.out_channels // 2, n)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        lo, hi = max(a - half, 0), min(b + half, n)
+        piece = F.pad(x[..., lo:hi], (half - (a - lo), half - (hi - b)))
+        out[..., a:b] = glu(F.conv1d(piece, conv.weight, conv.bias))
+    return out
 
 
 class DemucsDecoder(nn.Module):
@@ -215,9 +257,23 @@ class DemucsDecoder(nn.Module):
             skip = skips.pop()
             x = x.add_(skip) if own else x + skip
             del skip
-            x = _run_lean(layer, x)
+            box = [x]
+            del x  # _run_lean holds the layer's input alone: freed once its first operation has run
+            x = _run_lean(layer, box)
             own = True
         return x
+
+
+@contextlib.contextmanager
+def _native_cpu_kernels():
+    """oneDNN off while inside (process-wide: the ``torch.backends.mkldnn.enabled`` switch, set directly because
+    ``torch.backends.mkldnn.flags`` also touches the TF32 settings and warns about them)."""
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)
 
 
 class BLSTM(nn.Module):
@@ -229,8 +285,18 @@ class BLSTM(nn.Module):
         self.linear = nn.Linear(2 * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, dim, steps) -> (batch, dim, steps)."""
-        y, _ = self.lstm(x.permute(2, 0, 1))  # (steps, batch, 2 dim)
+        """x (batch, dim, steps) -> (batch, dim, steps).
+
+        Without autograd the LSTM runs torch's native CPU kernels instead of oneDNN's: oneDNN repacks the
+        weights on every call (about 190 MiB of temporaries at ``base``'s 2048 units: the peak of a whole
+        demucs_v2 base separation) and was slower here (8.0 s against 6.5-7.3 s for one 10 s chunk's
+        bottleneck, one thread); the outputs differ by float rounding (3e-7)."""
+        seq = x.permute(2, 0, 1)  # (steps, batch, dim)
+        if torch.is_grad_enabled() or seq.device.type != "cpu":
+            y, _ = self.lstm(seq)
+        else:
+            with _native_cpu_kernels():
+                y, _ = self.lstm(seq)
         return self.linear(y).permute(1, 2, 0)
 
 
