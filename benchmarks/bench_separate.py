@@ -246,8 +246,7 @@ class Described(torch.nn.Module):
         return self.model(mixture)
 
 
-OURS = ("tiny", "base", "pahubert_tiny", "pahubert_base", "pahubert_base_tokens25", "pahubert_base_fast",
-        "pahubert_base_fast_dec2", "pahubert_base_fast_dec1", "demucs_v2", "demucs_v2_hubert")  # fairseq models
+PEERS = ("umxl", "htdemucs")  # not fairseq models: memory runs always build them in the process
 FAIRSEQ_NAMES = {"ResUNetModel": "resunet", "PahubertResUNetModel": "pahubert_resunet",
                  "DemucsV2Model": "demucs_v2", "DemucsV2HubertModel": "demucs_v2_hubert"}
 
@@ -392,7 +391,7 @@ def main(argv=None) -> int:
                      if args.seconds > 0 else {"model": name, "variant": variant})
                 if "error" not in r and inputs:
                     ckpt = ""
-                    if not args.from_built and name in OURS:
+                    if not args.from_built and name not in PEERS:
                         ckpt = os.path.join(tmp, f"{name}.pt")
                         if not os.path.exists(ckpt):
                             saved = run_worker(name, "save", 0, 1, args.threads, path=ckpt)

@@ -245,13 +245,12 @@ class DemucsDecoder(nn.Module):
             x = x * (1e-5 + ctx.std) + ctx.mean
         return x.reshape(x.size(0), self.num_sources, self.audio_channels, x.size(-1))
 
-
     def _forward_lean(self, x: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
         """The decoder layers without autograd: ``skips`` is emptied as it is used (each skip is let go
         once its layer has added it), every skip after the first is added into the previous layer's own
-        output in place, and ReLUs run in place. Bit-identical to the autograd path (same operations, the
-        addition is commutative). The first layer's input is the bottleneck's, which callers may hold, so it
-        is added out of place."""
+        output in place, and each layer runs through :func:`_run_lean`; the same values up to float
+        rounding. The first layer's input is the bottleneck's, which callers may hold, so it is added out
+        of place."""
         own = False
         for layer in self.layers:
             skip = skips.pop()
