@@ -48,6 +48,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from pahubert_plugin.apply import cpu_has_native_bf16  # noqa: E402
 from pahubert_plugin.configs import load_recipe_config  # noqa: E402
 
 SR = 44100
@@ -408,7 +409,9 @@ def main(argv=None) -> int:
     memory = (f"peak RSS separating {', '.join(f'{s:g}' for s in lengths)} s to 16-bit WAV stems "
               f"({args.memory_path} path, CUDA library pages {'dropped' if DROP_GPU_PAGES else 'kept'})"
               if lengths else "no memory runs")
-    print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: {os.cpu_count()} cores; {memory}")
+    bf16 = "native bfloat16" if cpu_has_native_bf16() else "bfloat16 emulated (no AVX512-BF16 / AMX)"
+    print(f"\n{args.seconds:g} s stereo 44.1 kHz, {args.threads} threads, CPU: {os.cpu_count()} cores, "
+          f"{torch.backends.cpu.get_cpu_capability()}, {bf16}; {memory}")
     htdemucs = {r["variant"]: r for r in results if r.get("model") == "htdemucs" and "rtf" in r}
     mem_cols = "".join(f" peak RSS {s:g} s (MB) |" for s in lengths)
     print(f"| model | variant | params (M) | segment (s) | RTF | RTF vs htdemucs fp32 | RTF vs htdemucs, same variant "

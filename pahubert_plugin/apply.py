@@ -11,6 +11,7 @@ of output, so callers can stream results to disk for tracks of any length;
 :func:`apply_model` collects them into one tensor.  Neither changes the model's
 train/eval mode: the caller decides (fairseq's validation and :class:`Separator` use eval).
 """
+import logging
 import os
 import re
 from typing import Iterator, Optional, Tuple
@@ -20,11 +21,29 @@ from torch import nn
 
 
 PRECISIONS = ("fp32", "bf16")
+logger = logging.getLogger("pahubert_plugin.apply")
 
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU's own units (AVX512-BF16 or AMX); without them it emulates
+    bfloat16, which was 10x slower than fp32 for a convolution on an AVX2 CPU (README: Speed and memory)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def warn_if_emulated(precision: str, device) -> bool:
+    """Log a warning when ``precision`` is bf16 on a CPU without bfloat16 units; returns whether it warned."""
+    if precision != "bf16" or torch.device(device).type != "cpu" or cpu_has_native_bf16():
+        return False
+    logger.warning("--precision bf16: this CPU has no bfloat16 units (AVX512-BF16 or AMX; torch reports "
+                   "%s), so bfloat16 is emulated and separation will be several times SLOWER than fp32 "
+                   "(a convolution took 10x as long on an AVX2 CPU); use --precision fp32",
+                   torch.backends.cpu.get_cpu_capability())
+    return True
 
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:

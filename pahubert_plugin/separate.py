@@ -153,10 +153,11 @@ class Separator:
                  device="cpu", shifts: int = 0, seed: int = 0, precision: str = "fp32", tile: float = 0.0):
         import torch
 
-        from .apply import Autocast, return_freed_memory, set_decode_tile
+        from .apply import Autocast, return_freed_memory, set_decode_tile, warn_if_emulated
 
         check_options(segment, overlap, batch_size, shifts, tile)
         self.device = torch.device(device)
+        warn_if_emulated(precision, self.device)
         self.model = model.to(self.device).eval()
         if tile > 0:  # the memory of a tile: what a tile frees must leave the process too
             set_decode_tile(self.model, tile)
@@ -511,7 +512,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="chunks per forward pass, >= 1 (default 1)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="fp32 (default) or bf16: autocast to bfloat16, several times faster on CPUs with AMX or "
-                        "AVX512-BF16 units, estimates about 1e-2 of the peak away from fp32 (README: Speed)")
+                        "AVX512-BF16 units (elsewhere emulated and slower: a warning says so), estimates about 1e-2 of the peak away from fp32 (README: Speed)")
     p.add_argument("--tile", type=float, default=0.0, metavar="SECONDS",
                    help="pahubert_resunet only: decode each chunk in time tiles of about SECONDS, for less memory "
                         "(peak memory follows the tile instead of --segment; the same estimates up to float "

@@ -110,6 +110,28 @@ def test_separator_precision_option_is_checked(tmp_path):
     assert set(stems) == set(SOURCES) and all(np.isfinite(np.asarray(v)).all() for v in stems.values())
 
 
+def test_bf16_on_a_cpu_without_bfloat16_units_warns_that_it_is_emulated(monkeypatch, caplog):
+    """oneDNN emulates bfloat16 without AVX512-BF16 or AMX (a convolution 10x slower than fp32 on an AVX2
+    CPU): --precision bf16 says so instead of silently running several times slower."""
+    import logging
+
+    from pahubert_plugin import apply
+    from pahubert_plugin.separate import Separator
+
+    assert isinstance(apply.cpu_has_native_bf16(), bool)
+    monkeypatch.setattr(apply, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="pahubert_plugin.apply"):
+        Separator(trained_like(resunet()), 1.0, precision="bf16")
+    assert "no bfloat16 units" in caplog.text and "SLOWER than fp32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pahubert_plugin.apply"):
+        Separator(trained_like(resunet()), 1.0, precision="fp32")
+        assert not apply.warn_if_emulated("bf16", "cuda")  # CUDA has its own bfloat16 units
+    assert "bfloat16" not in caplog.text
+    monkeypatch.setattr(apply, "cpu_has_native_bf16", lambda: True)
+    assert not apply.warn_if_emulated("bf16", "cpu")
+
+
 def test_bench_separate_prints_speed_and_flat_memory_columns(tmp_path):
     """benchmarks/bench_separate.py runs end to end on the tiny model: a real-time factor, a peak RSS
     per --memory-seconds length (streamed to stems, as pahubert-separate) and their ratio."""
@@ -346,3 +368,23 @@ def test_dropping_a_mapped_checkpoints_pages_changes_no_value(tmp_path):
     float(w.double().sum())
     assert drop_file_pages(str(path)) == 0
     assert w[7] == -1.0 and w[8] == 8
+
+
+def test_winograd_probe_computes_the_convolution_it_times(capsys):
+    """benchmarks/probe_winograd.py (the evidence that Winograd does not pay here) times a real 3x3
+    convolution: equal to F.conv2d on odd and even sizes, and its table prints one row per level."""
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("probe_winograd", f"{REPO}/benchmarks/probe_winograd.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.manual_seed(0)
+    for c, k, h, w in [(3, 5, 7, 9), (4, 4, 8, 6), (2, 3, 1, 1)]:
+        x, wt = torch.randn(2, c, h, w), torch.randn(k, c, 3, 3)
+        ref = torch.nn.functional.conv2d(x, wt, padding=1)
+        torch.testing.assert_close(probe.winograd_conv(x, probe.winograd_weight(wt)), ref, rtol=1e-5, atol=1e-5)
+    probe.main(["--frames", "4", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == len(probe.LEVELS) and all("x |" in r for r in rows)
