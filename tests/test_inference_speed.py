@@ -199,18 +199,22 @@ def pahubert_resunet_strided(time_strides, decoder_skips=-1, stem_norm="batch"):
     return PahubertResUNetModel(cfg, OmegaConf.to_container(enc, resolve=True))
 
 
-@pytest.mark.parametrize("time_strides,skips,margin", [([1, 1, 1], -1, 24), ([1, 1, 1], 1, 12),
-                                                       ([1, 2, 2], -1, 32), ([2, 1, 2], 1, 20)])
-def test_tiled_decoding_computes_the_same_estimates(time_strides, skips, margin):
+@pytest.mark.parametrize("time_strides,skips,margin,levels", [
+    ([1, 1, 1], -1, 24, [(12, 1), (8, 1), (4, 1)]), ([1, 1, 1], 1, 12, [(12, 1), (8, 1), (4, 1)]),
+    ([1, 2, 2], -1, 32, [(16, 2), (8, 1), (4, 1)]), ([2, 1, 2], 1, 20, [(20, 2), (12, 2), (4, 1)])])
+def test_tiled_decoding_computes_the_same_estimates(time_strides, skips, margin, levels):
     """pahubert-separate --tile: the stem tile by tile, the transformer on the whole chunk, the stem again and
     the decoder per tile with tile_margin() frames of context: the estimates of whole chunks, for tiles
     shorter than the margin, tiles that do not divide the chunk and one tile longer than it. The margin is
     the hand count (3x3 convolutions: each unit reaches 2 frames at its level; 2 units per block, 3 stem
     blocks, 3 decoder levels; with one skip the decoder's deep levels need no stem context), and a decoder
-    without it gets the tile edges wrong."""
+    without it gets the tile edges wrong. Each decoder level decodes its tile with only the context its own
+    and the later levels' convolutions reach (decoder_margins(), the hand count at each level's scale); a
+    decoder cut tighter than that gets the edges wrong too."""
     torch.manual_seed(0)
     model = optimize_for_inference(trained_like(pahubert_resunet_strided(time_strides, skips)))
     assert model.tile_margin() == margin
+    assert model.decoder_margins() == levels
     mix = torch.randn(2, 2, int(2.3 * SR)) * 0.3  # 230 frames, two items
     peak = mix.abs().max()
     with torch.inference_mode():
@@ -224,11 +228,39 @@ def test_tiled_decoding_computes_the_same_estimates(time_strides, skips, margin)
         model.tile_margin = lambda: 0
         assert (model(mix) - ref).abs().max() > 1e-3 * peak
         del model.tile_margin
+        model.decoder_margins = lambda: [(0, scale) for _, scale in levels]
+        assert (model(mix) - ref).abs().max() > 1e-3 * peak
+        del model.decoder_margins
         model.set_decode_tile(0)
         assert model.decode_tile_frames == 0 and torch.equal(model(mix), ref)
     with torch.enable_grad():  # training and autograd never tile
         model.set_decode_tile(0.05)
         assert torch.allclose(model(mix), ref, atol=1e-5 * float(peak))
+
+
+def test_decoder_windows_cut_each_level_and_must_nest():
+    """ResUNetDecoder(windows=...): each level keeps its window of frames; the unwindowed decoder's frames
+    inside the windows' reach are reproduced, and windows that do not nest or do not match the levels are
+    refused by name."""
+    from pahubert_plugin.models.blocks import ResUNetDecoder, ResUNetEncoder
+
+    torch.manual_seed(0)
+    enc = ResUNetEncoder(2, [4, 8], [(2, 1), (2, 2)], units=1).eval()
+    dec = ResUNetDecoder(8, [4, 8], [(2, 1), (2, 2)], units=1, out_channels=3).eval()
+    x = torch.randn(1, 2, 8, 40)
+    with torch.inference_mode():
+        bottleneck, skips = enc(x)
+        ref = dec(bottleneck, skips)
+        # the bottleneck has 20 frames, both levels 40 (the shallow block pools frequency only); level 0 keeps
+        # [8, 36), level 1 [12, 32): one unit reaches 2 frames per level, so frames 14..29 are exact
+        got = dec(bottleneck, skips, windows=[(8, 36), (12, 32)])
+        assert got.shape[-1] == 20
+        torch.testing.assert_close(got[..., 2:18], ref[..., 14:30], rtol=1e-5, atol=1e-6)
+        assert (got[..., 0] - ref[..., 12]).abs().max() > 1e-4  # the cut at 12 reaches in: not exact there
+        with pytest.raises(ValueError, match="window \\(2, 30\\) of level 1 is not inside the frames \\[8, 36\\)"):
+            dec(bottleneck, skips, windows=[(8, 36), (2, 30)])
+        with pytest.raises(ValueError, match="2 levels but got 1 windows"):
+            dec(bottleneck, skips, windows=[(4, 16)])
 
 
 def test_tiled_decoding_is_refused_where_it_would_change_the_estimates(tmp_path):

@@ -178,17 +178,34 @@ class ResUNetDecoder(nn.Module):
             prev = ch
         self.head = nn.Conv2d(prev, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, skips: List[torch.Tensor], consume: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skips: List[torch.Tensor], consume: bool = False,
+                windows: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
         """``consume=True`` pops ``skips`` (the list is left empty) so that each skip can be freed as
         soon as its level has used it: the models pass their own list, which saves the memory of all
-        skips but the current one at the widest levels (same values)."""
+        skips but the current one at the widest levels (same values).
+
+        ``windows`` (deepest level first): each level keeps only frames ``[start, stop)`` of its own time
+        resolution, counted from the first frame of ``x``'s window, cutting the upsampled input and the skip
+        before its units; the windows must nest. For decoding a tile with context: a level needs only as much
+        context as its own and the later levels' convolutions reach (``pahubert_resunet``'s tiled decoding).
+        The output starts at the last window's ``start``."""
         if len(skips) != len(self.ups):
             raise ValueError(f"the decoder has {len(self.ups)} levels but got {len(skips)} skips")
+        if windows is not None and len(windows) != len(self.ups):
+            raise ValueError(f"the decoder has {len(self.ups)} levels but got {len(windows)} windows")
         if not consume:
             skips = list(skips)
-        for up, block, use in zip(self.ups, self.blocks, self.uses_skip):
+        offset = 0  # frames of this level's resolution cut from the front of x so far
+        for level, (up, block, use) in enumerate(zip(self.ups, self.blocks, self.uses_skip)):
             x = up(x)
             skip = skips.pop()
+            if windows is not None:
+                offset *= up.stride[1]
+                start, stop = windows[level]
+                if start < offset or stop - offset > x.shape[-1]:
+                    raise ValueError(f"decoder window {windows[level]} of level {level} is not inside the frames "
+                                     f"[{offset}, {offset + x.shape[-1]}) its input covers")
+                x, skip, offset = x[..., start - offset:stop - offset], skip[..., start:stop], start
             if use:
                 x = torch.cat([x, skip], dim=1)
             del skip

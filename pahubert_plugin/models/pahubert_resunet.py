@@ -19,7 +19,7 @@ bottleneck; the decoder mirrors the stem and takes its skips; the decoupled mask
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Tuple
 
 import torch
 from fairseq.models import register_model
@@ -225,6 +225,19 @@ class PahubertResUNetModel(SpectralSeparator):
             reach += time_reach(block, scales[i])
         return round_up(reach + time_reach(self.decoder.head), stem.stride[1])
 
+    def decoder_margins(self) -> List[Tuple[int, int]]:
+        """Per decoder level (deepest first): ``(margin, scale)``, the input frames of context each side of a
+        tile that the level's input needs (how far its own and the later levels' convolutions reach, a
+        multiple of its scale) and the input frames per frame at that level."""
+        _, scales, _ = encoder_reach(self.encoder.front_end.stem)
+        depth = len(self.decoder.blocks)
+        reach, out = time_reach(self.decoder.head), []
+        for level in reversed(range(depth)):  # from the output inward
+            scale = scales[depth - 1 - level]
+            reach = round_up(reach + time_reach(self.decoder.blocks[level], scale), scale)
+            out.append((reach, scale))
+        return out[::-1]
+
     def _estimate_spec_tiled(self, padded: torch.Tensor) -> torch.Tensor:
         front = self.encoder.front_end
         front.keep_skips, front.tile_frames = False, self.decode_tile_frames
@@ -237,12 +250,18 @@ class PahubertResUNetModel(SpectralSeparator):
         del out
         stem_in, _ = front.stem_input(padded)  # (B, C, F_pad, frames_pad), frames_pad = tokens x time stride
         stride, tile, margin = front.time_stride, self.decode_tile_frames, self.tile_margin()
+        levels = self.decoder_margins()
         n_bins, total, out = spec.shape[-2], stem_in.shape[-1], None
         for a in range(0, n_frames, tile):  # the frames past n_frames (the stem's padding) are never needed
             b = min(n_frames, a + tile)
-            lo, hi = max(0, a - margin), min(total, round_up(b, stride) + margin)
-            raw = self.decoder(x[..., lo // stride:hi // stride], front.stem(stem_in[..., lo:hi])[1], consume=True)
-            est = self.mask_head(raw[..., :n_bins, a - lo:b - lo], spec[..., a:b])  # the head is frame-wise
+            end = round_up(b, stride)
+            lo, hi = max(0, a - margin), min(total, end + margin)
+            # each decoder level on its tile plus the context its remaining convolutions reach, not the whole margin
+            windows = [((max(lo, a - m) - lo) // scale, (min(hi, end + m) - lo) // scale) for m, scale in levels]
+            raw = self.decoder(x[..., lo // stride:hi // stride], front.stem(stem_in[..., lo:hi])[1], consume=True,
+                               windows=windows)
+            first = lo + windows[-1][0] * levels[-1][1]  # the input frame the decoder's output starts at
+            est = self.mask_head(raw[..., :n_bins, a - first:b - first], spec[..., a:b])  # the head is frame-wise
             del raw
             if out is None:
                 out = est.new_empty(*est.shape[:-1], n_frames)
