@@ -110,6 +110,23 @@ class ResUNetEncoder(nn.Module):
             x = pool(x)
         return x, skips
 
+    def deepest(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output before its pooling (the deepest skip), keeping nothing else."""
+        for i, (block, pool) in enumerate(zip(self.blocks, self.pools)):
+            x = block(x)
+            if i < len(self.blocks) - 1:
+                x = pool(x)
+        return x
+
+    def shallow_skips(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The skips of every block but the last (the output of :meth:`deepest` completes them)."""
+        skips = []
+        for block, pool in zip(self.blocks[:-1], self.pools[:-1]):
+            x = block(x)
+            skips.append(x)
+            x = pool(x)
+        return skips
+
 
 def time_reach(module: nn.Module, scale: int = 1) -> int:
     """Frames (at the input's time resolution) by which the zero padding of ``module``'s convolutions

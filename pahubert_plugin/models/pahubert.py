@@ -25,7 +25,7 @@ from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig
 
 from .. import frames
-from .blocks import ResUNetEncoder, encoder_reach, tiled_in_time
+from .blocks import ResUNetEncoder, encoder_reach, round_up, tiled_in_time
 from .hubert_encoder import FrontEnd, FrontEndOutput, HubertPretrainingModel, HubertTokenEncoder, MaskedPredictionHead
 from .spectral import Spectrogram, compress
 
@@ -173,7 +173,8 @@ class SpectralFrontEnd(FrontEnd):
         return torch.arange(num_tokens, device=padding_mask.device)[None] >= valid_tokens[:, None]
 
     keep_skips = True  # False: the stem's skips are not kept (FrontEndOutput.skips is empty) ...
-    tile_frames = 0  # ... and with tile_frames > 0 the stem runs in time tiles (pahubert_resunet's tiled decoding)
+    tile_frames = 0  # ... and with tile_frames > 0 the stem runs in time tiles and FrontEndOutput.skips holds the
+    # deepest skip alone, whole (pahubert_resunet's tiled decoding: the block that costs most is not run twice)
 
     def stem_input(self, source: torch.Tensor):
         """``source`` (batch, channels, samples) -> the stem's input (B, C, F_pad, frames_pad) and the
@@ -197,11 +198,11 @@ class SpectralFrontEnd(FrontEnd):
         x, spec = self.stem_input(source)
         if self.keep_skips or self.tile_frames <= 0:
             bottleneck, skips = self.stem(x, keep_skips=self.keep_skips)  # (B, C_last, F', T')
-        else:  # the bottleneck alone, in the memory of a tile
-            margin = encoder_reach(self.stem)[2]
-            bottleneck = tiled_in_time(lambda t: self.stem(t, keep_skips=False)[0], x, self.tile_frames, margin,
-                                       self.time_stride)
-            skips = []
+        else:  # the deepest skip and the bottleneck, in the memory of a tile and of that skip
+            skip_reach, scales, _ = encoder_reach(self.stem)
+            deep = tiled_in_time(self.stem.deepest, x, self.tile_frames, round_up(skip_reach[-1], self.time_stride),
+                                 scales[-1])
+            bottleneck, skips = self.stem.pools[-1](deep), [deep]
         tokens = bottleneck.permute(0, 3, 1, 2).flatten(2)  # one token per (strided) frame: (B, T', C_last * F')
         return FrontEndOutput(tokens, skips, SpectralContext(spec, spec.shape[-1], bottleneck))
 

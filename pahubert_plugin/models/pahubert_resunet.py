@@ -193,11 +193,13 @@ class PahubertResUNetModel(SpectralSeparator):
         """Decode each chunk in time tiles of about ``seconds`` (0: whole chunks, the default).
 
         The transformer still sees the whole chunk, so the estimates are the same up to float rounding: a
-        first pass runs the stem without keeping its skips and the transformer; then for every tile the stem
-        runs again on the tile plus a margin on each side (:meth:`tile_margin` frames: as far as a tile's
-        edge can reach into its output through the stem's and the decoder's convolutions) and the decoder
-        decodes it. Peak memory follows the tile instead of the chunk (the five full-time-resolution stem
-        skips of a 10 s chunk alone are ~0.65 GB at base size); the price is the stem twice plus the margins
+        first pass runs the stem tile by tile keeping only its deepest skip (the last block's output, whose
+        block costs most) and the transformer; then for every tile the stem's other blocks run again on the
+        tile plus a margin on each side (:meth:`tile_margin` frames: as far as a tile's edge can reach into
+        its output through the stem's and the decoder's convolutions) and the decoder decodes it, each level
+        with only the context it needs (:meth:`decoder_margins`). Peak memory follows the tile instead of the
+        chunk (the five full-time-resolution stem skips of a 10 s chunk alone are ~0.65 GB at base size, the
+        deepest one ~0.1 GB); the price is most of the stem twice plus the margins
         (``benchmarks/bench_separate.py --variants tile`` measures both). Needs BatchNorm in the stem and the
         decoder: GroupNorm normalises over the whole chunk, so a tile would see other statistics."""
         seconds = float(seconds)
@@ -217,7 +219,8 @@ class PahubertResUNetModel(SpectralSeparator):
         (:func:`~pahubert_plugin.models.blocks.encoder_reach`); a multiple of the stem's time stride."""
         stem = self.encoder.front_end.stem
         skip_reach, scales, _ = encoder_reach(stem)
-        reach = 0  # the bottleneck map comes from the first pass, whose tiles have the stem's own margin: exact
+        skip_reach[-1] = 0  # the deepest skip comes whole from the first pass (tiles with the stem's own margin)
+        reach = 0  # so does the bottleneck map: exact
         for level, block in enumerate(self.decoder.blocks):
             i = len(stem.blocks) - 1 - level  # the stem block this level mirrors
             if self.decoder.uses_skip[level]:
@@ -247,6 +250,7 @@ class PahubertResUNetModel(SpectralSeparator):
             front.keep_skips, front.tile_frames = True, 0
         spec, n_frames = out.front.context.spec, out.front.context.num_frames
         x = self._bottleneck_map(out)  # (B, C_last, F', tokens)
+        (deep,), scale_deep = out.front.skips, encoder_reach(front.stem)[1][-1]
         del out
         stem_in, _ = front.stem_input(padded)  # (B, C, F_pad, frames_pad), frames_pad = tokens x time stride
         stride, tile, margin = front.time_stride, self.decode_tile_frames, self.tile_margin()
@@ -258,8 +262,8 @@ class PahubertResUNetModel(SpectralSeparator):
             lo, hi = max(0, a - margin), min(total, end + margin)
             # each decoder level on its tile plus the context its remaining convolutions reach, not the whole margin
             windows = [((max(lo, a - m) - lo) // scale, (min(hi, end + m) - lo) // scale) for m, scale in levels]
-            raw = self.decoder(x[..., lo // stride:hi // stride], front.stem(stem_in[..., lo:hi])[1], consume=True,
-                               windows=windows)
+            skips = front.stem.shallow_skips(stem_in[..., lo:hi]) + [deep[..., lo // scale_deep:hi // scale_deep]]
+            raw = self.decoder(x[..., lo // stride:hi // stride], skips, consume=True, windows=windows)
             first = lo + windows[-1][0] * levels[-1][1]  # the input frame the decoder's output starts at
             est = self.mask_head(raw[..., :n_bins, a - first:b - first], spec[..., a:b])  # the head is frame-wise
             del raw
