@@ -512,11 +512,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="chunks per forward pass, >= 1 (default 1)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="fp32 (default) or bf16: autocast to bfloat16, several times faster on CPUs with AMX or "
-                        "AVX512-BF16 units (elsewhere emulated and slower: a warning says so), estimates about 1e-2 of the peak away from fp32 (README: Speed)")
+                        "AVX512-BF16 units (elsewhere emulated and slower: a warning says so), estimates about "
+                        "1e-2 of the peak away from fp32 (README: Speed)")
     p.add_argument("--tile", type=float, default=0.0, metavar="SECONDS",
                    help="pahubert_resunet only: decode each chunk in time tiles of about SECONDS, for less memory "
                         "(peak memory follows the tile instead of --segment; the same estimates up to float "
-                        "rounding, the stem runs twice: slower, README: Speed and memory). Default 0: whole chunks")
+                        "rounding; most of the stem runs twice: slower, README: Speed and memory). "
+                        "Default 0: whole chunks")
     p.add_argument("--shifts", type=int, default=0,
                    help="average N passes over the input shifted by a random 0-0.5 s (demucs' shift trick; "
                         "N times slower; default 0 = one unshifted pass)")
