@@ -102,30 +102,28 @@ class ResUNetEncoder(nn.Module):
     def forward(self, x: torch.Tensor, keep_skips: bool = True) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``keep_skips=False``: the skip list comes back empty, and each block's output is freed as soon as
         it is pooled (the bottleneck alone, in the memory of one block)."""
-        skips = []
-        for block, pool in zip(self.blocks, self.pools):
-            x = block(x)
-            if keep_skips:
-                skips.append(x)
-            x = pool(x)
-        return x, skips
+        x, skips = self._run(x, len(self.blocks), keep_skips)
+        return (self.pools[-1](x) if self.pools else x), skips
 
     def deepest(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's output before its pooling (the deepest skip), keeping nothing else."""
-        for i, (block, pool) in enumerate(zip(self.blocks, self.pools)):
-            x = block(x)
-            if i < len(self.blocks) - 1:
-                x = pool(x)
-        return x
+        return self._run(x, len(self.blocks), keep_skips=False)[0]
 
     def shallow_skips(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The skips of every block but the last (the output of :meth:`deepest` completes them)."""
+        return self._run(x, len(self.blocks) - 1, keep_skips=True)[1]
+
+    def _run(self, x: torch.Tensor, stop: int, keep_skips: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Blocks ``[0, stop)``, each but the first after the previous block's pooling: the last block's output
+        before its own pooling, and the skips (each block's output) when kept."""
         skips = []
-        for block, pool in zip(self.blocks[:-1], self.pools[:-1]):
-            x = block(x)
-            skips.append(x)
-            x = pool(x)
-        return skips
+        for i in range(stop):
+            if i:
+                x = self.pools[i - 1](x)
+            x = self.blocks[i](x)
+            if keep_skips:
+                skips.append(x)
+        return x, skips
 
 
 def time_reach(module: nn.Module, scale: int = 1) -> int:
