@@ -85,6 +85,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import textwrap
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -1032,18 +1033,20 @@ def generate_corpus(out, train_clips: int = 200, valid_clips: int = 20, test_cli
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Render speech in machine noise, 16 kHz mono float32 WAV: labelled clips "
-                    "OUT/{train,valid,test}/<clip>/{mixture,speech,noise}.wav (mixture = speech + noise "
-                    "exactly) and unlabelled mixtures OUT/unlabelled/<clip>.wav (the folder to give "
-                    "pahubert-manifest), plus OUT/corpus.json. Speech: recorded Asterisk prompts (en, es) "
-                    "and flite/espeak-ng voices reading Debian's licence texts; test speakers and test "
-                    "noises are never in the other splits. Noise: OpenTTD's OpenSFX machine and vehicle "
-                    "recordings and procedural machines, layered into scenes. Deterministic for a seed "
-                    "whatever --jobs; finished clips are reused. Needs the Debian packages ffmpeg, flite, "
-                    "espeak-ng, asterisk-core-sounds-en-g722, asterisk-core-sounds-es-g722 and "
-                    f"openttd-opensfx; --reverb needs pip install {PYROOMACOUSTICS}.")
+    description = (
+        "Render speech in machine noise, 16 kHz mono float32 WAV: labelled clips "
+        "OUT/{train,valid,test}/<clip>/{mixture,speech,noise}.wav (mixture = speech + noise exactly) and "
+        "unlabelled mixtures OUT/unlabelled/<clip>.wav (the folder to give pahubert-manifest), plus "
+        "OUT/corpus.json. Speech: recorded Asterisk prompts (en, es) and flite/espeak-ng voices reading "
+        "Debian's licence texts; test speakers and test noises are never in the other splits. Noise: "
+        "OpenTTD's OpenSFX machine and vehicle recordings and procedural machines, layered into scenes. "
+        "Deterministic for a seed whatever --jobs; finished clips are reused.")
+    packages = ("Needs the Debian packages ffmpeg, flite, espeak-ng, asterisk-core-sounds-en-g722, "
+                "asterisk-core-sounds-es-g722 and openttd-opensfx (apt-get install ...); --reverb needs "
+                f"pip install {PYROOMACOUSTICS}.")
+    wrap = functools.partial(textwrap.fill, width=100, break_on_hyphens=False, break_long_words=False)
+    p = argparse.ArgumentParser(prog=PROG, description=wrap(description) + "\n\n" + wrap(packages),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="output folder")
     p.add_argument("--train-clips", type=int, default=200, help="labelled training clips (default 200)")
     p.add_argument("--valid-clips", type=int, default=20, help="labelled validation clips (default 20)")
