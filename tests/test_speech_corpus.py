@@ -304,7 +304,12 @@ def test_reverb(tmp_path):
     mix, speech, noise = (_read(clip / f"{s}.wav") for s in sn.STEMS)
     assert np.array_equal(mix, speech + noise) and np.abs(mix).max() <= sn.PEAK
     info = _meta(out)["clips"]["train"]["train_0000"]
-    assert 0.15 <= info["reverb"]["rt60_s"] <= 0.6
+    rt60 = info["reverb"]["rt60_s"]
+    assert 0.15 <= rt60 <= 0.6 and abs(info["reverb"]["measured_rt60_s"] - rt60) < 0.1 * rt60, info["reverb"]
+    dry = tmp_path / "dry"  # the same clip without the room
+    assert sn.main([str(dry), "--train-clips", "1", "--valid-clips", "0", "--test-clips", "0",
+                    "--unlabelled-minutes", "0", "--clip-seconds", "2", "--no-progress"]) == 0
+    assert not np.array_equal(_read(dry / "train" / "train_0000" / "speech.wav"), speech)
 
 
 def test_unlabelled_count():

@@ -41,8 +41,9 @@ the other splits only the rest.
 Mixing. The speech is set to -32..-22 dBFS (RMS of the clip), the noise to a speech-to-noise
 ratio drawn per clip from ``--snr-range`` (default -5..15 dB; the energy ratio of the written
 stems over the whole clip); with ``--reverb`` both are first convolved with room impulse
-responses of one random small room (pyroomacoustics, RT60 0.15-0.6 s, two source positions and
-a microphone). A clip whose peak (mixture or stem) would pass 0.99 is scaled down. Stems and
+responses of one random small room (3-8 x 2.5-6 x 2.4-3.5 m, RT60 0.15-0.6 s, two source
+positions and a microphone): early reflections by pyroomacoustics' image method (order 8), a
+modelled exponential late tail (:func:`late_tail`; the measured RT60 is in the clip's json). A clip whose peak (mixture or stem) would pass 0.99 is scaled down. Stems and
 mixture are float32 WAV and ``mixture = speech + noise`` exactly, in float32.
 
 Layout under OUT::
@@ -63,9 +64,12 @@ unless its files exist with a matching json (an interrupted clip is redone, a ch
 redoes the clips it changes; more clips only add clips, fewer remove the extra ones). A folder
 holding files but no corpus.json of this generator is refused unless ``--overwrite``.
 
-Speed, measured on this project's 2-core machine (shared with other jobs): see
-:data:`MEASURED` in the README of the report; rendering is dominated by the speech synthesis and
-G.722 decoding subprocesses and the scene's filters.
+Speed, measured on this project's 2-core CPU machine while other jobs loaded it (load average
+7-9, so upper bounds): 1 hour of unlabelled 10 s mixtures (360 clips) in 182 s with ``--jobs 2``
+(20x real time); the defaults (200 train, 20 valid, 40 test clips and 1 hour unlabelled: 620
+clips, 1.7 hours, 704 MB) in about 5 minutes. Alone, one process renders a 10 s clip in ~0.4 s:
+about half waiting for flite/espeak-ng/ffmpeg, half the noise scene in numpy; ``--reverb`` adds
+~0.1-0.2 s per clip.
 
 Debian packages: ffmpeg, flite, espeak-ng, asterisk-core-sounds-en-g722,
 asterisk-core-sounds-es-g722, openttd-opensfx (base-files provides the licence texts).
@@ -383,8 +387,11 @@ def prepare_sources(asterisk_root: str = ASTERISK_ROOT, opensfx: str = OPENSFX_C
                                 f"openttd-opensfx 1.0.x")
     sentences = read_texts(text_dir)
     check_flite_voices(tools["flite"])
+    import scipy
+
     versions = {"ffmpeg": _version(tools["ffmpeg"], "-version"), "flite": _version(tools["flite"], "--version"),
-                "espeak-ng": _version(tools["espeak-ng"], "--version")}
+                "espeak-ng": _version(tools["espeak-ng"], "--version"), "numpy": np.__version__,
+                "scipy": scipy.__version__}
     if reverb:
         versions["pyroomacoustics"] = import_pyroomacoustics().__version__
     with open(opensfx, "rb") as f:
@@ -601,7 +608,7 @@ def _loop(x: np.ndarray, n: int, start: int, fade: int) -> np.ndarray:
     return out[:n]
 
 
-def _recording_layer(rng, title: str, sound: np.ndarray, n: int, sr: int) -> Tuple[np.ndarray, str]:
+def _recording_layer(rng, sound: np.ndarray, n: int, sr: int) -> Tuple[np.ndarray, str]:
     if len(sound) >= LOOP_MIN_SECONDS * sr:
         return _unit(_loop(sound, n, int(rng.integers(0, len(sound) // 2)), int(0.05 * sr))), "loop"
     pos = _events(rng, n, sr, rng.uniform(1.2, 6.0), regular=False)
@@ -629,7 +636,7 @@ def noise_scene(rng, n: int, sr: int, pool: dict, opensfx: Dict[str, np.ndarray]
             name = titles[int(rng.integers(len(titles)))] if recorded else machines[int(rng.integers(len(machines)))]
             level = float(rng.uniform(-12, 0))
         if recorded:
-            x, mode = _recording_layer(rng, name, opensfx[name], n, sr)
+            x, mode = _recording_layer(rng, opensfx[name], n, sr)
         else:
             x, mode = MACHINES[name](rng, n, sr), "procedural"
         gain_db = level + np.clip(_slow_curve(rng, n, sr, rng.uniform(1.5, 4), rng.uniform(1.5, 4)), -9, 9)
@@ -651,12 +658,11 @@ def noise_scene(rng, n: int, sr: int, pool: dict, opensfx: Dict[str, np.ndarray]
 
 # --------------------------------------------------------------------------- speech
 
-def _run_all(cmds: Sequence[Tuple[List[str], Optional[str]]], what: str) -> None:
-    """Run commands side by side (``[(argv, stdin_text), ...]``); a SpeechCorpusError with the
-    stderr of the first one that fails."""
+def _run_all(cmds: Sequence[List[str]], what: str) -> None:
+    """Run commands side by side; a SpeechCorpusError with the stderr of the first one that fails."""
     procs = []
     try:
-        for argv, _ in cmds:
+        for argv in cmds:
             try:
                 procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                               stderr=subprocess.PIPE, text=True))
@@ -668,7 +674,7 @@ def _run_all(cmds: Sequence[Tuple[List[str], Optional[str]]], what: str) -> None
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for (argv, _), p, (so, se) in zip(cmds, procs, outputs):
+    for argv, p, (so, se) in zip(cmds, procs, outputs):
         if p.returncode != 0:
             tail = " ".join((se + so).strip().splitlines()[-3:])
             raise SpeechCorpusError(f"{os.path.basename(argv[0])} failed ({what}, exit {p.returncode}): "
@@ -684,7 +690,7 @@ def decode_g722(paths: Sequence[str], ffmpeg: str, tmp: str) -> List[np.ndarray]
     for i in range(len(paths)):
         outs.append(os.path.join(tmp, f"g722_{i}.raw"))
         cmd += ["-map", f"{i}:a", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "s16le", outs[-1]]
-    _run_all([(cmd, None)], f"decoding {len(paths)} G.722 prompts such as {paths[0]}")
+    _run_all([cmd], f"decoding {len(paths)} G.722 prompts such as {paths[0]}")
     return [np.fromfile(o, dtype="<i2").astype(np.float64) / 32768.0 for o in outs]
 
 
@@ -706,7 +712,7 @@ def synthesize(engine: str, voice: str, texts: Sequence[str], tools: dict, tmp: 
         else:
             argv = [tools["espeak-ng"], "-v", voice, "-s", str(int(round(175 * rate))), "-p", str(pitch),
                     "-w", wav, "-f", txt]
-        cmds.append((argv, None))
+        cmds.append(argv)
         wavs.append(wav)
     _run_all(cmds, f"{engine} voice {voice}")
     out = []
@@ -774,17 +780,39 @@ def speech_track(rng, speaker: str, n: int, sr: int, ctx: dict, text_pool: str, 
 
 # --------------------------------------------------------------------------- reverb and mixing
 
+EARLY_ORDER = 8  # image-source order of the early reflections; the late tail is modelled (see room_reverb)
+
+
+def late_tail(rng, early: np.ndarray, sr: int, rt60: float) -> np.ndarray:
+    """An impulse response from ``early`` (image-method early reflections): from 20 ms after the
+    direct sound, cross-faded over 30 ms, Gaussian noise whose level falls 60 dB in ``rt60`` seconds,
+    its energy matched to ``early`` over the cross-fade. (The image method alone needs orders of
+    100+ in a small room at RT60 0.6 s, seconds per response; pyroomacoustics' ray tracing is not
+    reproducible.)"""
+    direct = int(np.argmax(np.abs(early)))
+    t1 = direct + int(0.02 * sr)
+    t2 = t1 + int(0.03 * sr)
+    length = max(len(early), t1 + int(1.1 * rt60 * sr))
+    rir = np.zeros(length)
+    rir[:len(early)] = early
+    t = (np.arange(length) - t1) / sr
+    tail = rng.standard_normal(length) * 10 ** (-3 * np.maximum(t, 0) / rt60)
+    tail *= np.sqrt(np.sum(rir[t1:t2] ** 2) / (np.sum(tail[t1:t2] ** 2) + 1e-20))
+    fade = np.clip((np.arange(length) - t1) / (t2 - t1), 0, 1)
+    return rir * (1 - fade) + tail * fade
+
+
 def room_reverb(rng, speech: np.ndarray, noise: np.ndarray, sr: int) -> Tuple[np.ndarray, np.ndarray, dict]:
-    """Both stems through one random small shoebox room (pyroomacoustics image method): the speech
-    and the machines at two positions, one microphone. Lengths are kept (the tails are cut)."""
+    """Both stems through one random small shoebox room: the speech and the machines at two
+    positions, one microphone; early reflections by pyroomacoustics' image method, the late
+    reverberation by :func:`late_tail`. Lengths are kept (the tails are cut)."""
     from scipy.signal import fftconvolve
 
     pra = import_pyroomacoustics()
     dims = np.array([rng.uniform(3, 8), rng.uniform(2.5, 6), rng.uniform(2.4, 3.5)])
     rt60 = float(rng.uniform(0.15, 0.6))
     absorption, max_order = pra.inverse_sabine(rt60, dims)
-    max_order = int(min(max_order, 24))
-    room = pra.ShoeBox(dims, fs=sr, materials=pra.Material(absorption), max_order=max_order)
+    room = pra.ShoeBox(dims, fs=sr, materials=pra.Material(absorption), max_order=min(max_order, EARLY_ORDER))
 
     def point():
         return dims * rng.uniform(0.15, 0.85, 3)
@@ -794,10 +822,12 @@ def room_reverb(rng, speech: np.ndarray, noise: np.ndarray, sr: int) -> Tuple[np
     room.add_source(src_noise)
     room.add_microphone(mic)
     room.compute_rir()
+    rirs = [late_tail(rng, np.asarray(room.rir[0][k], dtype=np.float64), sr, rt60) for k in (0, 1)]
     n = len(speech)
-    speech = fftconvolve(speech, room.rir[0][0])[:n]
-    noise = fftconvolve(noise, room.rir[0][1])[:n]
-    info = {"room_m": [round(float(d), 2) for d in dims], "rt60_s": round(rt60, 3), "max_order": max_order,
+    speech = fftconvolve(speech, rirs[0])[:n]
+    noise = fftconvolve(noise, rirs[1])[:n]
+    info = {"room_m": [round(float(d), 2) for d in dims], "rt60_s": round(rt60, 3),
+            "measured_rt60_s": round(float(pra.experimental.measure_rt60(rirs[0], fs=sr)), 3),
             "speech_distance_m": round(float(np.linalg.norm(src_speech - mic)), 2),
             "noise_distance_m": round(float(np.linalg.norm(src_noise - mic)), 2)}
     return speech, noise, info
@@ -984,9 +1014,13 @@ def generate_corpus(out, train_clips: int = 200, valid_clips: int = 20, test_cli
     if jobs > 1 and len(jobs_list) > 1:
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker,
                                                     initargs=(ctx,)) as pool:
-            futures = [pool.submit(make_clip, job) for job in jobs_list]
+            futures = {pool.submit(make_clip, job): job for job in jobs_list}
             for fut in concurrent.futures.as_completed(futures):
-                results.append(fut.result())
+                try:
+                    results.append(fut.result())
+                except Exception as e:  # noqa: BLE001 -- a worker died (killed, out of memory)
+                    job = futures[fut]
+                    results.append((job[1], job[3], None, False, f"worker process failed: {type(e).__name__}: {e}"))
                 bar.update()
     else:
         _init_worker(ctx)
@@ -1020,6 +1054,8 @@ def generate_corpus(out, train_clips: int = 200, valid_clips: int = 20, test_cli
         "speakers": speakers,
         "clips_per_split": {s: len(clips[s]) for s in SPLITS},
         "seconds_per_split": {s: round(len(clips[s]) * clip_seconds, 3) for s in SPLITS},
+        "speech_seconds_per_split": {s: round(sum(c["speech_seconds"] for c in clips[s].values()), 2)
+                                     for s in SPLITS},
         "clips": clips,
     }
     if failed:
