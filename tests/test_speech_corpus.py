@@ -145,13 +145,17 @@ def test_cache_resume_and_changed_options(corpus, tmp_path):
     kw = dict(train_clips=2, valid_clips=1, test_clips=1, unlabelled_minutes=0.2, clip_seconds=SECONDS,
               seed=3, snr_range=SNR, progress=False)
     mtimes = {p: p.stat().st_mtime_ns for p in copy.rglob("*.wav")}
+    (copy / "unlabelled" / "unlabelled_00001.wav.tmp-999").write_bytes(b"killed mid-write")
     meta = sn.generate_corpus(copy, **kw)
     assert meta["rendered"] == 0 and not meta["failed"]
+    assert not list(copy.rglob("*.tmp-*"))
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("*.wav")} == mtimes
     # a clip without its json (killed before the end) is rendered again, and only that one
     (copy / "clips" / "test" / "test_0000.json").unlink()
     (copy / "test" / "test_0000" / "speech.wav").write_bytes(b"half")
+    (copy / "test" / "test_0000" / "noise.wav.tmp-999").write_bytes(b"half")
     assert sn.generate_corpus(copy, **kw)["rendered"] == 1
+    assert sorted(os.listdir(copy / "test" / "test_0000")) == ["mixture.wav", "noise.wav", "speech.wav"]
     for stem in sn.STEMS:
         assert filecmp.cmp(corpus / "test" / "test_0000" / f"{stem}.wav",
                            copy / "test" / "test_0000" / f"{stem}.wav", shallow=False)

@@ -3,7 +3,7 @@
 Speech. Real recorded speech from Debian's Asterisk prompts, ``asterisk-core-sounds-en-g722`` and
 ``asterisk-core-sounds-es-g722`` (16 kHz G.722 files under ``/usr/share/asterisk/sounds/{en,es}``,
 decoded with ``ffmpeg -f g722``), plus synthetic voices: the ``flite`` voices awb, kal16, rms
-and slt, and ``espeak-ng`` voices with variants (``en-us+f3`` ...), reading sentences of real
+and slt (not kal, the same talent as kal16 at 8 kHz, nor awb_time, which only tells the time), and ``espeak-ng`` voices with variants (``en-us+f3`` ...), reading sentences of real
 prose shipped with Debian (the licence texts of ``/usr/share/common-licenses``). Only the ``en``
 and ``es`` prompt folders are read (other Asterisk languages, the ``asterisk-moh-*`` music and
 festival voices are kept for an independent evaluation); prompts that are tones, silence, music
@@ -910,6 +910,11 @@ def make_clip(job) -> Tuple[str, str, Optional[dict], bool, Optional[str]]:
         meta_path = _meta_path(out, split, name)
         if os.path.exists(meta_path):
             os.remove(meta_path)  # stale: the files are about to change
+        folder = os.path.join(out, split, name)
+        if split != "unlabelled" and os.path.isdir(folder):  # leftovers of an interrupted write
+            for entry in os.listdir(folder):
+                if ".tmp-" in entry:
+                    os.remove(os.path.join(folder, entry))
         rng = np.random.default_rng(np.random.SeedSequence([params["seed"], SPLIT_IDS[split], index]))
         with tempfile.TemporaryDirectory(prefix="pahubert-speech-") as tmp:
             m32, s32, n32, info = render_clip(rng, split, _CTX, params, tmp)
