@@ -3,8 +3,9 @@
 Speech. Real recorded speech from Debian's Asterisk prompts, ``asterisk-core-sounds-en-g722`` and
 ``asterisk-core-sounds-es-g722`` (16 kHz G.722 files under ``/usr/share/asterisk/sounds/{en,es}``,
 decoded with ``ffmpeg -f g722``), plus synthetic voices: the ``flite`` voices awb, kal16, rms
-and slt (not kal, the same talent as kal16 at 8 kHz, nor awb_time, which only tells the time), and ``espeak-ng`` voices with variants (``en-us+f3`` ...), reading sentences of real
-prose shipped with Debian (the licence texts of ``/usr/share/common-licenses``). Only the ``en``
+and slt (not kal, the same talent as kal16 at 8 kHz, nor awb_time, which only tells the time),
+and ``espeak-ng`` voices with variants (``en-us+f3`` ...), reading sentences of real prose
+shipped with Debian (the licence texts of ``/usr/share/common-licenses``). Only the ``en``
 and ``es`` prompt folders are read (other Asterisk languages, the ``asterisk-moh-*`` music and
 festival voices are kept for an independent evaluation); prompts that are tones, silence, music
 or animals (``beep*``, ``*-2tone``, ``silence/``, ``confbridge-begin-glorious-*``,
