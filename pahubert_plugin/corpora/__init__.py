@@ -1,0 +1,1 @@
+"""Corpus generators beyond music: speech, machine recordings and their mixtures."""
