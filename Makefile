@@ -23,6 +23,12 @@ $(STAMP): setup.py Makefile
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 	    fluidsynth musescore-general-soundfont-small timgm6mb-soundfont; }
+	@{ command -v flite >/dev/null && command -v espeak-ng >/dev/null && test -d /usr/share/asterisk/sounds/en \
+	  && test -d /usr/share/asterisk/sounds/es && test -d /usr/share/games/openttd/baseset/opensfx; } || { \
+	  echo "[setup] installing Debian speech prompts, voices and machine sounds (pahubert-speech-corpus needs them)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    flite espeak-ng asterisk-core-sounds-en-g722 asterisk-core-sounds-es-g722 openttd-opensfx; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(BUILD_PINS)
 	$(PIP) install -q $(TORCH_PINS)
