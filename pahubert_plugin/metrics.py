@@ -242,7 +242,7 @@ def summarize_tracks(tracks: Mapping[str, Mapping], sources: Sequence[str], metr
     for the mixture as the estimate) are averaged over tracks, ignoring NaN.  Returns
     :func:`summarize_museval`'s dict (``num_tracks``, ``sources``, ``mean``, ``tracks``) with the
     whole-track keys added, plus ``mixture`` (``sources`` and ``mean`` of the baseline),
-    ``undefined`` (``{key: {source: tracks with NaN}}``, model and mixture together) and
+    ``undefined`` (``{key: {source: number of tracks where the model's or the mixture's value is NaN}}``) and
     ``worse_than_mixture`` (``{source: SI-SDRi}`` for every source whose SI-SDRi is negative).
     """
     if "sdr" in metrics:
@@ -260,10 +260,6 @@ def summarize_tracks(tracks: Mapping[str, Mapping], sources: Sequence[str], metr
                 if not values:
                     continue
                 out["sources"][src][key] = nanmean(values)
-                nans = sum(math.isnan(float(v)) for v in values)
-                if nans:
-                    undefined.setdefault(key, {}).setdefault(src, 0)
-                    undefined[key][src] += nans
                 if side == "model":
                     for name, r in tracks.items():
                         if key in r.get(field, {}).get(src, {}):
@@ -271,6 +267,14 @@ def summarize_tracks(tracks: Mapping[str, Mapping], sources: Sequence[str], metr
             have = [out["sources"][s][key] for s in sources if key in out["sources"][s]]
             if have:
                 out["mean"][key] = nanmean(have)
+    for key in keys:
+        if key == "SI-SDRi":  # NaN exactly where SI-SDR is
+            continue
+        for src in sources:
+            count = sum(any(math.isnan(float(r[f][src][key])) for f in ("scores", "mixture")
+                            if key in r.get(f, {}).get(src, {})) for r in tracks.values())
+            if count:
+                undefined.setdefault(key, {})[src] = count
     summary["mixture"] = mixture
     summary["undefined"] = undefined
     summary["worse_than_mixture"] = {s: summary["sources"][s]["SI-SDRi"] for s in sources
@@ -310,6 +314,6 @@ def verdict_lines(summary: Mapping, num_tracks: Optional[int] = None) -> List[st
     n = summary["num_tracks"] if num_tracks is None else num_tracks
     for key, per in summary.get("undefined", {}).items():
         for src, count in per.items():
-            lines.append(f"{src}: {key} undefined (NaN, left out of the means) {count} time(s) over {n} "
-                         f"track(s), model and mixture together (silent or too short)")
+            lines.append(f"{src}: {key} undefined on {count} of {n} tracks (silent or too short reference): "
+                         f"NaN there, left out of the means")
     return lines
