@@ -170,6 +170,11 @@ def test_fine_tune_on_speech_noise_selects_on_si_sdr_and_evaluates(speech_noise,
                  "--metrics", "sdr,si_sdr", "--tracks", "1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["sources"]["speech"]) == {"SDR", "SIR", "ISR", "SAR", "SI-SDR", "SI-SDRi"}
+    if config == "tiny":  # a folder of clips without subset folders, as a new user has one
+        flat = write_dataset(tmp_path / "clips", TWO, splits=(("clip", 1),), flat=True)
+        assert main([str(best), "--root", str(flat), "--out", str(tmp_path / "flat"), "--segment", "1.0"]) == 0
+        summary = json.loads((tmp_path / "flat" / "summary.json").read_text())
+        assert summary["num_tracks"] == 1 and "SI-SDRi" in summary["sources"]["noise"]
 
 
 # ----------------------------------------------------------------------------- evaluate's entry checks
