@@ -78,7 +78,7 @@ class MusicSeparationTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: MusicSeparationConfig, **kwargs):
-        return cls(cfg)  # touches no data: Separator.from_checkpoint works without MUSDB
+        return cls(cfg)  # touches no data: Separator.from_checkpoint works without the dataset
 
     def build_model(self, cfg, from_checkpoint=False):
         """fairseq's, then what the model learnt at build time (a pretrained encoder's architecture)
