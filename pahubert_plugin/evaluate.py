@@ -1,17 +1,29 @@
-"""Evaluate a separation checkpoint on MUSDB18(-HQ) with museval (BSSEval v4): ``pahubert-evaluate``.
+"""Evaluate a separation checkpoint on a dataset with reference stems: ``pahubert-evaluate``.
 
-For every track of ``--subset``: separate the mixture at its native rate (chunked
-overlap-add, :class:`~pahubert_plugin.separate.Separator`), score all sources with
-``museval.evaluate`` on 1 s windows and hops (exactly what ``museval.eval_mus_track`` does),
-and write museval's own per-track JSON (``museval.TrackStore``) to
-``OUT/<subset>/<track>.json``.  Tracks run in parallel (``--jobs``, one model per worker);
-a track whose JSON exists is skipped on re-run, so an interrupted evaluation resumes.
+The dataset is a folder of clips, ``<root>/<subset>/<clip>/{mixture,<source>...}.wav`` (the
+MUSDB18-HQ layout, any sources), ``<root>/<clip>/...`` (a root without subset folders), or
+MUSDB18's ``<root>/<subset>/*.stem.mp4``; the layout is detected (``--is-wav`` forces wav).
+For every clip: separate the mixture at its native rate (chunked overlap-add,
+:class:`~pahubert_plugin.separate.Separator`) and score it with ``--metrics``
+(:mod:`pahubert_plugin.metrics`):
+
+* ``sdr``: museval's BSSEval v4 on 1 s windows and hops (exactly what ``museval.eval_mus_track``
+  does), the MUSDB18 convention;
+* ``si_sdr``: SI-SDR of the whole clip and its improvement over the mixture (SI-SDRi);
+* ``pesq``, ``stoi``: wide-band PESQ and STOI of the source named ``speech``.
+
+The mixture used as every source's estimate is always scored beside the model (SI-SDR, PESQ,
+STOI), and the summary says in a plain line when the model is worse than that baseline.
+The per-clip JSON ``OUT/<subset>/<clip>.json`` is museval's own (``museval.TrackStore``) with
+the whole-clip scores added (``metrics``, ``scores``, ``mixture``).  Tracks run in parallel
+(``--jobs``, one model per worker); a track whose JSON holds the asked metrics is skipped on
+re-run, so an interrupted evaluation resumes.
 Workers die with the main process, however it ends (SIGKILL included); SIGTERM or Ctrl-C
 stops the workers, says how far it got and exits 130.
 A broken track (missing stem, stems of different lengths, unreadable file) is skipped with its
 reason, the others are scored, and the exit status is 1.
-Finally ``OUT/summary.json`` and ``OUT/summary.md``: median over frames per track, median
-over tracks, per source and their mean (the numbers papers report).
+Finally ``OUT/summary.json`` and ``OUT/summary.md``: museval's figures as median over frames per
+track, then over tracks; the whole-clip figures as mean over clips; per source and their mean.
 
 Memory: separation holds one segment of activations per chunk batch; BSSEval v4 itself
 needs the whole track's references and estimates (its distortion filters are global), so a
@@ -30,7 +42,8 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional
+import warnings
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -43,6 +56,9 @@ if TYPE_CHECKING:  # torch, fairseq (stems_dataset) and metrics load after parsi
 logger = logging.getLogger("pahubert_plugin.evaluate")
 
 _SEPARATOR = None  # one per worker process
+METRIC_NAMES = ("sdr", "si_sdr", "pesq", "stoi")
+DEFAULT_METRICS = "sdr,si_sdr"
+SPEECH = "speech"  # metrics.SPEECH, here without importing torch before --help
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -94,15 +110,19 @@ def native_rate(track: StemTrack) -> int:
     return audio_info(track.paths["mixture"]).sample_rate
 
 
-def score_track(track: StemTrack, estimates: Dict[str, np.ndarray], rate: int, sources: List[str]):
+def score_track(track: StemTrack, estimates: Dict[str, np.ndarray], rate: int, sources: List[str],
+                references: Optional[Dict[str, np.ndarray]] = None):
     """museval BSSEval v4 of one track, as ``museval.eval_mus_track``: returns a ``TrackStore``.
 
-    ``estimates``: source -> ``(samples, channels)`` at ``rate``; references are read from the track.
+    ``estimates``: source -> ``(samples, channels)`` at ``rate``; references (source ->
+    ``(channels, samples)``) are read from the track unless given.
     """
     import museval
 
+    if references is None:
+        references = {s: track.read(s, rate, None).numpy() for s in sources}
     # float64 as musdb hands museval its references: BSSEval's least squares is unstable in float32
-    refs = np.stack([track.read(s, rate, None).numpy().T for s in sources]).astype(np.float64)
+    refs = np.stack([references[s].T for s in sources]).astype(np.float64)
     ests = np.stack([estimates[s] for s in sources]).astype(np.float64)  # (sources, samples, channels)
     sdr, isr, sir, sar = museval.evaluate(refs, ests, win=int(1.0 * rate), hop=int(1.0 * rate), mode="v4")
     store = museval.TrackStore(win=1.0, hop=1.0, track_name=track.name)
@@ -113,21 +133,62 @@ def score_track(track: StemTrack, estimates: Dict[str, np.ndarray], rate: int, s
     return store
 
 
-def evaluate_track(track: StemTrack, json_path: str, estimates_dir: Optional[str] = None) -> str:
+def track_record(track: StemTrack, estimates: Dict[str, np.ndarray], mixture: np.ndarray, rate: int,
+                 sources: List[str], metric_names: Sequence[str]) -> dict:
+    """The per-track JSON: museval's (``sdr``) plus ``metrics``, ``scores`` and ``mixture`` (the
+    whole-track figures of :func:`pahubert_plugin.metrics.track_scores`).
+
+    ``estimates``: source -> ``(channels, samples)`` and ``mixture`` ``(channels, samples)`` at ``rate``.
+    A metric undefined on this track (PESQ of silence) is NaN and logged, never an error.
+    """
+    from . import metrics
+
+    references = {s: track.read(s, rate, None).numpy() for s in sources}
+    record = {"name": track.name}
+    if "sdr" in metric_names:
+        store = score_track(track, {s: estimates[s].T for s in sources}, rate, sources, references)
+        record.update(json.loads(store.json))
+    record["metrics"] = list(metric_names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", metrics.UndefinedMetricWarning)
+        scores = metrics.track_scores(references, estimates, mixture, rate, metric_names)
+    for w in caught:
+        if issubclass(w.category, metrics.UndefinedMetricWarning):
+            logger.warning(f"track {track.name}: {w.message}; scored as NaN")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    record["scores"], record["mixture"] = scores["model"], scores["mixture"]
+    return record
+
+
+def has_scores(json_path: str, metric_names: Sequence[str]) -> bool:
+    """Whether ``json_path`` holds the scores of every metric in ``metric_names`` (a JSON written
+    before ``metrics`` was recorded holds museval's ``sdr`` only)."""
+    try:
+        with open(json_path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    have = record.get("metrics", ["sdr"] if "targets" in record else [])
+    return set(metric_names) <= set(have)
+
+
+def evaluate_track(track: StemTrack, json_path: str, estimates_dir: Optional[str] = None,
+                   metric_names: Sequence[str] = ("sdr",)) -> str:
     """Separate and score one track in this (worker) process; writes ``json_path`` atomically."""
     sep = _SEPARATOR
     rate = native_rate(track)
     mixture = track.read("mixture", rate, None)
     stems = sep.separate(mixture, rate)
-    estimates = {s: v.numpy().T for s, v in stems.items()}
     if estimates_dir:
         for s, v in stems.items():  # float wav: exactly the scored estimates
             write_audio(os.path.join(estimates_dir, track.name, f"{s}.wav"), v, rate, subtype="FLOAT")
-    store = score_track(track, estimates, rate, sep.sources)
+    estimates = {s: v.numpy() for s, v in stems.items()}
+    record = track_record(track, estimates, mixture.numpy(), rate, sep.sources, metric_names)
     os.makedirs(os.path.dirname(json_path), exist_ok=True)
     tmp = json_path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(store.json)
+        json.dump(record, f, allow_nan=True)
     os.replace(tmp, json_path)
     return track.name
 
@@ -178,8 +239,9 @@ def usable_tracks(root: str, subset: str, sources: List[str], sample_rate: int, 
     """``(tracks, skipped)``: the tracks that can be scored and ``{name: reason}`` for broken ones.
 
     A broken track (missing stem, unreadable stem, stems of different lengths) is skipped with its
-    reason instead of stopping the evaluation, in the MUSDB18-HQ wav layout and in the .stem.mp4
-    layout (:func:`usable_stem_tracks`). A missing or empty subset folder is still a ValueError.
+    reason instead of stopping the evaluation, in the wav layout (``<subset>/<track>/<stem>.wav``) and
+    in MUSDB18's .stem.mp4 layout (:func:`usable_stem_tracks`). A missing or empty subset folder is
+    still a ValueError.
     """
     from .data import stems_dataset
     from .data.stems_dataset import list_tracks
@@ -202,17 +264,82 @@ def usable_tracks(root: str, subset: str, sources: List[str], sample_rate: int, 
     return tracks, skipped
 
 
+def _has_clip_folders(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, d, "mixture.wav")) for d in os.listdir(folder))
+
+
+def _has_stem_files(folder: str) -> bool:
+    return any(f.endswith(".stem.mp4") for f in os.listdir(folder))
+
+
+def resolve_layout(root: str, subset: str, is_wav: bool = False) -> Tuple[str, str, bool]:
+    """``(root, subset, is_wav)`` for :func:`usable_tracks`, from what ``root`` holds.
+
+    ``<root>/<subset>/<clip>/mixture.wav``: wav; ``<root>/<subset>/*.stem.mp4``: MUSDB18 stems
+    (``is_wav=True`` forces wav). A root without a ``<subset>`` folder that holds the clips itself
+    (``<root>/<clip>/mixture.wav`` or ``<root>/*.stem.mp4``) is scored whole: its parent and name
+    are returned. Anything else is a ValueError naming the root and the layouts looked for.
+    """
+    if not os.path.isdir(root):
+        raise ValueError(f"dataset root {root}: no such folder")
+    folder = os.path.join(root, subset)
+    if not os.path.isdir(folder):
+        if _has_clip_folders(root) or (not is_wav and _has_stem_files(root)):
+            logger.info(f"{root} holds the clips itself (no {subset}/ folder): scoring all of them")
+            parent, name = os.path.split(os.path.abspath(root))
+            return parent, name, is_wav or _has_clip_folders(root)
+        raise ValueError(f"dataset root {root}: no {subset}/ folder and no clips; expected "
+                         f"{folder}/<clip>/mixture.wav plus one <source>.wav per source, "
+                         f"{root}/<clip>/mixture.wav, or MUSDB18 {folder}/*.stem.mp4")
+    if is_wav or _has_clip_folders(folder) or not _has_stem_files(folder):
+        return root, subset, True  # an empty folder gets usable_tracks' own error
+    return root, subset, False
+
+
+def parse_metrics(text: str, sources: Sequence[str]) -> List[str]:
+    """``--metrics`` as a list, checked against the model's sources (PESQ/STOI need ``speech``)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRIC_NAMES]
+    if unknown or not names:
+        raise ValueError(f"--metrics {text!r}: expected a comma list of {', '.join(METRIC_NAMES)}, "
+                         f"found {', '.join(unknown) or 'nothing'}")
+    speech_only = [m for m in names if m in ("pesq", "stoi")]
+    if speech_only and SPEECH not in sources:
+        raise ValueError(f"--metrics {','.join(speech_only)} scores the source named {SPEECH!r}; this checkpoint "
+                         f"separates {', '.join(sources)}: drop {','.join(speech_only)} from --metrics")
+    for m in speech_only:
+        module = {"pesq": "pesq", "stoi": "pystoi"}[m]
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise ImportError(f"--metrics {m} needs the {module} package ({e}): pip install {module}") from None
+    return list(dict.fromkeys(names))
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pahubert-evaluate",
-        description="Score a separation checkpoint on MUSDB18(-HQ) with museval (BSSEval v4): per-track "
-                    "museval JSON in OUT/<subset>/, summary (median over frames, then over tracks) in "
-                    "OUT/summary.json and OUT/summary.md. Already scored tracks are skipped.")
+        description="Score a separation checkpoint on a dataset with reference stems (wav folders "
+                    "<root>/<subset>/<clip>/{mixture,<source>}.wav as MUSDB18-HQ, any sources; or MUSDB18 "
+                    ".stem.mp4): per-track JSON in OUT/<subset>/, summary in OUT/summary.json and "
+                    "OUT/summary.md, beside the mixture used as every source's estimate. Already scored "
+                    "tracks are skipped.")
     p.add_argument("checkpoint", help="fine-tuned checkpoint (task=music_separation)")
-    p.add_argument("--musdb-root", required=True, help="MUSDB18 root holding train/ and test/")
+    p.add_argument("--root", "--musdb-root", dest="root", required=True,
+                   help="dataset root holding <subset>/ folders (or the clip folders themselves)")
     p.add_argument("--is-wav", action="store_true",
-                   help="wav folders (MUSDB18-HQ layout <subset>/<track>/<source>.wav) instead of .stem.mp4")
-    p.add_argument("--subset", default="test", help="subset folder to score (default test)")
+                   help="force the wav layout <subset>/<clip>/<source>.wav (default: detected; .stem.mp4 "
+                        "files are read as MUSDB18)")
+    p.add_argument("--subset", default="test",
+                   help="subset folder to score (default test); a root without it that holds the clips "
+                        "itself is scored whole")
+    p.add_argument("--metrics", default=DEFAULT_METRICS,
+                   help="comma list (default %(default)s): sdr = museval BSSEval v4 SDR/SIR/ISR/SAR, median "
+                        "over 1 s frames then tracks (the MUSDB18 figure); si_sdr = SI-SDR of the whole "
+                        "clip and SI-SDRi, its improvement over the mixture; pesq = wide-band PESQ (at "
+                        "16 kHz, resampled) and stoi = STOI, both for the source named 'speech' only. "
+                        "Whole-clip figures are means over clips. The mixture as the estimate is always "
+                        "scored too, and a negative SI-SDRi is said in plain words")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--jobs", type=int, default=1, help="tracks scored in parallel, one model each (default 1)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default cpu)")
@@ -259,7 +386,8 @@ def check_provenance(args) -> None:
         json.dump(want, f, indent=1)
 
 
-def summarize(out: str, subset: str, names: List[str], sources: List[str]) -> dict:
+def summarize(out: str, subset: str, names: List[str], sources: List[str],
+              metric_names: Sequence[str] = ("sdr",)) -> dict:
     """Read the per-track JSONs of ``names`` and write summary.json + summary.md."""
     from . import metrics
 
@@ -269,14 +397,21 @@ def summarize(out: str, subset: str, names: List[str], sources: List[str]) -> di
         if os.path.isfile(path):
             with open(path) as f:
                 tracks[name] = json.load(f)
-    summary = metrics.summarize_museval(tracks, sources)
+    summary = metrics.summarize_tracks(tracks, sources, metric_names)
     summary["subset"] = subset
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, allow_nan=True)
-    table = metrics.markdown_table(summary, sources)
+    how = []
+    if "sdr" in metric_names:
+        how.append("SDR/SIR/ISR/SAR: museval BSSEval v4, median over 1 s frames, then over tracks")
+    if any(m in metric_names for m in ("si_sdr", "pesq", "stoi")):
+        how.append("SI-SDR (dB), SI-SDRi (dB, over the mixture), PESQ (wide band), STOI: whole tracks, "
+                   "mean over tracks; 'mixture' rows: the mixture as every source's estimate")
+    verdicts = metrics.verdict_lines(summary)
     with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(f"museval BSSEval v4, {subset}, {summary['num_tracks']} tracks "
-                f"(median over 1 s frames, then over tracks)\n\n{table}")
+        f.write(f"{subset}, {summary['num_tracks']} tracks. " + "; ".join(how) + ".\n\n"
+                + metrics.markdown_table(summary, sources)
+                + ("\n" + "\n".join(verdicts) + "\n" if verdicts else ""))
     return summary
 
 
@@ -353,8 +488,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         model, cfg = load_separation_model(args.checkpoint)  # validates the checkpoint once, up front
         sources = list(model.sources)
         del model
-        tracks, skipped = usable_tracks(args.musdb_root, args.subset, sources, int(cfg.task.sample_rate),
-                                        args.is_wav)
+        metric_names = parse_metrics(args.metrics, sources)
+        root, folder, is_wav = resolve_layout(args.root, args.subset, args.is_wav)
+        tracks, skipped = usable_tracks(root, folder, sources, int(cfg.task.sample_rate), is_wav)
         check_provenance(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         logger.error(str(e))
@@ -362,11 +498,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.tracks > 0:
         tracks = tracks[:args.tracks]
     names = [t.name for t in tracks]
-    todo = [t for t in tracks if not os.path.isfile(os.path.join(args.out, args.subset, f"{t.name}.json"))]
+    todo = [t for t in tracks if not has_scores(os.path.join(args.out, args.subset, f"{t.name}.json"), metric_names)]
     if len(todo) < len(tracks):
         logger.info(f"{len(tracks) - len(todo)} of {len(tracks)} tracks already scored in {args.out}; skipping them")
     estimates_dir = os.path.join(args.out, "estimates", args.subset) if args.save_estimates else None
-    jobs = [(t, os.path.join(args.out, args.subset, f"{t.name}.json"), estimates_dir) for t in todo]
+    jobs = [(t, os.path.join(args.out, args.subset, f"{t.name}.json"), estimates_dir, metric_names) for t in todo]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     init = (args.checkpoint, args.device, args.segment, args.overlap, threads, args.precision)
     bar = tqdm(total=len(jobs), desc="evaluating", unit="track")
@@ -375,7 +511,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         failed = run_jobs(jobs, init, args.jobs, bar)
     except KeyboardInterrupt:
         bar.close()
-        done = sum(os.path.isfile(j[1]) for j in jobs)
+        done = sum(has_scores(j[1], metric_names) for j in jobs)
         logger.error(f"interrupted: {done} of {len(jobs)} remaining tracks scored in {args.out}; "
                      f"run the same command again to resume")
         if args.jobs > 1 and len(jobs) > 1:
@@ -391,14 +527,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     bar.close()
-    summary = summarize(args.out, args.subset, names, sources)
+    summary = summarize(args.out, args.subset, names, sources, metric_names)
     print(open(os.path.join(args.out, "summary.md")).read())
     failed = list(skipped) + failed
     if failed:
         logger.error(f"{len(failed)} track(s) skipped or failed and are missing from the summary: "
                      f"{', '.join(failed)}")
         return 1
-    logger.info(f"mean SDR {summary['mean']['SDR']:.3f} dB over {summary['num_tracks']} tracks")
+    means = ", ".join(f"{k} {summary['mean'][k]:.3f}" for k in ("SDR", "SI-SDR", "SI-SDRi", "PESQ", "STOI")
+                      if k in summary["mean"])
+    logger.info(f"mean over sources: {means} over {summary['num_tracks']} tracks")
     return 0
 
 

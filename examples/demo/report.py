@@ -40,6 +40,12 @@ def load_runs(eval_dir):
     return runs
 
 
+def run_sources(runs):
+    """The source names of the evaluated runs, in the order of the first run's summary."""
+    first = runs[sorted(runs)[0]]
+    return list(first["sources"])
+
+
 def _corpus_key(musdb_root, subset, sources):
     """What the baseline depends on: the test songs' files (name, size, mtime) and the sources."""
     files = []
@@ -251,17 +257,19 @@ def plot(runs, baseline, curves, sources, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", required=True, help="results folder holding eval/<arm>_n<N>_s<seed>/")
-    p.add_argument("--musdb-root", required=True, help="corpus MUSDB18-HQ root (its test songs)")
+    p.add_argument("--musdb-root", required=True,
+                   help="corpus root in the MUSDB18-HQ layout, any sources (its test songs)")
     p.add_argument("--settings", default=None, help="text file with the command and settings, quoted in summary.md")
     p.add_argument("--logs", default=None, help="fine-tuning folder holding <arm>_n<N>_s<seed>/train.log")
     p.add_argument("--subset", default="test")
-    p.add_argument("--sources", default="vocals,drums,bass,other")
+    p.add_argument("--sources", default=None,
+                   help="comma list of sources, in table order (default: those of the evaluated runs)")
     args = p.parse_args(argv)
-    sources = args.sources.split(",")
     runs = load_runs(os.path.join(args.results, "eval"))
     if not runs:
         print(f"report.py: no evaluated runs under {args.results}/eval", file=sys.stderr)
         return 1
+    sources = args.sources.split(",") if args.sources else run_sources(runs)
     baseline = mixture_baseline(args.musdb_root, args.subset, sources,
                                 os.path.join(args.results, "mixture_baseline.json"))
     curves = valid_curves(args.logs) if args.logs else {}

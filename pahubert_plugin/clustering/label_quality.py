@@ -1,8 +1,9 @@
 """How much do k-means labels say about the sources? Compare feature sets before pretraining.
 
-``python -m pahubert_plugin.clustering.label_quality KM_MODEL MUSDB_ROOT [--is-wav] --feature mfcc``
+``python -m pahubert_plugin.clustering.label_quality KM_MODEL ROOT [--is-wav] [--sources a,b] --feature mfcc``
 
-On tracks that have stems (MUSDB18 / MUSDB18-HQ), each 10 ms frame of the mixture gets a
+On tracks that have stems (MUSDB18 / MUSDB18-HQ, or any wav folders laid out so: ``--sources`` names
+them, by default the stems of the first track folder), each 10 ms frame of the mixture gets a
 reference label, its *dominant source* (the stem with the most energy in that frame, or
 ``silence`` when the mixture is below ``--silence-db``), and a hypothesis label, the cluster that
 the k-means model (fairseq's ``ApplyKmeans``, the model loaded through the allow-list of
@@ -76,13 +77,29 @@ def dominant_source(stems: Dict[str, torch.Tensor], mixture: torch.Tensor, sampl
     return [names[i] if keep else SILENCE for i, keep in zip(winner.tolist(), loud.tolist())]
 
 
+def stems_of(root: str, subset: str, is_wav: bool) -> List[str]:
+    """The source names of a dataset: the ``<name>.wav`` files besides ``mixture.wav`` in the first
+    track folder of ``<root>/<subset>`` (wav layout), or MUSDB18's four stems (``.stem.mp4``)."""
+    from pahubert_plugin.data.stems_dataset import MUSDB_SOURCES
+
+    folder = os.path.join(root, subset)
+    if not is_wav or not os.path.isdir(folder):
+        return list(MUSDB_SOURCES)
+    for track in sorted(os.listdir(folder)):
+        path = os.path.join(folder, track)
+        if os.path.isfile(os.path.join(path, "mixture.wav")):
+            return sorted(f[:-4] for f in os.listdir(path) if f.endswith(".wav") and f != "mixture.wav")
+    return list(MUSDB_SOURCES)
+
+
 def load_tracks(root: str, is_wav: bool, subset: str, max_tracks: int, sample_rate: int, max_seconds: float,
                 sources=None):
     """Yield (name, mixture, {stem: audio}) as ``(channels, samples)`` tensors at ``sample_rate``, tracks
-    listed and read as the separation task does (``stems_dataset.list_tracks``; MUSDB's four sources)."""
-    from pahubert_plugin.data.stems_dataset import MUSDB_SOURCES, list_tracks  # torch: only here
+    listed and read as the separation task does (``stems_dataset.list_tracks``); ``sources`` default
+    :func:`stems_of` the data."""
+    from pahubert_plugin.data.stems_dataset import list_tracks  # torch: only here
 
-    sources = list(sources or MUSDB_SOURCES)
+    sources = list(sources or stems_of(root, subset, is_wav))
     for track in list_tracks(root, subset, sources, sample_rate, is_wav)[: max_tracks or None]:
         n = track.samples_at(sample_rate)
         n = min(n, int(max_seconds * sample_rate)) if max_seconds else n
@@ -112,12 +129,13 @@ def quality(refs: Dict[str, List[str]], hyps: Dict[str, List[int]], n_clusters: 
 
 
 def evaluate(km_path, root, feature="mfcc", is_wav=False, subset="test", sample_rate=44100,
-             max_tracks=0, max_seconds=0.0, silence_db=-50.0, seed=0, **reader_kw) -> dict:
+             max_tracks=0, max_seconds=0.0, silence_db=-50.0, seed=0, sources=None, **reader_kw) -> dict:
     apply_kmeans = load_apply_kmeans(km_path)
     n_clusters = apply_kmeans.C_np.shape[1]
     reader = build_reader(feature, sample_rate, **reader_kw)
+    sources = list(sources or stems_of(root, subset, is_wav))
     refs, hyps = {}, {}
-    for name, mixture, stems in load_tracks(root, is_wav, subset, max_tracks, sample_rate, max_seconds):
+    for name, mixture, stems in load_tracks(root, is_wav, subset, max_tracks, sample_rate, max_seconds, sources):
         feats = reader.extract(mixture.mean(0, keepdim=True) if reader.channels == 1 else mixture)
         if feats.shape[1] != apply_kmeans.C_np.shape[0]:
             raise ValueError(f"{km_path} was fit on {apply_kmeans.C_np.shape[0]}-dim features, "
@@ -127,7 +145,7 @@ def evaluate(km_path, root, feature="mfcc", is_wav=False, subset="test", sample_
         logger.info("%s: %d frames", name, len(refs[name]))
     rng = np.random.default_rng(seed)
     random = {k: rng.integers(0, n_clusters, len(v)).tolist() for k, v in refs.items()}
-    return {"km_model": os.path.abspath(km_path), "feature": feature, "n_clusters": int(n_clusters),
+    return {"km_model": os.path.abspath(km_path), "feature": feature, "n_clusters": int(n_clusters), "sources": sources,
             "tracks": sorted(refs), "kmeans": quality(refs, hyps, n_clusters),
             "random": quality(refs, random, n_clusters)}
 
@@ -148,13 +166,19 @@ def format_table(result: dict) -> str:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pahubert-label-quality",
-        description="Score a k-means model's labels against the dominant source of each frame on MUSDB-style "
-                    "stems: NMI, purity, per-source entropy, and a random-label floor. Prints a table, writes JSON.",
+        description="Score a k-means model's labels against the dominant source of each frame on a dataset "
+                    "with stems (MUSDB18 or wav folders laid out as MUSDB18-HQ, any sources): NMI, purity, "
+                    "per-source entropy, and a random-label floor. Prints a table, writes JSON.",
     )
     parser.add_argument("km_model", help="k-means model from stage 2 (joblib)")
-    parser.add_argument("musdb_root", help="MUSDB18 root (.stem.mp4) or MUSDB18-HQ root with --is-wav")
-    parser.add_argument("--is-wav", action="store_true", help="root holds wav folders (MUSDB18-HQ layout)")
-    parser.add_argument("--subset", default="test", choices=("train", "test"), help="musdb subset")
+    parser.add_argument("musdb_root", metavar="root",
+                        help="dataset root: MUSDB18 (.stem.mp4), or wav folders <subset>/<track>/<stem>.wav with --is-wav")
+    parser.add_argument("--is-wav", action="store_true",
+                        help="root holds wav folders (MUSDB18-HQ layout <subset>/<track>/{mixture,<source>}.wav)")
+    parser.add_argument("--sources", default=None,
+                        help="comma list of the stems each track holds, e.g. speech,noise (default: the "
+                             "<name>.wav files of the first track folder; MUSDB18's four for .stem.mp4)")
+    parser.add_argument("--subset", default="test", help="subset folder (default test)")
     parser.add_argument("--feature", choices=FEATURES, default="mfcc", help="the feature the model was fit on")
     parser.add_argument("--sample-rate", type=int, default=44100, help="rate the features were computed at")
     parser.add_argument("--max-tracks", type=int, default=0, help="use only the first N tracks (0 = all)")
@@ -172,9 +196,11 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     reader_kw = dict(ckpt=args.ckpt, layer=args.layer, device=args.device) if args.feature == "hubert" else {}
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else None
     try:
         result = evaluate(args.km_model, args.musdb_root, args.feature, args.is_wav, args.subset,
-                          args.sample_rate, args.max_tracks, args.max_seconds, args.silence_db, **reader_kw)
+                          args.sample_rate, args.max_tracks, args.max_seconds, args.silence_db,
+                          sources=sources, **reader_kw)
     except (ValueError, FileNotFoundError) as e:
         logger.error(str(e))
         return 2

@@ -1,11 +1,14 @@
-"""fairseq task ``music_separation``: fine-tune and validate source separators on MUSDB18(-HQ).
+"""fairseq task ``music_separation``: fine-tune and validate source separators on any set of stems.
 
+The data is MUSDB18(-HQ) or any folder laid out as MUSDB18-HQ with the sources named in
+``task.sources`` (music stems by default; e.g. ``task.sources=[speech,noise]``).
 Training batches are random crops with the Demucs/Open-Unmix augmentations
 (:class:`~pahubert_plugin.data.stems_dataset.StemsChunkDataset`).  Validation separates
 whole tracks chunk by chunk with overlap-add (:mod:`pahubert_plugin.apply`), the way
-inference does, and logs the MDX utterance-level SDR per source (``sdr_<source>``) and
-their mean (``sdr``), the best-checkpoint metric (``checkpoint.best_checkpoint_metric=sdr``,
-``maximize_best_checkpoint_metric=true``).
+inference does, and logs per source and as the mean over sources and tracks, in dB:
+the MDX utterance-level SDR (``sdr_<source>``, ``sdr``) and the scale-invariant SDR
+(``si_sdr_<source>``, ``si_sdr``).  Either is a best-checkpoint metric
+(``checkpoint.best_checkpoint_metric=sdr`` or ``si_sdr``, ``maximize_best_checkpoint_metric=true``).
 """
 import logging
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from ..apply import apply_model
 from ..data.stems_dataset import (
     MUSDB_SOURCES, Augment, StemsChunkDataset, TrackDataset, split_tracks,
 )
-from ..metrics import sdr
+from ..metrics import sdr, si_sdr
 from ..models.pretrained import persist_config_updates
 
 logger = logging.getLogger(__name__)
@@ -32,11 +35,12 @@ logger = logging.getLogger(__name__)
 class MusicSeparationConfig(FairseqDataclass):
     # data
     data: str = field(default=MISSING, metadata={
-        "help": "MUSDB18 root (with train/ and test/): wav folders <split>/<track>/{mixture,<source>}.wav "
-                "(MUSDB18-HQ layout, any folder laid out so) or .stem.mp4 files (set is_wav=false)"})
+        "help": "dataset root (with train/ and test/): wav folders <split>/<track>/{mixture,<source>}.wav "
+                "(MUSDB18-HQ layout, any sources) or MUSDB18 .stem.mp4 files (set is_wav=false)"})
     is_wav: bool = field(default=True, metadata={"help": "wav folders (MUSDB18-HQ layout); false: MUSDB18 .stem.mp4 via musdb"})
     sources: List[str] = field(default_factory=lambda: list(MUSDB_SOURCES), metadata={
-        "help": "stem names to separate, in output order (each track folder holds <name>.wav)"})
+        "help": "stem names to separate, in output order (each track folder holds <name>.wav); any names "
+                "and any number, e.g. [speech,noise]"})
     sample_rate: int = field(default=44100, metadata={"help": "model rate; files at other rates are resampled on read"})
     audio_channels: int = field(default=2, metadata={"help": "channels in and out (mono files are duplicated)"})
     train_tracks: int = field(default=0, metadata={
@@ -74,7 +78,7 @@ class MusicSeparationTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: MusicSeparationConfig, **kwargs):
-        return cls(cfg)  # touches no data: Separator.from_checkpoint works without MUSDB
+        return cls(cfg)  # touches no data: Separator.from_checkpoint works without the dataset
 
     def build_model(self, cfg, from_checkpoint=False):
         """fairseq's, then what the model learnt at build time (a pretrained encoder's architecture)
@@ -113,13 +117,14 @@ class MusicSeparationTask(FairseqTask):
         return None
 
     def valid_step(self, sample, model, criterion):
-        """Separate each whole track with overlap-add; loss and SDR over the true length."""
+        """Separate each whole track with overlap-add; loss, SDR and SI-SDR over the true length."""
         cfg = self.cfg
         segment = int(round((cfg.valid_segment or cfg.segment) * cfg.sample_rate))
         mixture, target = sample["net_input"]["mixture"], sample["target"]
         device = mixture.device
         loss_sum, logging_output = 0.0, {}
         sdr_sum = torch.zeros(len(self.sources), dtype=torch.float64)
+        si_sdr_sum = torch.zeros(len(self.sources), dtype=torch.float64)
         with torch.no_grad():
             for i, n in enumerate(sample["lengths"].tolist()):
                 est = apply_model(model, mixture[i, :, :n], segment, cfg.valid_overlap,
@@ -130,14 +135,17 @@ class MusicSeparationTask(FairseqTask):
                 for k, v in parts.items():
                     logging_output[k] = logging_output.get(k, 0.0) + float(v)
                 sdr_sum += sdr(ref, est).double()
+                si_sdr_sum += torch.from_numpy(si_sdr(ref.numpy(), est.numpy()))
         count = len(sample["lengths"])
         logging_output.update({
             "loss": loss_sum, "sample_size": count, "nsentences": count, "ntokens": sample["ntokens"],
             # sums over tracks (of the per-track mean over sources), so logs add across workers
             "sdr_count": count, "sdr_sum": float(sdr_sum.sum() / len(self.sources)),
+            "si_sdr_sum": float(si_sdr_sum.sum() / len(self.sources)),
         })
         for j, src in enumerate(self.sources):
             logging_output[f"sdr_{src}_sum"] = float(sdr_sum[j])
+            logging_output[f"si_sdr_{src}_sum"] = float(si_sdr_sum[j])
         return torch.tensor(loss_sum), count, logging_output
 
     def reduce_metrics(self, logging_outputs, criterion):
@@ -145,8 +153,9 @@ class MusicSeparationTask(FairseqTask):
         count = sum(log.get("sdr_count", 0) for log in logging_outputs)
         if count == 0:
             return
-        total = sum(log.get("sdr_sum", 0.0) for log in logging_outputs)
-        fairseq_metrics.log_scalar("sdr", total / count, count, round=3)
-        for src in self.sources:
-            s = sum(log.get(f"sdr_{src}_sum", 0.0) for log in logging_outputs)
-            fairseq_metrics.log_scalar(f"sdr_{src}", s / count, count, round=3)
+        for name in ("sdr", "si_sdr"):
+            total = sum(log.get(f"{name}_sum", 0.0) for log in logging_outputs)
+            fairseq_metrics.log_scalar(name, total / count, count, round=3)
+            for src in self.sources:
+                s = sum(log.get(f"{name}_{src}_sum", 0.0) for log in logging_outputs)
+                fairseq_metrics.log_scalar(f"{name}_{src}", s / count, count, round=3)
