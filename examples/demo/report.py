@@ -4,10 +4,13 @@ Reads the ``pahubert-evaluate`` outputs of every fine-tuning run under RESULTS/e
 (folders named ``<arm>_n<tracks>_s<seed>``, arm = scratch | pretrained), scores the
 mixture-as-estimate baseline with the same museval code, parses validation SDR along the
 way from the fine-tuning logs, and writes RESULTS/summary.md, summary.json and a PNG.
+``--metric SI-SDR`` reports the whole-clip SI-SDR instead of museval's SDR (the speech demo): the
+mixture baseline then comes from the evaluation's own mixture-as-estimate scores, validation curves
+from ``valid_si_sdr``, and a table of SI-SDRi, PESQ and STOI follows where they were scored.
 
 Per number of labelled songs it reports the paired per-song differences (pretrained −
 scratch, mean SDR over sources, same seed), their mean over songs x seeds with a 95 %
-percentile-bootstrap interval (resampling song-seed pairs), and whether the bar of issue 10
+percentile-bootstrap interval (resampling song-seed pairs), and whether the evidence bar
 is met: pretrained ahead on every seed, mean gain >= 1 dB, interval above zero.
 
     python examples/demo/report.py --results results/demo --musdb-root exp/demo/midi/corpus/musdb \
@@ -102,8 +105,17 @@ def native_rate_hint(root, subset):
     return sf.info(first[0]).samplerate
 
 
-def valid_curves(log_dir):
-    """{(arm, n, seed): [(num_updates, valid sdr), ...]} from fairseq's json logs."""
+def evaluated_baseline(runs, sources):
+    """The mixture-as-estimate scores every ``pahubert-evaluate --metrics si_sdr`` summary holds (the
+    same test clips for every run), in :func:`mixture_baseline`'s shape."""
+    for summary in runs.values():
+        if summary.get("mixture", {}).get("mean"):
+            return summary["mixture"]
+    raise ValueError("the evaluated runs hold no mixture-as-estimate scores: evaluate with --metrics si_sdr")
+
+
+def valid_curves(log_dir, key="valid_sdr"):
+    """{(arm, n, seed): [(num_updates, validation score), ...]} from fairseq's json logs."""
     curves = {}
     for path in glob.glob(os.path.join(log_dir, "*", "train.log")):
         m = RUN.match(os.path.basename(os.path.dirname(path)))
@@ -111,9 +123,9 @@ def valid_curves(log_dir):
             continue
         points = []
         for line in open(path, errors="replace"):
-            if "[valid]" in line and '"valid_sdr"' in line:
+            if "[valid]" in line and f'"{key}"' in line:
                 js = json.loads(line[line.index("{"):])
-                points.append((int(float(js["valid_num_updates"])), float(js["valid_sdr"])))
+                points.append((int(float(js["valid_num_updates"])), float(js[key])))
         curves[(m["arm"], int(m["n"]), int(m["seed"]))] = points
     return curves
 
@@ -135,16 +147,22 @@ def mean_spread(values):
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
-def build_report(runs, baseline, curves, sources, settings=""):
+HEADINGS = {"SDR": "Test SDR (dB, museval BSSEval v4: median over 1 s frames, then over songs)",
+            "SI-SDR": "Test SI-SDR (dB, whole clip, mean over clips)"}
+EXTRA = ("SI-SDRi", "PESQ", "STOI")  # shown beside SI-SDR where the evaluation scored them
+
+
+def build_report(runs, baseline, curves, sources, settings="", metric="SDR"):
     ns = sorted({n for _, n, _ in runs})
     seeds = sorted({s for _, _, s in runs})
-    lines, data = [], {"sources": sources, "mixture": baseline["sources"], "runs": {}}
-    lines.append("## Test SDR (dB, museval BSSEval v4: median over 1 s frames, then over songs)\n")
+    unit = "songs" if metric == "SDR" else "clips"  # music songs, speech clips
+    lines, data = [], {"sources": sources, "metric": metric, "mixture": baseline["sources"], "runs": {}}
+    lines.append(f"## {HEADINGS.get(metric, 'Test ' + metric)}\n")
     if len(seeds) > 1:
         lines.append("Where a setting has several seeds: mean ± standard deviation over seeds.\n")
-    lines.append("| labelled songs | system | " + " | ".join(sources) + " | mean |")
+    lines.append(f"| labelled {unit} | system | " + " | ".join(sources) + " | mean |")
     lines.append("|---" * (len(sources) + 3) + "|")
-    mix_row = [baseline["sources"][s]["SDR"] for s in sources] + [baseline["mean"]["SDR"]]
+    mix_row = [baseline["sources"][s][metric] for s in sources] + [baseline["mean"][metric]]
     lines.append("| - | mixture as estimate | " + " | ".join(f"{v:.2f}" for v in mix_row) + " |")
     paired = []
     for n in ns:
@@ -152,22 +170,24 @@ def build_report(runs, baseline, curves, sources, settings=""):
             keys = [(arm, n, s) for s in seeds if (arm, n, s) in runs]
             if not keys:
                 continue
-            cells = [mean_spread([runs[k]["sources"][src]["SDR"] for k in keys]) for src in sources]
-            cells.append(mean_spread([runs[k]["mean"]["SDR"] for k in keys]))
+            cells = [mean_spread([runs[k]["sources"][src][metric] for k in keys]) for src in sources]
+            cells.append(mean_spread([runs[k]["mean"][metric] for k in keys]))
             lines.append(f"| {n} | {arm} | " + " | ".join(cells) + " |")
-            data["runs"][f"{arm}_n{n}"] = {k[2]: runs[k]["mean"]["SDR"] for k in keys}
+            data["runs"][f"{arm}_n{n}"] = {k[2]: runs[k]["mean"][metric] for k in keys}
         # paired per-song differences, pretrained - scratch, mean SDR over sources
         for seed in seeds:
             a, b = runs.get(("scratch", n, seed)), runs.get(("pretrained", n, seed))
             if not (a and b):
                 continue
             common = sorted(set(a["tracks"]) & set(b["tracks"]))
-            diffs = [np.nanmean([b["tracks"][t][s]["SDR"] for s in sources])
-                     - np.nanmean([a["tracks"][t][s]["SDR"] for s in sources]) for t in common]
+            diffs = [np.nanmean([b["tracks"][t][s][metric] for s in sources])
+                     - np.nanmean([a["tracks"][t][s][metric] for s in sources]) for t in common]
             paired.append((n, seed, diffs, common))
+    if metric != "SDR":
+        lines.extend(extra_table(runs, baseline, sources, ns, seeds))
     lines.append("")
-    lines.append("## Paired per-song differences (pretrained − scratch, mean SDR over sources)\n")
-    lines.append("| labelled songs | seed | songs improved | mean difference (dB) | per song |")
+    lines.append(f"## Paired per-{unit[:-1]} differences (pretrained − scratch, mean {metric} over sources)\n")
+    lines.append(f"| labelled {unit} | seed | {unit} improved | mean difference (dB) | per {unit[:-1]} |")
     lines.append("|---|---|---|---|---|")
     for n, seed, diffs, names in paired:
         better = sum(d > 0 for d in diffs)
@@ -175,9 +195,9 @@ def build_report(runs, baseline, curves, sources, settings=""):
                      + ", ".join(f"{d:+.2f}" for d in diffs) + " |")
     data["paired"] = [{"n": n, "seed": s, "diffs": d, "songs": t} for n, s, d, t in paired]
     lines.append("")
-    lines.append("## Paired gain per number of labelled songs (all song x seed pairs)\n")
-    lines.append("| labelled songs | seeds | pairs | mean gain (dB) | 95 % bootstrap interval | seeds won | "
-                 "songs improved | bar met (every seed, >= +1 dB, interval > 0) |")
+    lines.append(f"## Paired gain per number of labelled {unit} (all {unit[:-1]} x seed pairs)\n")
+    lines.append(f"| labelled {unit} | seeds | pairs | mean gain (dB) | 95 % bootstrap interval | seeds won | "
+                 f"{unit} improved | bar met (every seed, >= +1 dB, interval > 0) |")
     lines.append("|---|---|---|---|---|---|---|---|")
     data["gain"] = {}
     for n in ns:
@@ -194,26 +214,53 @@ def build_report(runs, baseline, curves, sources, settings=""):
                            "seeds": len(rows), "bar_met": bool(bar)}
     if curves:
         lines.append("")
-        lines.append("## Validation SDR along fine-tuning (dB, fairseq's valid subset)\n")
+        lines.append(f"## Validation {metric} along fine-tuning (dB, fairseq's valid subset)\n")
         for key in sorted(curves):
             pts = curves[key]
             if pts:
-                lines.append(f"- {key[0]}, {key[1]} songs, seed {key[2]}: "
+                lines.append(f"- {key[0]}, {key[1]} {unit}, seed {key[2]}: "
                              + ", ".join(f"{u}: {v:.2f}" for u, v in pts))
         data["valid_curves"] = {f"{k[0]}_n{k[1]}_s{k[2]}": v for k, v in curves.items()}
     mean_diff = np.mean([np.mean(d) for _, _, d, _ in paired]) if paired else float("nan")
     verdict = ("Pretraining helped on average here" if mean_diff > 0 else
                "Pretraining did NOT beat scratch here") if paired else "No paired runs to compare"
     lines.insert(0, f"# Demo results\n\n**{verdict}**: mean paired difference {mean_diff:+.2f} dB "
-                    f"over {sum(len(d) for _, _, d, _ in paired)} song-runs (pretrained − scratch, same seed, "
-                    f"same updates). One pretraining run; seeds vary fine-tuning. See README.\n")
+                    f"over {sum(len(d) for _, _, d, _ in paired)} {unit[:-1]}-runs (pretrained − scratch, same seed, "
+                    f"same updates). One pretraining run; seeds vary fine-tuning. The demo's budget is smaller than "
+                    f"the evidence's: see docs/RESULTS.md for results at convergence.\n")
+    worse = [f"{arm} ({n} {unit}: {np.mean([r['mean']['SI-SDRi'] for k, r in runs.items() if k[:2] == (arm, n)]):+.2f} dB)"
+             for n in ns for arm in ("scratch", "pretrained")
+             if any(k[:2] == (arm, n) for k in runs) and all("SI-SDRi" in r["mean"] for r in runs.values())
+             and np.mean([r["mean"]["SI-SDRi"] for k, r in runs.items() if k[:2] == (arm, n)]) < 0]
+    if worse:
+        lines.insert(1, "Worse than returning the mixture unchanged (mean SI-SDRi below 0): " + ", ".join(worse) + ".\n")
     if settings:
         lines.insert(1, "```\n" + settings.strip() + "\n```\n")
     data["mean_paired_difference"] = mean_diff
     return "\n".join(lines) + "\n", data
 
 
-def plot(runs, baseline, curves, sources, path):
+def extra_table(runs, baseline, sources, ns, seeds):
+    """Rows of SI-SDRi / PESQ / STOI (mean over seeds) for each arm and the mixture, where scored."""
+    cols = [(src, key) for src in sources for key in EXTRA
+            if any(key in r["sources"].get(src, {}) for r in runs.values())]
+    if not cols:
+        return []
+    out = ["", "## Speech metrics (mean over clips; PESQ wide band, STOI: source 'speech' only)\n",
+           "| labelled clips | system | " + " | ".join(f"{src} {key}" for src, key in cols) + " |",
+           "|---" * (len(cols) + 2) + "|"]
+    mix = [baseline["sources"][src].get(key) for src, key in cols]
+    out.append("| - | mixture as estimate | " + " | ".join("-" if v is None else f"{v:.2f}" for v in mix) + " |")
+    for n in ns:
+        for arm in ("scratch", "pretrained"):
+            keys = [(arm, n, s) for s in seeds if (arm, n, s) in runs]
+            if keys:
+                cells = [mean_spread([runs[k]["sources"][src][key] for k in keys]) for src, key in cols]
+                out.append(f"| {n} | {arm} | " + " | ".join(cells) + " |")
+    return out
+
+
+def plot(runs, baseline, curves, sources, path, metric="SDR"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,16 +275,16 @@ def plot(runs, baseline, curves, sources, path):
     width = 0.8 / len(systems)
     for i, (name, key) in enumerate(systems):
         if key is None:
-            vals = [baseline["sources"][s]["SDR"] for s in sources] + [baseline["mean"]["SDR"]]
+            vals = [baseline["sources"][s][metric] for s in sources] + [baseline["mean"][metric]]
             err = None
         else:
             ks = [k for k in runs if k[:2] == key]
-            per = np.array([[runs[k]["sources"][s]["SDR"] for s in sources] + [runs[k]["mean"]["SDR"]] for k in ks])
+            per = np.array([[runs[k]["sources"][s][metric] for s in sources] + [runs[k]["mean"][metric]] for k in ks])
             vals, err = per.mean(0), (per.std(0, ddof=1) if len(ks) > 1 else None)
         ax.bar(x + (i - (len(systems) - 1) / 2) * width, vals, width, yerr=err, label=name)
     ax.set_xticks(x, labels)
-    ax.set_ylabel("SDR (dB)")
-    ax.set_title("Test SDR (museval v4)")
+    ax.set_ylabel(f"{metric} (dB)")
+    ax.set_title("Test SDR (museval v4)" if metric == "SDR" else f"Test {metric}")
     ax.axhline(0, color="k", lw=0.5)
     ax.legend(fontsize=7)
     ax = axes[1]
@@ -247,8 +294,8 @@ def plot(runs, baseline, curves, sources, path):
             ax.plot(u, v, "-o" if key[0] == "pretrained" else "--s", ms=3,
                     label=f"{key[0]} n={key[1]} s={key[2]}")
     ax.set_xlabel("fine-tuning updates")
-    ax.set_ylabel("valid SDR (dB)")
-    ax.set_title("Validation SDR along fine-tuning")
+    ax.set_ylabel(f"valid {metric} (dB)")
+    ax.set_title(f"Validation {metric} along fine-tuning")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -262,6 +309,9 @@ def main(argv=None):
     p.add_argument("--settings", default=None, help="text file with the command and settings, quoted in summary.md")
     p.add_argument("--logs", default=None, help="fine-tuning folder holding <arm>_n<N>_s<seed>/train.log")
     p.add_argument("--subset", default="test")
+    p.add_argument("--metric", default="SDR", choices=["SDR", "SI-SDR"],
+                   help="SDR: museval's (music); SI-SDR: whole-clip SI-SDR from pahubert-evaluate --metrics si_sdr "
+                        "(speech), with SI-SDRi, PESQ and STOI beside it where scored (default SDR)")
     p.add_argument("--sources", default=None,
                    help="comma list of sources, in table order (default: those of the evaluated runs)")
     args = p.parse_args(argv)
@@ -270,16 +320,20 @@ def main(argv=None):
         print(f"report.py: no evaluated runs under {args.results}/eval", file=sys.stderr)
         return 1
     sources = args.sources.split(",") if args.sources else run_sources(runs)
-    baseline = mixture_baseline(args.musdb_root, args.subset, sources,
-                                os.path.join(args.results, "mixture_baseline.json"))
-    curves = valid_curves(args.logs) if args.logs else {}
+    if args.metric == "SDR":
+        baseline = mixture_baseline(args.musdb_root, args.subset, sources,
+                                    os.path.join(args.results, "mixture_baseline.json"))
+    else:
+        baseline = evaluated_baseline(runs, sources)
+    valid_key = "valid_sdr" if args.metric == "SDR" else "valid_si_sdr"
+    curves = valid_curves(args.logs, valid_key) if args.logs else {}
     settings = open(args.settings).read() if args.settings and os.path.isfile(args.settings) else ""
-    text, data = build_report(runs, baseline, curves, sources, settings)
+    text, data = build_report(runs, baseline, curves, sources, settings, args.metric)
     with open(os.path.join(args.results, "summary.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.results, "summary.json"), "w") as f:
         json.dump(data, f, indent=1, default=float)
-    plot(runs, baseline, curves, sources, os.path.join(args.results, "sdr.png"))
+    plot(runs, baseline, curves, sources, os.path.join(args.results, "sdr.png"), args.metric)
     print(text)
     print(f"wrote {args.results}/summary.md, summary.json, sdr.png")
     return 0

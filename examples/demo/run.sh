@@ -14,8 +14,12 @@
 #
 # Usage: bash examples/demo/run.sh [--quick] [--train-tracks 2,4] [--seeds K] [--stage N] [--work DIR]
 #   --quick             the same path, smaller (CI: a few minutes)
-#   --corpus midi|toy   development corpus (default midi; toy = numpy synthesiser, unit-test grade)
-#   --train-tracks L    comma list of labelled-song counts (the low-resource table); default 4
+#   --corpus midi|toy|speech   development corpus (default midi; toy = numpy synthesiser, unit-test grade;
+#                       speech = pahubert-speech-corpus: recorded and synthetic speech in recorded and
+#                       procedural machine noise, sources speech + noise, 16 kHz mono 10 s clips, scored with
+#                       SI-SDR(i), PESQ and STOI, checkpoints selected on validation SI-SDR; `make demo DEMO=speech`)
+#   --train-tracks L    comma list of labelled-song (clip) counts (the low-resource table); default 4
+#                       (speech: 12 clips = 2 minutes of labels)
 #   --seeds K           repeat both fine-tuning arms for seeds 1..K (mean ± spread); default 1
 #   --stage N           start at step N (earlier outputs are reused); finished fine-tuning runs and
 #                       scored songs are skipped, clustering stages 0-3 run again
@@ -93,7 +97,9 @@ while [ $# -gt 0 ]; do
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
 done
-case $corpus_kind in midi|toy) ;; *) echo "run.sh: --corpus must be midi or toy, got $corpus_kind" >&2; exit 1 ;; esac
+case $corpus_kind in midi|toy|speech) ;; *) echo "run.sh: --corpus must be midi, toy or speech, got $corpus_kind" >&2; exit 1 ;; esac
+train_tracks_given=false; for a in "${orig_args[@]}"; do [ "$a" = --train-tracks ] && train_tracks_given=true; done
+if [ $corpus_kind = speech ] && ! $train_tracks_given; then $quick && train_tracks=4 || train_tracks=12; fi
 case $select in best|last) ;; *) echo "run.sh: --select must be best or last, got $select" >&2; exit 1 ;; esac
 case $iteration in 1|2) ;; *) echo "run.sh: --iteration must be 1 or 2, got $iteration" >&2; exit 1 ;; esac
 case $feature in mfcc|primitive) ;; *) echo "run.sh: --feature must be mfcc or primitive, got $feature" >&2; exit 1 ;; esac
@@ -111,17 +117,35 @@ else
   suffix=; hours=1.0; n_test=8; seconds=20; n_clusters=50
   p_updates=600; f_updates=400
 fi
+if [ $corpus_kind = speech ]; then  # 10 s clips (4 s with --quick), MFCC k-means 100 as HuBERT's speech recipe
+  if $quick; then seconds=4; n_valid=2; else seconds=10; n_valid=8; n_test=20; n_clusters=100; fi
+fi
 hours=${unlabelled_hours:-$hours}
 n_clusters=${clusters:-$n_clusters}
 pretrain_updates=${pretrain_updates:-$p_updates}
 finetune_updates=${finetune_updates:-$f_updates}
 work=${work:-exp/demo/${corpus_kind}$suffix}
-results=${results:-results/demo$suffix}
+if [ $corpus_kind = speech ]; then results=${results:-results/demo_speech$suffix}; else results=${results:-results/demo$suffix}; fi
 [ "$tag" = main ] || results=$results/$tag
 [ "$select" = best ] || results=${results}_$select
 corpus=$work/corpus
 max_n=$(tr ',' '\n' <<< "$train_tracks" | sort -n | tail -n 1)
 n_train=$(( max_n + 1 > 9 ? max_n + 1 : 9 ))  # the last training song is held out for validation
+# per corpus: where the labelled clips are, what fine-tuning and evaluation add
+if [ $corpus_kind = speech ]; then
+  # a valid/ folder of its own (the same clips for both arms, not taken from the training budget); the corpus
+  # size does not follow --train-tracks, so every low-resource setting shares one cached corpus
+  n_train=$(( max_n > 48 ? max_n : 48 )); $quick && n_train=$(( max_n > 4 ? max_n : 4 ))
+  labelled=$corpus
+  corpus_pre_args="task.audio_channels=1"
+  corpus_ft_args="task.sources=[speech,noise] task.audio_channels=1 checkpoint.best_checkpoint_metric=si_sdr
+    checkpoint.maximize_best_checkpoint_metric=true"
+  eval_metrics=si_sdr,pesq,stoi; report_metric=SI-SDR; valid_key=valid_si_sdr; items=clips
+else
+  items=songs
+  labelled=$corpus/musdb; corpus_pre_args=; corpus_ft_args=
+  eval_metrics=sdr; report_metric=SDR; valid_key=valid_sdr
+fi
 mkdir -p "$work" "$results"
 abs() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 plugin_dir=$(abs pahubert_plugin)
@@ -131,8 +155,12 @@ t0=$SECONDS
 # ---- 1: corpus ---------------------------------------------------------------------------------
 n_unlabelled=$("$PYTHON" -c "import math; print(max(1, math.ceil($hours * 3600 / $seconds)))")
 if [ $stage -le 1 ]; then
-  step 1 "$corpus_kind corpus: $n_unlabelled unlabelled (${hours} h), $n_train train, $n_test test songs of ${seconds}s at $sample_rate Hz"
-  if [ $corpus_kind = midi ]; then
+  step 1 "$corpus_kind corpus: $n_unlabelled unlabelled (${hours} h), $n_train train, $n_test test $items of ${seconds}s at $sample_rate Hz"
+  if [ $corpus_kind = speech ]; then
+    "$PYTHON" -m pahubert_plugin.corpora.speech_noise "$corpus" --train-clips $n_train --valid-clips $n_valid \
+      --test-clips $n_test --unlabelled-minutes "$("$PYTHON" -c "print($hours * 60)")" --clip-seconds $seconds \
+      --seed 0 --jobs 2 --no-progress
+  elif [ $corpus_kind = midi ]; then
     "$PYTHON" -m pahubert_plugin.data.midi_corpus "$corpus" --unlabelled $n_unlabelled --train $n_train \
       --test $n_test --seconds $seconds --sample-rate $sample_rate --seed 0 --jobs 2
   else
@@ -155,7 +183,7 @@ pretrain_overrides() {  # the hydra overrides of both pretraining iterations
   local v=$(( pretrain_updates / 4 > 0 ? pretrain_updates / 4 : 1 ))
   echo "optimization.max_update=$pretrain_updates common.cpu=true dataset.validate_interval=100000" \
     "dataset.validate_interval_updates=$v checkpoint.save_interval=100000 checkpoint.save_interval_updates=$v" \
-    "lr_scheduler.warmup_updates=$(( pretrain_updates / 10 + 1 )) $pretrain_args"
+    "lr_scheduler.warmup_updates=$(( pretrain_updates / 10 + 1 )) $corpus_pre_args $pretrain_args"
 }
 # what a pretraining run depends on besides the corpus: the composed pretraining config and the overrides.
 feature_mark=; [ $feature = mfcc ] || feature_mark=" feature=$feature"  # mfcc runs keep their old fingerprints
@@ -210,37 +238,37 @@ finetune() {  # ARM N SEED
   # a --reuse-scratch link is the user's choice; a run of this folder is reused (or resumed from its
   # checkpoint_last.pt) only if it was started with this recipe
   if [ -f "$out/done" ] && { [ -L "$out" ] || same_run "$out/done"; }; then
-    echo "  $arm, $n songs, seed $seed: done before, reused"; return
+    echo "  $arm, $n $items, seed $seed: done before, reused"; return
   elif [ -d "$out" ] && [ ! -L "$out" ] && ! same_run "$out/recipe"; then
-    echo "  $arm, $n songs, seed $seed: made with another recipe; training again"; rm -rf "$out"
+    echo "  $arm, $n $items, seed $seed: made with another recipe; training again"; rm -rf "$out"
   fi
   mkdir -p "$out"; echo "$fingerprint" > "$out/recipe"
-  echo "  $arm, $n labelled songs, seed $seed: $finetune_updates updates (log $out/train.log)"
+  echo "  $arm, $n labelled $items, seed $seed: $finetune_updates updates (log $out/train.log)"
   local scratch=false; [ $arm = scratch ] && scratch=true
   if [ $arm = scratch ]; then arm_args=$scratch_args; else arm_args=$pretrained_args; fi
   # shellcheck disable=SC2086
   "$PYTHON" -m fairseq_cli.hydra_train --config-dir recipes/musdb/conf --config-name pahubert_tiny \
     common.user_dir="$plugin_dir" common.log_format=json common.log_interval=20 common.seed=$seed \
-    task.data="$(abs "$corpus/musdb")" task.sample_rate=$sample_rate task.train_tracks=$n \
+    task.data="$(abs "$labelled")" task.sample_rate=$sample_rate task.train_tracks=$n $corpus_ft_args \
     model.pretrained_checkpoint="$(abs "$ckpt")" model.no_pretrained_weights=$scratch \
     optimization.max_update=$finetune_updates checkpoint.save_dir="$out/checkpoints" \
     hydra.run.dir="$out/hydra" $size_args $ft_args $arm_args > "$out/train.log" 2>&1 \
     || { echo "run.sh: fine-tuning failed; tail of $out/train.log:" >&2; tail -n 20 "$out/train.log" >&2; exit 1; }
-  grep -o '"valid_sdr": "[^"]*", "valid_sdr_[^}]*"valid_num_updates": "[0-9]*"' "$out/train.log" | tail -n 1 \
-    | sed 's/^/    last validation: /' || true
+  grep -o "\"$valid_key\": \"[^\"]*\"" "$out/train.log" | tail -n 1 | sed 's/^/    last validation: /' || true
   echo "$fingerprint" > "$out/done"
 }
 evaluate() {  # ARM N SEED
   local arm=$1 n=$2 seed=$3
   "$PYTHON" -m pahubert_plugin.evaluate "$ft_root/${arm}_n${n}_s${seed}/checkpoints/checkpoint_$select.pt" \
-    --musdb-root "$corpus/musdb" --is-wav --subset test --jobs 2 \
+    --root "$labelled" --subset test --metrics $eval_metrics --jobs 2 \
     --out "$results/eval/${arm}_n${n}_s${seed}" > "$results/eval_${arm}_n${n}_s${seed}.log" 2>&1 \
     || { echo "run.sh: evaluation failed; see $results/eval_${arm}_n${n}_s${seed}.log" >&2; exit 1; }
-  echo "  $arm, $n songs, seed $seed:"
-  grep -h '^| metric\|^| SDR' "$results/eval/${arm}_n${n}_s${seed}/summary.md" | sed 's/^/    /'
+  echo "  $arm, $n $items, seed $seed:"
+  grep -h '^| metric\|^| SDR\|^| SI-SDR\|^| PESQ\|^| STOI\|^| mixture SI-SDR' \
+    "$results/eval/${arm}_n${n}_s${seed}/summary.md" | sed 's/^/    /'
 }
 if [ $stage -le 4 ]; then
-  step 4 "fine-tuning pahubert_resunet ($tag): scratch vs pretrained, labelled songs {$train_tracks}, $seeds seed(s)"
+  step 4 "fine-tuning pahubert_resunet ($tag): scratch vs pretrained, labelled $items {$train_tracks}, $seeds seed(s)"
   # the two arms of a setting train side by side, one thread each (on 2 cores that is faster than
   # one after the other with 2 threads, and it is how the README's figures were measured)
   for n in ${train_tracks//,/ }; do for seed in $(seq 1 $seeds); do
@@ -253,7 +281,11 @@ if [ $stage -le 4 ]; then
     fi
   done; done
 fi
-step 5 "evaluating on $n_test test songs with museval (SDR in dB, median over 1 s frames, then songs)"
+if [ $corpus_kind = speech ]; then
+  step 5 "evaluating on $n_test test clips: SI-SDR(i) of whole clips, PESQ (wide band) and STOI of speech"
+else
+  step 5 "evaluating on $n_test test songs with museval (SDR in dB, median over 1 s frames, then songs)"
+fi
 for n in ${train_tracks//,/ }; do for seed in $(seq 1 $seeds); do
   evaluate scratch $n $seed; evaluate pretrained $n $seed
 done; done
@@ -263,6 +295,6 @@ done; done
   echo "# pretraining: iteration $iteration ($(basename "$(dirname "$(dirname "$ckpt")")")), $pretrain_updates updates on $hours h; fine-tuning: $finetune_updates updates per arm; scored: checkpoint_$select.pt"
   echo "# ft-args: $ft_args | pretrained-args: $pretrained_args | scratch-args: $scratch_args | pretrain-args: $pretrain_args"
 } > "$results/settings.txt"
-"$PYTHON" examples/demo/report.py --results "$results" --musdb-root "$corpus/musdb" --logs "$ft_root" \
-  --settings "$results/settings.txt"
+"$PYTHON" examples/demo/report.py --results "$results" --musdb-root "$labelled" --logs "$ft_root" \
+  --settings "$results/settings.txt" --metric $report_metric
 echo "demo finished in $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s: $results/summary.md, $results/sdr.png"
