@@ -1,7 +1,7 @@
 """Evaluate a separation checkpoint on MUSDB18(-HQ) with museval (BSSEval v4): ``pahubert-evaluate``.
 
 For every track of ``--subset``: separate the mixture at its native rate (chunked
-overlap-add, :class:`~pahubert_plugin.separate.Separator`), score all sources with
+overlap-add, :class:`~pahubert_plugin.separation.api.Separator`), score all sources with
 ``museval.evaluate`` on 1 s windows and hops (exactly what ``museval.eval_mus_track`` does),
 and write museval's own per-track JSON (``museval.TrackStore``) to
 ``OUT/<subset>/<track>.json``.  Tracks run in parallel (``--jobs``, one model per worker);
@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import ctypes
 import json
 import logging
 import multiprocessing
 import os
 import signal
 import sys
-import threading
-import time
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from .data.audio import AudioError, write_audio
+from .separation.memory import die_with_parent
 
 if TYPE_CHECKING:  # torch, fairseq (stems_dataset) and metrics load after parsing: --help is instant
     from .data.stems_dataset import StemTrack
@@ -43,30 +41,6 @@ if TYPE_CHECKING:  # torch, fairseq (stems_dataset) and metrics load after parsi
 logger = logging.getLogger("pahubert_plugin.evaluate")
 
 _SEPARATOR = None  # one per worker process
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent: int, poll: float = 1.0) -> None:
-    """End this (worker) process when process ``parent`` ends, however it ends.
-
-    On Linux the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``); a
-    daemon thread polling the parent pid is the fallback elsewhere (and for a parent that died
-    before the prctl call).
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(poll)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def _init_pool_worker(parent: int, *init) -> None:
@@ -80,7 +54,7 @@ def _init_worker(checkpoint: str, device: str, segment: Optional[float], overlap
     global _SEPARATOR
     import torch
 
-    from .separate import Separator
+    from .separation.api import Separator
 
     torch.set_num_threads(max(1, threads))
     _SEPARATOR = Separator.from_checkpoint(checkpoint, device, segment, overlap, precision=precision)
@@ -347,7 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.jobs < 1:
         logger.error("--jobs must be >= 1")
         return 2
-    from .separate import load_separation_model
+    from .separation.api import load_separation_model
 
     try:
         model, cfg = load_separation_model(args.checkpoint)  # validates the checkpoint once, up front

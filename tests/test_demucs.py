@@ -178,7 +178,7 @@ def test_demucs_v2_hubert_pretrains_then_finetunes(corpora, tmp_path):
             assert torch.allclose(weights[key].float(), value.float(), atol=1e-5), key
     assert any(k.startswith("decoder.") for k in weights)
     # inference rebuilds the fine-tuned model without its pretraining checkpoint
-    from pahubert_plugin.separate import Separator
+    from pahubert_plugin.separation import Separator
 
     assert separation_weights(ft)[0]["encoder_cfg"]["encoder_embed_dim"] == 64
     (pre / "checkpoint_last.pt").rename(pre / "moved.pt")

@@ -362,7 +362,8 @@ def test_evaluate_skips_broken_tracks_and_scores_the_rest(tmp_path, monkeypatch,
     import soundfile as sf
     from omegaconf import OmegaConf
 
-    from pahubert_plugin import evaluate, separate
+    from pahubert_plugin import evaluate
+    from pahubert_plugin.separation import api
 
     root = corpora.write_layout(tmp_path / "musdb", train=0, test=3, seconds=1.0)
     os.remove(root / "test" / "test_01" / "bass.wav")
@@ -374,7 +375,7 @@ def test_evaluate_skips_broken_tracks_and_scores_the_rest(tmp_path, monkeypatch,
     class Model:
         sources = SOURCES
 
-    monkeypatch.setattr(separate, "load_separation_model",
+    monkeypatch.setattr(api, "load_separation_model",
                         lambda path, device="cpu": (Model(), OmegaConf.create({"task": {"sample_rate": sr}})))
     monkeypatch.setattr(evaluate, "_init_worker",
                         lambda *a: setattr(evaluate, "_SEPARATOR", _FakeSeparator(SOURCES)))

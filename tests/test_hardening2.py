@@ -39,7 +39,8 @@ def _run(args, timeout=300, **kw):
 _DRIVER = r'''
 import json, os, sys, time
 from omegaconf import OmegaConf
-from pahubert_plugin import evaluate, separate
+from pahubert_plugin import evaluate
+from pahubert_plugin.separation import api
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 
@@ -66,8 +67,8 @@ class Store:
                                    for s in SOURCES]})
 
 
-separate.load_separation_model = lambda path, device="cpu": (Model(), OmegaConf.create({"task": {"sample_rate": 16000}}))
-separate.Separator.from_checkpoint = staticmethod(from_checkpoint)
+api.load_separation_model = lambda path, device="cpu": (Model(), OmegaConf.create({"task": {"sample_rate": 16000}}))
+api.Separator.from_checkpoint = staticmethod(from_checkpoint)
 evaluate.score_track = lambda *a: Store()
 
 if __name__ == "__main__":

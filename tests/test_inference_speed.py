@@ -4,7 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pahubert_plugin.apply import Autocast, apply_model, optimize_for_inference
+from pahubert_plugin.separation.inference import Autocast, optimize_for_inference
+from pahubert_plugin.separation.overlap import apply_model
 from helpers import randomise_batchnorm
 
 SR = 16000
@@ -101,7 +102,7 @@ def test_bf16_autocast_stays_close_to_fp32():
 
 
 def test_separator_precision_option_is_checked(tmp_path):
-    from pahubert_plugin.separate import Separator
+    from pahubert_plugin.separation import Separator
 
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
         Separator.from_checkpoint(str(tmp_path / "missing.pt"), precision="half")
@@ -115,16 +116,16 @@ def test_bf16_on_a_cpu_without_bfloat16_units_warns_that_it_is_emulated(monkeypa
     CPU): --precision bf16 says so instead of silently running several times slower."""
     import logging
 
-    from pahubert_plugin import apply
-    from pahubert_plugin.separate import Separator
+    from pahubert_plugin.separation import inference as apply
+    from pahubert_plugin.separation import Separator
 
     assert isinstance(apply.cpu_has_native_bf16(), bool)
     monkeypatch.setattr(apply, "cpu_has_native_bf16", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="pahubert_plugin.apply"):
+    with caplog.at_level(logging.WARNING, logger="pahubert_plugin.separation.inference"):
         Separator(trained_like(resunet()), 1.0, precision="bf16")
     assert "no bfloat16 units" in caplog.text and "SLOWER than fp32" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pahubert_plugin.apply"):
+    with caplog.at_level(logging.WARNING, logger="pahubert_plugin.separation.inference"):
         Separator(trained_like(resunet()), 1.0, precision="fp32")
         assert not apply.warn_if_emulated("bf16", "cuda")  # CUDA has its own bfloat16 units
     assert "bfloat16" not in caplog.text
@@ -265,8 +266,8 @@ def test_decoder_windows_cut_each_level_and_must_nest():
 
 
 def test_tiled_decoding_is_refused_where_it_would_change_the_estimates(tmp_path):
-    from pahubert_plugin.apply import set_decode_tile
-    from pahubert_plugin.separate import Separator, check_options
+    from pahubert_plugin.separation.api import Separator, check_options
+    from pahubert_plugin.separation.inference import set_decode_tile
 
     with pytest.raises(ValueError, match="GroupNorm"):
         pahubert_resunet_strided([1, 1, 1], stem_norm="group").set_decode_tile(1.0)
@@ -311,14 +312,14 @@ def test_bench_separate_tile_variant(tmp_path):
 
 
 def test_dropping_gpu_library_pages_frees_resident_memory_and_changes_no_result():
-    """apply.drop_gpu_library_pages in a fresh process: with PyPI's CUDA build of torch the CUDA libraries'
+    """separation.memory.drop_gpu_library_pages in a fresh process: with PyPI's CUDA build of torch the CUDA libraries'
     clean pages leave the resident set (about 270 MiB here), and CPU results are bitwise the same after."""
     import subprocess
     import sys
 
     code = r"""
 import json, torch
-from pahubert_plugin.apply import drop_gpu_library_pages
+from pahubert_plugin.separation.memory import drop_gpu_library_pages
 from pahubert_plugin.models.blocks import ResUnit
 def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
 torch.manual_seed(0)
@@ -388,7 +389,7 @@ def test_dropping_a_mapped_checkpoints_pages_changes_no_value(tmp_path):
     """drop_file_pages lets go of the resident pages of a mapped file (a checkpoint whose weights
     optimize_for_inference replaced): the tensors still read the same values, read back from the file; a
     mapping with a page written in place (copy-on-write) is left alone, so the write survives."""
-    from pahubert_plugin.apply import drop_file_pages
+    from pahubert_plugin.separation.memory import drop_file_pages
 
     path = tmp_path / "w.pt"
     torch.save({"w": torch.arange(16 * 2 ** 20, dtype=torch.float32)}, path)  # 64 MiB

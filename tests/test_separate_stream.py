@@ -10,10 +10,11 @@ import torchaudio.functional as AF
 from omegaconf import OmegaConf
 
 from pahubert_plugin import separate
-from pahubert_plugin.apply import iter_apply
-from pahubert_plugin.separate import Separator, save_stems
-from pahubert_plugin.stream import (StreamResampler, average_passes, read_blocks, resample_stream,
-                                    resampled_frames, stream_apply)
+from pahubert_plugin.separation import api
+from pahubert_plugin.separation.api import Separator
+from pahubert_plugin.separation.overlap import (StreamResampler, average_passes, iter_apply, read_blocks,
+                                                resample_stream, resampled_frames, stream_apply)
+from pahubert_plugin.separation.writing import save_stems
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 SR = 16000
@@ -40,7 +41,7 @@ class Toy(torch.nn.Module):
 @pytest.fixture
 def toy(monkeypatch):
     model = Toy().eval()
-    monkeypatch.setattr(separate, "load_separation_model",
+    monkeypatch.setattr(api, "load_separation_model",
                         lambda path, device="cpu": (model, OmegaConf.create({"task": {"valid_segment": SEGMENT}})))
     return model
 

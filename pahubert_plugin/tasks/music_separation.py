@@ -2,7 +2,7 @@
 
 Training batches are random crops with the Demucs/Open-Unmix augmentations
 (:class:`~pahubert_plugin.data.stems_dataset.StemsChunkDataset`).  Validation separates
-whole tracks chunk by chunk with overlap-add (:mod:`pahubert_plugin.apply`), the way
+whole tracks chunk by chunk with overlap-add (:mod:`pahubert_plugin.separation.overlap`), the way
 inference does, and logs the MDX utterance-level SDR per source (``sdr_<source>``) and
 their mean (``sdr``), the best-checkpoint metric (``checkpoint.best_checkpoint_metric=sdr``,
 ``maximize_best_checkpoint_metric=true``).
@@ -18,7 +18,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from .. import frames
-from ..apply import apply_model
+from ..separation.overlap import apply_model
 from ..data.stems_dataset import (
     MUSDB_SOURCES, Augment, StemsChunkDataset, TrackDataset, split_tracks,
 )
