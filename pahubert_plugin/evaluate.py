@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data.audio import AudioError, write_audio
+from .fileio import atomic_write_text
 from .separation.memory import die_with_parent
 
 if TYPE_CHECKING:  # torch, fairseq (stems_dataset) and metrics load after parsing: --help is instant
@@ -98,11 +99,7 @@ def evaluate_track(track: StemTrack, json_path: str, estimates_dir: Optional[str
         for s, v in stems.items():  # float wav: exactly the scored estimates
             write_audio(os.path.join(estimates_dir, track.name, f"{s}.wav"), v, rate, subtype="FLOAT")
     store = score_track(track, estimates, rate, sep.sources)
-    os.makedirs(os.path.dirname(json_path), exist_ok=True)
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(store.json)
-    os.replace(tmp, json_path)
+    atomic_write_text(json_path, store.json)
     return track.name
 
 

@@ -93,7 +93,7 @@ def write_musdb(root, tracks=3, seconds=2.5, sr=SR):
 
 
 def write_layout(root: Path, train=3, test=2, seconds=3.0, sr=SR):
-    from pahubert_plugin.data.toy_corpus import synthesize_song
+    from pahubert_plugin.corpora.toy import synthesize_song
 
     """<root>/{train,test}/<song>/{mixture,drums,bass,other,vocals}.wav, PCM_16 like MUSDB18-HQ."""
     for split, n in (("train", train), ("test", test)):

@@ -298,7 +298,7 @@ def test_toy_corpus_refuses_bad_arguments_up_front(tmp_path, args, message):
     if args == "OUT_IS_FILE":
         out.write_text("x")
         args = []
-    proc = _run(["-m", "pahubert_plugin.data.toy_corpus", out, "--unlabelled", 1, "--train", 0, "--test", 0,
+    proc = _run(["-m", "pahubert_plugin.corpora.toy", out, "--unlabelled", 1, "--train", 0, "--test", 0,
                  "--seconds", 1, *args], timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
     assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1

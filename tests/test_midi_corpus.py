@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 from scipy import signal
 
-from pahubert_plugin.data import midi_corpus
-from pahubert_plugin.data.midi_corpus import DEFAULT_SOUNDFONT, SOURCES
+from pahubert_plugin.corpora import midi as midi_corpus
+from pahubert_plugin.corpora.midi import DEFAULT_SOUNDFONT, SOURCES
 from helpers import check_corpus_layout, corpus_songs
 
 pytestmark = pytest.mark.skipif(

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pahubert_plugin.data import toy_corpus
+from pahubert_plugin.corpora import toy as toy_corpus
+from pahubert_plugin.corpora.toy import SOURCES, generate_corpus, synthesize_song
 from pahubert_plugin.data.audio import read_audio
-from pahubert_plugin.data.toy_corpus import SOURCES, generate_corpus, synthesize_song
 from helpers import check_corpus_layout, corpus_songs
 
 SR = 16000
@@ -145,3 +145,25 @@ def test_read_audio_reads_it(corpus):
     assert np.array_equal(wav.numpy(), ref.T)
     wav, sr = read_audio(corpus / "unlabelled" / "unlabelled_0001.wav", sample_rate=8000, channels=1)
     assert sr == 8000 and tuple(wav.shape) == (1, int(SECONDS * 8000))
+
+
+def test_an_interrupted_song_leaves_no_partial_file(tmp_path, monkeypatch):
+    """Songs are written atomically (pahubert_plugin.fileio): a write that fails half-way (disk full,
+    a kill) leaves the finished files and nothing under the failed file's name, so a re-run that
+    trusts existing files never keeps a truncated stem."""
+    real, calls = sf.SoundFile.write, []
+
+    def write(self, data):
+        calls.append(1)
+        if len(calls) == 3:  # the third file of the song: half of it, then the disk is full
+            real(self, data[: len(data) // 2])
+            raise OSError("No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(sf.SoundFile, "write", write)
+    out = tmp_path / "toy"
+    with pytest.raises(OSError, match="No space left"):
+        generate_corpus(out, unlabelled=0, train=1, test=0, seconds=1.0, sample_rate=SR, progress=False)
+    assert len(list(out.rglob("*.wav"))) == 2  # mixture and the first stem, both whole
+    assert not list(out.rglob("*.tmp-*"))
+    assert json.loads((out / "corpus.json").read_text())["status"] == "partial"

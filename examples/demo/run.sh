@@ -133,10 +133,10 @@ n_unlabelled=$("$PYTHON" -c "import math; print(max(1, math.ceil($hours * 3600 /
 if [ $stage -le 1 ]; then
   step 1 "$corpus_kind corpus: $n_unlabelled unlabelled (${hours} h), $n_train train, $n_test test songs of ${seconds}s at $sample_rate Hz"
   if [ $corpus_kind = midi ]; then
-    "$PYTHON" -m pahubert_plugin.data.midi_corpus "$corpus" --unlabelled $n_unlabelled --train $n_train \
+    "$PYTHON" -m pahubert_plugin.corpora.midi "$corpus" --unlabelled $n_unlabelled --train $n_train \
       --test $n_test --seconds $seconds --sample-rate $sample_rate --seed 0 --jobs 2
   else
-    "$PYTHON" -m pahubert_plugin.data.toy_corpus "$corpus" --unlabelled $n_unlabelled --train $n_train \
+    "$PYTHON" -m pahubert_plugin.corpora.toy "$corpus" --unlabelled $n_unlabelled --train $n_train \
       --test $n_test --seconds $seconds --sample-rate $sample_rate --seed 0 --jobs 2
   fi
 fi
