@@ -1,8 +1,13 @@
+import re
+
 from setuptools import find_packages, setup
+
+# the one version string lives in the package; read it without importing the package (and torch)
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("pahubert_plugin/__init__.py").read(), re.M).group(1)
 
 setup(
     name="pahubert",
-    version="0.1.0",
+    version=VERSION,
     description="Pac-HuBERT: self-supervised music source separation as a fairseq plugin",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

@@ -20,7 +20,7 @@ import torch
 
 from .. import frames
 from ..data.audio import audio_info, read_audio
-from .readers import FeatureReader
+from .base import FeatureReader
 
 logger = logging.getLogger(__name__)
 
