@@ -19,11 +19,9 @@ from pahubert_plugin.models.demucs_v2 import DemucsV2Config, DemucsV2Model
 from pahubert_plugin.models.demucs_hubert import DemucsHubertModel
 from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertConfig, DemucsV2HubertModel
 from pahubert_plugin.tasks.music_separation import MusicSeparationConfig, MusicSeparationTask
-from helpers import PLUGIN_DIR, REPO, finetune_args, run_fairseq, separation_weights, updates_done, valid_sdrs
+from helpers import PLUGIN_DIR, REPO, SOURCES, SR, finetune_args, run_fairseq, separation_weights, updates_done, valid_sdrs
 from pahubert_plugin.configs import load_recipe_config
 
-SR = 16000
-SOURCES = ["drums", "bass", "other", "vocals"]
 MUSDB_CONF = REPO / "recipes" / "musdb" / "conf"
 PRETRAIN_CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
 

@@ -12,9 +12,8 @@ from pahubert_plugin import separate
 from pahubert_plugin.separation import api
 from pahubert_plugin.separation.api import Separator, split_two_stems
 from pahubert_plugin.separation.writing import save_stems
+from helpers import SOURCES, SR
 
-SOURCES = ["drums", "bass", "other", "vocals"]
-SR = 16000
 GAINS = (0.1, 0.2, 0.3, 0.4)  # the estimates sum to the mixture
 
 

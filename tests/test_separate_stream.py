@@ -15,9 +15,8 @@ from pahubert_plugin.separation.api import Separator
 from pahubert_plugin.separation.overlap import (StreamResampler, average_passes, iter_apply, read_blocks,
                                                 resample_stream, resampled_frames, stream_apply)
 from pahubert_plugin.separation.writing import save_stems
+from helpers import SOURCES, SR
 
-SOURCES = ["drums", "bass", "other", "vocals"]
-SR = 16000
 SEGMENT = 0.5  # seconds: several chunks per test file
 
 

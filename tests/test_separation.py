@@ -20,11 +20,9 @@ from pahubert_plugin.separation.overlap import apply_model, iter_apply
 from pahubert_plugin.data.audio import AudioError
 from pahubert_plugin.data.stems_dataset import Augment, StemsChunkDataset, split_tracks
 
-from helpers import PLUGIN_DIR, REPO, run_fairseq, valid_sdrs
+from helpers import PLUGIN_DIR, REPO, SOURCES, SR, run_fairseq, valid_sdrs
 from pahubert_plugin.configs import load_recipe_config
 
-SOURCES = ["drums", "bass", "other", "vocals"]
-SR = 16000
 CONF = REPO / "recipes" / "musdb" / "conf"
 
 
