@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "pahubert_plugin"
 
@@ -220,3 +222,19 @@ def test_one_version_string():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == pahubert_plugin.__version__
 
+
+@pytest.mark.parametrize("doc", ["docs/ARCHITECTURE.md"])
+def test_docs_name_the_real_version_and_files(doc):
+    """The architecture notes quote the package's version only, no line counts (they go stale), and only
+    files that exist (paths relative to the repository or to the package)."""
+    import pahubert_plugin
+
+    text = (REPO / doc).read_text()
+    version = pahubert_plugin.__version__
+    for quoted in re.findall(r"\b(?:version|before|since|after|from) v?(\d+\.\d+(?:\.\d+)?)\b", text):
+        assert version == quoted or version.startswith(quoted + "."), f"{doc} quotes version {quoted}, not {version}"
+    assert not re.search(r"\b\d+ lines\b", text), f"{doc} quotes a line count"
+    paths = set(re.findall(r"`([\w./]+\.py)(?:::\w+)?`", text)) | set(re.findall(r"^\s*(?:\w+\s+)?([\w/]+\.py)\b", text, re.M))
+    assert len(paths) > 20
+    for path in sorted(p for p in paths if "/my_" not in p):  # models/my_frontend.py: the extension example
+        assert (REPO / path).is_file() or (REPO / PACKAGE / path).is_file(), f"{doc} names {path}, which does not exist"
