@@ -1,9 +1,14 @@
+import re
+
 from setuptools import find_packages, setup
+
+# the one version string lives in the package; read it without importing the package (and torch)
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("pahubert_plugin/__init__.py").read(), re.M).group(1)
 
 setup(
     name="pahubert",
-    version="0.1.0",
-    description="Pac-HuBERT: self-supervised music source separation as a fairseq plugin",
+    version=VERSION,
+    description="Pac-HuBERT: self-supervised source separation (music, speech in noise, any sources) as a fairseq plugin",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pahubert_plugin", "pahubert_plugin.*"]),
@@ -26,6 +31,9 @@ setup(
         "mido==1.3.3",
         "tensorboardX==2.6.5",  # fairseq's common.tensorboard_logdir (and no "Please install" line)
         "safetensors==0.8.0",  # pahubert-port-hubert reads transformers folders
+        "pesq==0.0.4",  # pahubert-evaluate --metrics pesq (wide band)
+        "pystoi==0.4.1",  # pahubert-evaluate --metrics stoi
+        "pyroomacoustics==0.10.1",  # pahubert-speech-corpus --reverb
     ],
     extras_require={
         "test": ["pytest==8.4.2", "transformers==5.24.0"],
@@ -37,8 +45,9 @@ setup(
             "pahubert-dump-features = pahubert_plugin.clustering.dump_features:main",
             "pahubert-check-labels = pahubert_plugin.clustering.check_labels:main",
             "pahubert-label-quality = pahubert_plugin.clustering.label_quality:main",
-            "pahubert-toy-corpus = pahubert_plugin.data.toy_corpus:main",
-            "pahubert-midi-corpus = pahubert_plugin.data.midi_corpus:main",
+            "pahubert-toy-corpus = pahubert_plugin.corpora.toy:main",
+            "pahubert-midi-corpus = pahubert_plugin.corpora.midi:main",
+            "pahubert-speech-corpus = pahubert_plugin.corpora.speech_noise:main",
             "pahubert-evaluate = pahubert_plugin.evaluate:main",
             "pahubert-separate = pahubert_plugin.separate:main",
             "pahubert-port-hubert = pahubert_plugin.port_hubert:main",

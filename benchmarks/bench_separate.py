@@ -4,7 +4,7 @@ For every model in :data:`BUILDERS` (random weights, nothing downloaded), in its
 subprocess so measurements do not mix:
 
 * real-time factor: wall time to separate the same 30 s stereo 44.1 kHz input with
-  :func:`pahubert_plugin.apply.apply_model` (overlap-add chunks of the model's segment),
+  :func:`pahubert_plugin.separation.overlap.apply_model` (overlap-add chunks of the model's segment),
   divided by 30 s (< 1 is faster than real time); best of ``--repeats``;
 * long-track real-time factor: the wall time of one chunk of the model's own segment divided by the
   chunk hop, ``(1 - overlap) x segment``: what a track much longer than the segment costs per second.
@@ -15,7 +15,7 @@ subprocess so measurements do not mix:
   tracks cost;
 * peak memory separating WAV files of ``--memory-seconds`` (default 1 and 10 minutes) to 16-bit WAV
   stems the way ``pahubert-separate`` does (:meth:`Separator.separate_to_files
-  <pahubert_plugin.separate.Separator.separate_to_files>`: read, separate and write block by block;
+  <pahubert_plugin.separation.api.Separator.separate_to_files>`: read, separate and write block by block;
   ``--memory-path memory`` for the in-memory ``separate_file`` + ``save_stems``), with every
   variant: peak RSS of the process (``ru_maxrss``), the RSS after the model was built, and the ratio
   of the longest input's peak to the shortest's (1.0: memory flat in track length). The ``tile``
@@ -48,7 +48,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pahubert_plugin.apply import cpu_has_native_bf16  # noqa: E402
+from pahubert_plugin.separation.inference import cpu_has_native_bf16  # noqa: E402
 from pahubert_plugin.configs import load_recipe_config  # noqa: E402
 
 SR = 44100
@@ -172,13 +172,14 @@ def worker(name: str, mode: str, seconds: float, repeats: int, variant: str = "f
     """Runs in a subprocess: one model, one measurement; returns a dict.
 
     ``variant``: ``fp32`` the model as built; ``opt`` after
-    :func:`pahubert_plugin.apply.optimize_for_inference` (BatchNorm folded, channels_last);
+    :func:`pahubert_plugin.separation.inference.optimize_for_inference` (BatchNorm folded, channels_last);
     ``bf16`` that under bfloat16 autocast; ``tile`` ``opt`` decoding in time tiles of ``tile`` seconds
-    (:func:`pahubert_plugin.apply.set_decode_tile`). For the last three the estimates of the first
+    (:func:`pahubert_plugin.separation.inference.set_decode_tile`). For the last three the estimates of the first
     segment are compared with the model as built: ``max_diff`` is the largest difference over
     the input's peak."""
     import pahubert_plugin  # noqa: F401
-    from pahubert_plugin.apply import Autocast, apply_model, optimize_for_inference, set_decode_tile
+    from pahubert_plugin.separation.inference import Autocast, optimize_for_inference, set_decode_tile
+    from pahubert_plugin.separation.overlap import apply_model
 
     if mode == "save":  # our models: a checkpoint file for the memory runs
         torch.manual_seed(0)
@@ -235,7 +236,7 @@ DROP_GPU_PAGES = os.environ.get(KEEP_GPU_PAGES) != "1"
 
 
 class Described(torch.nn.Module):
-    """Any builder's model with what :class:`~pahubert_plugin.separate.Separator` reads from ours
+    """Any builder's model with what :class:`~pahubert_plugin.separation.api.Separator` reads from ours
     (``sources``, ``sample_rate``, ``audio_channels``): every builder's model is 44.1 kHz stereo in
     :data:`SOURCES` order."""
 
@@ -277,8 +278,8 @@ def memory_worker(model, segment: Optional[float], path: str, mode: str, precisi
     whole track in memory) into a temporary folder next to it; peak RSS of this process. With
     ``checkpoint`` (our models) the model is loaded from that file as ``pahubert-separate`` does
     (``Separator.from_checkpoint``: the weights mapped, not copied), else ``model`` is used as built."""
-    from pahubert_plugin.apply import drop_gpu_library_pages, return_freed_memory
-    from pahubert_plugin.separate import Separator, save_stems
+    from pahubert_plugin.separation import Separator, save_stems
+    from pahubert_plugin.separation.memory import drop_gpu_library_pages, return_freed_memory
 
     return_freed_memory()  # as pahubert-separate's main does
     if checkpoint:
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--keep-gpu-pages", action="store_true",
                    help="memory runs keep the CUDA libraries' resident pages (pahubert-separate drops them on "
-                        "the CPU: pahubert_plugin.apply.drop_gpu_library_pages); for the before/after figure")
+                        "the CPU: pahubert_plugin.separation.memory.drop_gpu_library_pages); for the before/after figure")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="rtf", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)

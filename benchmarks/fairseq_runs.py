@@ -78,7 +78,7 @@ def write_pretraining_corpus(root, n_files=32, seconds=3.5, sr=16000, channels=2
 def write_musdb_corpus(root, train=4, test=1, seconds=10.0, sr=16000, seed=0):
     """A tiny MUSDB18-HQ-layout corpus: <root>/{train,test}/<song>/{mixture,drums,bass,other,vocals}.wav
     (16-bit stereo, the numpy toy synthesiser's songs)."""
-    from pahubert_plugin.data.toy_corpus import SOURCES, synthesize_song
+    from pahubert_plugin.corpora.toy import SOURCES, synthesize_song
 
     root = Path(root)
     for split, count in (("train", train), ("test", test)):

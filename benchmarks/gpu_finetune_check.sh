@@ -18,7 +18,7 @@ else
 fi
 W=/tmp/w_sep; rm -rf $W; mkdir -p $W
 PLUG=$PWD/pahubert_plugin
-$PY -m pahubert_plugin.data.toy_corpus $W/corpus --unlabelled 8 --train 4 --test 1 --seconds 12 --sample-rate $SR --seed 0 --jobs 8 2>&1 | tail -n 1
+$PY -m pahubert_plugin.corpora.toy $W/corpus --unlabelled 8 --train 4 --test 1 --seconds 12 --sample-rate $SR --seed 0 --jobs 8 2>&1 | tail -n 1
 common="common.user_dir=$PLUG common.log_format=json common.log_interval=5 common.tensorboard_logdir=null $DEV
   task.data=$W/corpus/musdb task.sample_rate=$SR ++task.num_valid_tracks=1 task.valid_seconds=10 dataset.num_workers=4
   optimization.max_update=$UPD dataset.validate_interval_updates=$UPD checkpoint.save_interval_updates=0"

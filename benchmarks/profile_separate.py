@@ -1,7 +1,7 @@
 """Where separation time and memory go: a per-block profile of each model (whole-run peak RSS: bench_separate.py).
 
 Random-weight models from ``bench_separate.BUILDERS``, each in its own subprocess (threads set),
-separate ``--seconds`` of stereo 44.1 kHz noise with :func:`pahubert_plugin.apply.apply_model` (the
+separate ``--seconds`` of stereo 44.1 kHz noise with :func:`pahubert_plugin.separation.overlap.apply_model` (the
 model's segment, overlap 0.25) after a 1 s warm-up; forward hooks time every block (STFT, each
 stem/encoder block with its input shape, transformer, projection, bottleneck, each decoder level,
 mask head, iSTFT) and the resident set at each block's end (the largest over calls, minus the resident
@@ -74,13 +74,13 @@ def profile_worker(name: str, seconds: float, variant: str = "opt") -> dict:
     from torch.nn.modules.conv import _ConvNd
 
     import bench_separate
-    from pahubert_plugin.apply import apply_model
+    from pahubert_plugin.separation.overlap import apply_model
 
     torch.manual_seed(0)
     model, segment = bench_separate.BUILDERS[name]()
     model.eval()
     if variant == "opt":  # as pahubert-separate runs it: BatchNorm folded, channels_last
-        from pahubert_plugin.apply import optimize_for_inference
+        from pahubert_plugin.separation.inference import optimize_for_inference
 
         model = optimize_for_inference(model)
     seg = int(segment * SR)

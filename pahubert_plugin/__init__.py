@@ -3,50 +3,28 @@
 ``import pahubert_plugin`` (or ``common.user_dir=/path/to/pahubert_plugin``) registers
 every task, model and criterion of the package, allow-lists fairseq's checkpoint
 classes for torch's ``weights_only`` loader, and makes fairseq's checkpoint copies atomic and
-its resume robust to a truncated checkpoint_last.pt (:func:`checkpoint.install_fairseq_patches`).
+its resume robust to a truncated checkpoint_last.pt (:func:`checkpoint.install_fairseq_patches`);
+:func:`register` lives in :mod:`pahubert_plugin.registry`.
 
 The one exception is those of our console scripts that call :func:`register` themselves once
 their arguments parse and fairseq is needed, or never need it (:data:`DEFERRING_SCRIPTS`):
 importing fairseq takes seconds, and there ``--help`` and argument errors answer at once.
 """
-import logging as _logging
 import os as _os
 import sys as _sys
 
-__version__ = "0.1.0"
+from .registry import register
 
-_registered = False
-
-
-def register() -> None:
-    """Register our fairseq components and checkpoint allow-list (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    root = _logging.getLogger()
-    root_state = (root.level, list(root.handlers))
-
-    from . import checkpoint
-
-    checkpoint.register_safe_globals()
-    checkpoint.install_fairseq_patches()
-
-    from . import criterions, models, tasks  # noqa: F401  (registration side effects)
-
-    # fairseq.models.wav2vec.wav2vec2_classification calls logging.basicConfig(level=DEBUG) when
-    # imported; undo that so our CLIs (and users' scripts) keep their own logging setup.
-    if (root.level, root.handlers) != root_state:
-        for h in [h for h in root.handlers if h not in root_state[1]]:
-            root.removeHandler(h)
-        root.setLevel(root_state[0])
-    _registered = True
+__version__ = "0.1.0"  # the one version string: setup.py reads it from here
 
 
 # console scripts that register on their own when they need fairseq (dump-features and
-# label-quality: when the hubert reader loads a checkpoint), or never do
+# label-quality: when the hubert reader loads a checkpoint), or never do; tests/test_layout.py checks
+# this list against setup.py's console_scripts
 DEFERRING_SCRIPTS = frozenset({
     "pahubert-separate", "pahubert-evaluate", "pahubert-port-hubert", "pahubert-plot-log",
-    "pahubert-manifest", "pahubert-toy-corpus", "pahubert-midi-corpus", "pahubert-check-labels",
+    "pahubert-manifest", "pahubert-toy-corpus", "pahubert-midi-corpus", "pahubert-speech-corpus",
+    "pahubert-check-labels",
     "pahubert-dump-features", "pahubert-label-quality",
 })
 

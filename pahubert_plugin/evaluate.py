@@ -4,7 +4,7 @@ The dataset is a folder of clips, ``<root>/<subset>/<clip>/{mixture,<source>...}
 MUSDB18-HQ layout, any sources), ``<root>/<clip>/...`` (a root without subset folders), or
 MUSDB18's ``<root>/<subset>/*.stem.mp4``; the layout is detected (``--is-wav`` forces wav).
 For every clip: separate the mixture at its native rate (chunked overlap-add,
-:class:`~pahubert_plugin.separate.Separator`) and score it with ``--metrics``
+:class:`~pahubert_plugin.separation.api.Separator`) and score it with ``--metrics``
 (:mod:`pahubert_plugin.metrics`):
 
 * ``sdr``: museval's BSSEval v4 on 1 s windows and hops (exactly what ``museval.eval_mus_track``
@@ -33,15 +33,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import ctypes
 import json
 import logging
 import multiprocessing
 import os
 import signal
 import sys
-import threading
-import time
 import warnings
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -49,6 +46,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .data.audio import AudioError, write_audio
+from .fileio import atomic_write_text
+from .separation.memory import die_with_parent
 
 if TYPE_CHECKING:  # torch, fairseq (stems_dataset) and metrics load after parsing: --help is instant
     from .data.stems_dataset import StemTrack
@@ -59,30 +58,6 @@ _SEPARATOR = None  # one per worker process
 METRIC_NAMES = ("sdr", "si_sdr", "pesq", "stoi")
 DEFAULT_METRICS = "sdr,si_sdr"
 SPEECH = "speech"  # metrics.SPEECH, here without importing torch before --help
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent: int, poll: float = 1.0) -> None:
-    """End this (worker) process when process ``parent`` ends, however it ends.
-
-    On Linux the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``); a
-    daemon thread polling the parent pid is the fallback elsewhere (and for a parent that died
-    before the prctl call).
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(poll)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def _init_pool_worker(parent: int, *init) -> None:
@@ -96,7 +71,7 @@ def _init_worker(checkpoint: str, device: str, segment: Optional[float], overlap
     global _SEPARATOR
     import torch
 
-    from .separate import Separator
+    from .separation.api import Separator
 
     torch.set_num_threads(max(1, threads))
     _SEPARATOR = Separator.from_checkpoint(checkpoint, device, segment, overlap, precision=precision)
@@ -185,11 +160,7 @@ def evaluate_track(track: StemTrack, json_path: str, estimates_dir: Optional[str
             write_audio(os.path.join(estimates_dir, track.name, f"{s}.wav"), v, rate, subtype="FLOAT")
     estimates = {s: v.numpy() for s, v in stems.items()}
     record = track_record(track, estimates, mixture.numpy(), rate, sep.sources, metric_names)
-    os.makedirs(os.path.dirname(json_path), exist_ok=True)
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, allow_nan=True)
-    os.replace(tmp, json_path)
+    atomic_write_text(json_path, json.dumps(record, allow_nan=True))
     return track.name
 
 
@@ -482,7 +453,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.jobs < 1:
         logger.error("--jobs must be >= 1")
         return 2
-    from .separate import load_separation_model
+    from .separation.api import load_separation_model
 
     try:
         model, cfg = load_separation_model(args.checkpoint)  # validates the checkpoint once, up front

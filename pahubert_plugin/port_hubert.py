@@ -262,7 +262,9 @@ def _plain(value):
 
 def pretraining_models() -> Dict[str, type]:
     """Every registered masked-prediction pretraining model (a port target), by registry key."""
-    import pahubert_plugin  # noqa: F401  (registers our models)
+    from .registry import register
+
+    register()  # our models
     from fairseq.models import MODEL_REGISTRY
 
     from .models.hubert_encoder import HubertPretrainingModel
@@ -417,9 +419,9 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import pahubert_plugin
+    from .registry import register
 
-    pahubert_plugin.register()  # the models and the checkpoint allow-list
+    register()  # the models and the checkpoint allow-list
     import torch
 
     try:

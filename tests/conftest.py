@@ -16,11 +16,10 @@ import pytest
 import soundfile as sf
 
 from pahubert_plugin import frames
+from helpers import SOURCES, SR
 
-SR = 16000
 TONES = (262.0, 440.0, 740.0, 1245.0)  # K = 4
 SEGMENT = 10  # frames per tone
-SOURCES = ["drums", "bass", "other", "vocals"]
 
 
 def tone_sequence(num_samples, sr=SR, first=0, channels=1):
@@ -93,9 +92,9 @@ def write_musdb(root, tracks=3, seconds=2.5, sr=SR):
 
 
 def write_layout(root: Path, train=3, test=2, seconds=3.0, sr=SR):
-    from pahubert_plugin.data.toy_corpus import synthesize_song
-
     """<root>/{train,test}/<song>/{mixture,drums,bass,other,vocals}.wav, PCM_16 like MUSDB18-HQ."""
+    from pahubert_plugin.corpora.toy import synthesize_song
+
     for split, n in (("train", train), ("test", test)):
         for i in range(n):
             stems, _ = synthesize_song(7, split, i, seconds, sr)
@@ -124,7 +123,6 @@ def make_corpus(root):
     with open(os.path.join(root, "corrupt.wav"), "wb") as f:
         f.write(rng.bytes(4000))
     sf.write(os.path.join(root, "short.wav"), _music(0.2, 44100, 2, 440, rng), 44100)
-
 
 
 @pytest.fixture(scope="session")

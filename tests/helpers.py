@@ -1,4 +1,6 @@
-"""Test utilities shared by several test files: tiny audio, stock fairseq runs."""
+"""Test utilities shared by several test files: constants, tiny audio, subprocess runs, stock fairseq runs.
+
+The corpora the tests write are in conftest.py (the ``corpora`` fixture)."""
 import json
 import os
 import re
@@ -15,14 +17,48 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "pahubert_plugin"
 FAIRSEQ_HUBERT_CONF = Path(fairseq.__file__).parent / "examples" / "hubert" / "config" / "pretrain"
 
+SR = 16000  # the sample rate of most test audio
+SOURCES = ["drums", "bass", "other", "vocals"]
+# subprocesses see this worktree's package first, on one thread each
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
-def tone(seconds, sr, freq=440.0, channels=1, seed=0, amp=0.3):
-    """(samples, channels) float32: a tone plus a little noise, different per channel."""
+
+def tone(seconds, sr, freq=440.0, channels=1, seed=0, amp=0.3, noise=0.01, detune=0.01, spread=0.0):
+    """(samples, channels) float32: a sine of ``amp`` at ``freq``, the same on every channel except that
+    channel ``c`` is detuned by ``1 + detune * c``, scaled by ``1 + spread * c`` and gets its own noise of
+    standard deviation ``noise`` (seeded by ``seed``). The defaults: a tone plus a little noise."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * sr)) / sr
-    chans = [amp * np.sin(2 * np.pi * freq * (1 + 0.01 * c) * t) + 0.01 * rng.standard_normal(t.size)
-             for c in range(channels)]
+    chans = []
+    for c in range(channels):
+        x = amp * np.sin(2 * np.pi * freq * (1 + detune * c) * t)
+        if spread:
+            x = x * (1 + spread * c)
+        if noise:
+            x = x + noise * rng.standard_normal(t.size)
+        chans.append(x)
     return np.stack(chans, axis=1).astype(np.float32)
+
+
+def write_tone(path, seconds=1.5, sr=SR, channels=1, freq=220.0, **kw):
+    """:func:`tone` written to ``path`` (its folder created); noise-free and louder per channel unless
+    ``kw`` says otherwise."""
+    kw = {"noise": 0.0, "detune": 0.0, "spread": 0.1, **kw}
+    os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+    sf.write(path, tone(seconds, sr, freq=freq, channels=channels, **kw), sr)
+
+
+def run_python(args, timeout=300, env=None, **kw):
+    """``python ARGS`` in a subprocess (env :data:`ENV` plus ``env``): the CompletedProcess, text output
+    captured; a failure is the caller's to check."""
+    return subprocess.run([sys.executable, *map(str, args)], env=dict(ENV, **(env or {})), capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def run_module(module, *args, timeout=300, env=None, **kw):
+    """``python -m MODULE ARGS`` as :func:`run_python` runs it (console scripts: run through ``-m`` so the
+    worktree's package answers)."""
+    return run_python(["-m", module, *args], timeout=timeout, env=env, **kw)
 
 
 def run_fairseq(args, cwd, timeout=600, env=None):
@@ -193,3 +229,25 @@ def check_corpus_layout(corpus, sample_rate, seconds, subtype, sources=("drums",
             info = sf.info(str(song / f"{stem}.wav"))
             assert (info.samplerate, info.channels, info.frames, info.subtype) == \
                 (sample_rate, 2, int(seconds * sample_rate), subtype), song / stem
+
+
+def write_bad_label(data, row=2, value="999"):
+    """Put label ``value`` into row ``row`` of ``data/train.km`` (a label outside the dictionary); its path."""
+    path = os.path.join(data, "train.km")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    labels = lines[row - 1].split()
+    labels[len(labels) // 2] = value
+    lines[row - 1] = " ".join(labels)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def assert_one_line_error(proc, *expected):
+    """A console script refused its arguments: exit status 2, each of ``expected`` said, no traceback."""
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text
+    assert "Traceback" not in text, text
+    for e in expected:
+        assert e in text, text

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from helpers import SR, assert_one_line_error, run_module, write_bad_label
 from pahubert_plugin.clustering import check_labels, dump_features, label_quality
 from pahubert_plugin.clustering.mfcc import MfccReader
 from pahubert_plugin.clustering.primitive import CUES, PrimitiveReader, primitive_cues
@@ -17,7 +18,6 @@ from pahubert_plugin.clustering.readers import build_reader
 from pahubert_plugin.frames import num_frames
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SR = 16000
 K = 8
 
 
@@ -199,3 +199,25 @@ def test_label_quality_beats_random(recipe, tmp_path, capsys):
     assert km["nmi"] > rnd["nmi"] + 0.3 and km["nmi"] > 0.4
     assert km["cluster_purity"] > rnd["cluster_purity"]
     assert "nmi" in capsys.readouterr().out
+
+
+# ---- bad label files ------------------------------------------------------------------------
+
+def test_check_labels_finds_the_dictionary_beside_the_labels(corpora, tmp_path, capsys):
+    data = corpora.write_corpus(tmp_path / "data", n_train=3, n_valid=1, seed=3, min_s=0.6, max_s=1.0)
+    args = [str(data / "train.tsv"), str(data / "train.km"), "--sample-rate", str(SR)]
+    assert check_labels.main(args) == 0
+    assert f"labels in {data / 'dict.km.txt'}" in capsys.readouterr().out
+    write_bad_label(data)
+    assert check_labels.main(args) == 1
+    err = capsys.readouterr().err
+    assert "row 2 " in err and "'999'" in err and str(data / "dict.km.txt") in err
+
+
+def test_check_labels_refuses_negative_tolerance(tmp_path):
+    (tmp_path / "t.tsv").write_text(f"{tmp_path}\na.wav\t16000\n")
+    (tmp_path / "t.km").write_text("0 " * 100 + "\n")
+    proc = run_module("pahubert_plugin.clustering.check_labels", tmp_path / "t.tsv", tmp_path / "t.km",
+                      "--sample-rate", SR, "--tolerance", "-1", "--no-dict")
+    assert_one_line_error(proc, "--tolerance is a number of frames >= 0, got -1")
+    assert "FAIL" not in proc.stderr

@@ -19,11 +19,9 @@ from pahubert_plugin.models.demucs_v2 import DemucsV2Config, DemucsV2Model
 from pahubert_plugin.models.demucs_hubert import DemucsHubertModel
 from pahubert_plugin.models.demucs_v2_hubert import DemucsV2HubertConfig, DemucsV2HubertModel
 from pahubert_plugin.tasks.music_separation import MusicSeparationConfig, MusicSeparationTask
-from helpers import PLUGIN_DIR, REPO, finetune_args, run_fairseq, separation_weights, updates_done, valid_sdrs
+from helpers import PLUGIN_DIR, REPO, SOURCES, SR, finetune_args, run_fairseq, separation_weights, updates_done, valid_sdrs
 from pahubert_plugin.configs import load_recipe_config
 
-SR = 16000
-SOURCES = ["drums", "bass", "other", "vocals"]
 MUSDB_CONF = REPO / "recipes" / "musdb" / "conf"
 PRETRAIN_CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
 
@@ -178,7 +176,7 @@ def test_demucs_v2_hubert_pretrains_then_finetunes(corpora, tmp_path):
             assert torch.allclose(weights[key].float(), value.float(), atol=1e-5), key
     assert any(k.startswith("decoder.") for k in weights)
     # inference rebuilds the fine-tuned model without its pretraining checkpoint
-    from pahubert_plugin.separate import Separator
+    from pahubert_plugin.separation import Separator
 
     assert separation_weights(ft)[0]["encoder_cfg"]["encoder_embed_dim"] == 64
     (pre / "checkpoint_last.pt").rename(pre / "moved.pt")

@@ -16,11 +16,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from helpers import randomise_batchnorm
+from helpers import SOURCES, SR, randomise_batchnorm
 
 GOLDEN = Path(__file__).parent / "golden"
-SR = 16000
-SOURCES = ["drums", "bass", "other", "vocals"]
 SAMPLES = 4000  # 0.25 s
 CLASSES = [12]
 

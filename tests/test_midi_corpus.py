@@ -10,15 +10,14 @@ import pytest
 import soundfile as sf
 from scipy import signal
 
-from pahubert_plugin.data import midi_corpus
-from pahubert_plugin.data.midi_corpus import DEFAULT_SOUNDFONT, SOURCES
-from helpers import check_corpus_layout, corpus_songs
+from pahubert_plugin.corpora import midi as midi_corpus
+from pahubert_plugin.corpora.midi import DEFAULT_SOUNDFONT, SOURCES
+from helpers import SR, check_corpus_layout, corpus_songs
 
 pytestmark = pytest.mark.skipif(
     shutil.which("fluidsynth") is None or not os.path.isfile(DEFAULT_SOUNDFONT),
     reason="needs the Debian packages fluidsynth and timgm6mb-soundfont")
 
-SR = 16000
 SECONDS = 6.0
 ARGS = ["--unlabelled", "2", "--train", "2", "--test", "2", "--seconds", str(SECONDS),
         "--sample-rate", str(SR), "--seed", "5", "--no-progress"]

@@ -18,10 +18,9 @@ import torch
 
 import pahubert_plugin
 from pahubert_plugin import frames
-from helpers import REPO, overrides, run_fairseq, train_records
+from helpers import REPO, SR, overrides, run_fairseq, train_records, write_bad_label
 from pahubert_plugin.configs import load_recipe_config
 
-SR = 16000
 TONES = (262.0, 440.0, 740.0, 1245.0)  # K = 4
 SEGMENT = 10  # frames per tone
 UPDATES = 32  # updates of the shared tiny run
@@ -408,3 +407,18 @@ def test_band_mask_zeroes_one_band_per_example_in_training_only():
         assert torch.equal(idx, torch.arange(idx[0], idx[0] + len(idx)))
     assert torch.equal(front(1.0).eval().band_mask(x), x)
     assert torch.equal(front(0.0).train().band_mask(x), x)
+
+
+def test_pretraining_dataset_rejects_labels_outside_the_dictionary(corpora, tmp_path):
+    from omegaconf import OmegaConf
+
+    from pahubert_plugin.tasks.pahubert_pretraining import PahubertPretrainingConfig, PahubertPretrainingTask
+
+    data = corpora.write_corpus(tmp_path / "data", n_train=3, n_valid=1, seed=3, min_s=0.6, max_s=1.0)
+    cfg = OmegaConf.structured(PahubertPretrainingConfig(data=str(data), label_dir=str(data), sample_rate=SR,
+                                                         channels=2, max_sample_size=20000, min_sample_size=1000))
+    task = PahubertPretrainingTask.setup_task(cfg)
+    task.load_dataset("train")  # genuine labels load
+    path = write_bad_label(data)
+    with pytest.raises(ValueError, match=rf"{path} row 2: label '999' is not in {data / 'dict.km.txt'}"):
+        task.load_dataset("train")

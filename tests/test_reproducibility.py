@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import overrides, run_fairseq, train_records
+from helpers import SR, overrides, run_fairseq, train_records
 
-SR = 16000
 from pahubert_plugin.checkpoint import load_checkpoint
 
 UPDATES = 6

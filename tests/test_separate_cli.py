@@ -9,10 +9,11 @@ import torch
 from omegaconf import OmegaConf
 
 from pahubert_plugin import separate
-from pahubert_plugin.separate import Separator, save_stems, split_two_stems
+from pahubert_plugin.separation import api
+from pahubert_plugin.separation.api import Separator, split_two_stems
+from pahubert_plugin.separation.writing import save_stems
+from helpers import SOURCES, SR
 
-SOURCES = ["drums", "bass", "other", "vocals"]
-SR = 16000
 GAINS = (0.1, 0.2, 0.3, 0.4)  # the estimates sum to the mixture
 
 
@@ -35,7 +36,7 @@ class Gains(torch.nn.Module):
 def toy(monkeypatch):
     """Every checkpoint path loads the toy model (segment 1 s)."""
     model = Gains()
-    monkeypatch.setattr(separate, "load_separation_model",
+    monkeypatch.setattr(api, "load_separation_model",
                         lambda path, device="cpu": (model, OmegaConf.create({"task": {"valid_segment": 1.0}})))
     return model
 

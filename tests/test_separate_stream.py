@@ -10,13 +10,13 @@ import torchaudio.functional as AF
 from omegaconf import OmegaConf
 
 from pahubert_plugin import separate
-from pahubert_plugin.apply import iter_apply
-from pahubert_plugin.separate import Separator, save_stems
-from pahubert_plugin.stream import (StreamResampler, average_passes, read_blocks, resample_stream,
-                                    resampled_frames, stream_apply)
+from pahubert_plugin.separation import api
+from pahubert_plugin.separation.api import Separator
+from pahubert_plugin.separation.overlap import (StreamResampler, average_passes, iter_apply, read_blocks,
+                                                resample_stream, resampled_frames, stream_apply)
+from pahubert_plugin.separation.writing import save_stems
+from helpers import SOURCES, SR
 
-SOURCES = ["drums", "bass", "other", "vocals"]
-SR = 16000
 SEGMENT = 0.5  # seconds: several chunks per test file
 
 
@@ -40,7 +40,7 @@ class Toy(torch.nn.Module):
 @pytest.fixture
 def toy(monkeypatch):
     model = Toy().eval()
-    monkeypatch.setattr(separate, "load_separation_model",
+    monkeypatch.setattr(api, "load_separation_model",
                         lambda path, device="cpu": (model, OmegaConf.create({"task": {"valid_segment": SEGMENT}})))
     return model
 

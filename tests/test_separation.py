@@ -16,15 +16,13 @@ from omegaconf import OmegaConf
 
 import pahubert_plugin  # noqa: F401  (registration)
 from pahubert_plugin import metrics
-from pahubert_plugin.apply import apply_model, iter_apply
+from pahubert_plugin.separation.overlap import apply_model, iter_apply
 from pahubert_plugin.data.audio import AudioError
 from pahubert_plugin.data.stems_dataset import Augment, StemsChunkDataset, split_tracks
 
-from helpers import PLUGIN_DIR, REPO, run_fairseq, valid_sdrs
+from helpers import PLUGIN_DIR, REPO, SOURCES, SR, run_fairseq, valid_sdrs
 from pahubert_plugin.configs import load_recipe_config
 
-SOURCES = ["drums", "bass", "other", "vocals"]
-SR = 16000
 CONF = REPO / "recipes" / "musdb" / "conf"
 
 
@@ -252,7 +250,8 @@ def test_resunet_finetunes_and_logs_sdr(resunet_ckpt):
 
 @pytest.mark.slow
 def test_separate_formats_rates_and_corrupt_file(resunet_ckpt, musdb_root, tmp_path):
-    from pahubert_plugin.separate import Separator, main
+    from pahubert_plugin.separate import main
+    from pahubert_plugin.separation import Separator
 
     mix, _ = sf.read(musdb_root / "test" / "test_00" / "mixture.wav", dtype="float32")
     inputs = {
@@ -546,7 +545,7 @@ def test_pahubert_resunet_rejects_wrong_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_pahubert_resunet_finetunes_and_loads_without_pretraining_file(musdb_root, tmp_path):
-    from pahubert_plugin.separate import Separator
+    from pahubert_plugin.separation import Separator
 
     pre = tmp_path / "pre.pt"
     make_pretraining_checkpoint(pre)
@@ -600,7 +599,7 @@ def test_separator_maps_the_checkpoint_instead_of_reading_it(resunet_ckpt, tmp_p
     del state
     code = ("import resource, sys, numpy as np\n"
             "import pahubert_plugin; pahubert_plugin.register()\n"
-            "from pahubert_plugin.separate import Separator\n"
+            "from pahubert_plugin.separation import Separator\n"
             "import fairseq.checkpoint_utils, torch, os\n"
             "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
             "before = peak()\n"
@@ -622,7 +621,7 @@ def test_separation_model_weights_are_the_mapped_checkpoint_not_a_copy(resunet_c
     the model computes exactly what fairseq's load_model_ensemble_and_task model computes."""
     from fairseq import checkpoint_utils
 
-    from pahubert_plugin.separate import load_separation_model
+    from pahubert_plugin.separation import load_separation_model
 
     ckpt = str(resunet_ckpt[0])
     model, cfg = load_separation_model(ckpt)
@@ -669,7 +668,7 @@ def test_loading_a_checkpoint_holds_its_weights_once(tmp_path):
     code = ("import resource, sys, numpy as np\n"
             "import pahubert_plugin; pahubert_plugin.register()\n"
             "import torch, fairseq.checkpoint_utils\n"
-            "from pahubert_plugin.separate import Separator\n"
+            "from pahubert_plugin.separation import Separator\n"
             "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
             "before = peak()\n"
             "sep = Separator.from_checkpoint(sys.argv[1])\n"

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pahubert_plugin.data import toy_corpus
+from pahubert_plugin.corpora import toy as toy_corpus
+from pahubert_plugin.corpora.toy import SOURCES, generate_corpus, synthesize_song
 from pahubert_plugin.data.audio import read_audio
-from pahubert_plugin.data.toy_corpus import SOURCES, generate_corpus, synthesize_song
-from helpers import check_corpus_layout, corpus_songs
+from helpers import SR, check_corpus_layout, corpus_songs, run_module
 
-SR = 16000
 SECONDS = 4.0
 PARAMS = dict(unlabelled=2, train=2, test=2, seconds=SECONDS, sample_rate=SR, seed=3)
 
@@ -145,3 +144,43 @@ def test_read_audio_reads_it(corpus):
     assert np.array_equal(wav.numpy(), ref.T)
     wav, sr = read_audio(corpus / "unlabelled" / "unlabelled_0001.wav", sample_rate=8000, channels=1)
     assert sr == 8000 and tuple(wav.shape) == (1, int(SECONDS * 8000))
+
+
+def test_an_interrupted_song_leaves_no_partial_file(tmp_path, monkeypatch):
+    """Songs are written atomically (pahubert_plugin.fileio): a write that fails half-way (disk full,
+    a kill) leaves the finished files and nothing under the failed file's name, so a re-run that
+    trusts existing files never keeps a truncated stem."""
+    real, calls = sf.SoundFile.write, []
+
+    def write(self, data):
+        calls.append(1)
+        if len(calls) == 3:  # the third file of the song: half of it, then the disk is full
+            real(self, data[: len(data) // 2])
+            raise OSError("No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(sf.SoundFile, "write", write)
+    out = tmp_path / "toy"
+    with pytest.raises(OSError, match="No space left"):
+        generate_corpus(out, unlabelled=0, train=1, test=0, seconds=1.0, sample_rate=SR, progress=False)
+    assert len(list(out.rglob("*.wav"))) == 2  # mixture and the first stem, both whole
+    assert not list(out.rglob("*.tmp-*"))
+    assert json.loads((out / "corpus.json").read_text())["status"] == "partial"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seconds", "inf"], "--seconds must be a finite number > 0, got inf"),
+    (["--seconds", "nan"], "--seconds must be a finite number > 0, got nan"),
+    (["--sample-rate", "12345"], "sample rate 12345 Hz is not a positive multiple of the 100 Hz"),
+    ("OUT_IS_FILE", "exists and is not a folder"),
+])
+def test_toy_corpus_refuses_bad_arguments_up_front(tmp_path, args, message):
+    out = tmp_path / "toy"
+    if args == "OUT_IS_FILE":
+        out.write_text("x")
+        args = []
+    proc = run_module("pahubert_plugin.corpora.toy", out, "--unlabelled", 1, "--train", 0, "--test", 0,
+                      "--seconds", 1, *args, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1
+    assert not (out / "corpus.json").exists() if out.is_dir() else True

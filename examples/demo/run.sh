@@ -161,10 +161,10 @@ if [ $stage -le 1 ]; then
       --test-clips $n_test --unlabelled-minutes "$("$PYTHON" -c "print($hours * 60)")" --clip-seconds $seconds \
       --seed 0 --jobs 2 --no-progress
   elif [ $corpus_kind = midi ]; then
-    "$PYTHON" -m pahubert_plugin.data.midi_corpus "$corpus" --unlabelled $n_unlabelled --train $n_train \
+    "$PYTHON" -m pahubert_plugin.corpora.midi "$corpus" --unlabelled $n_unlabelled --train $n_train \
       --test $n_test --seconds $seconds --sample-rate $sample_rate --seed 0 --jobs 2
   else
-    "$PYTHON" -m pahubert_plugin.data.toy_corpus "$corpus" --unlabelled $n_unlabelled --train $n_train \
+    "$PYTHON" -m pahubert_plugin.corpora.toy "$corpus" --unlabelled $n_unlabelled --train $n_train \
       --test $n_test --seconds $seconds --sample-rate $sample_rate --seed 0 --jobs 2
   fi
 fi

@@ -20,7 +20,7 @@ import torch
 
 from .. import frames
 from ..data.audio import audio_info, read_audio
-from .readers import FeatureReader
+from .base import FeatureReader
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ class HubertFeatureReader(FeatureReader):
 
     def __init__(self, ckpt: str, layer: int, sample_rate: int, device: str = "cpu",
                  max_chunk: Optional[float] = None, arg_overrides: Optional[dict] = None):
-        import pahubert_plugin
+        from ..registry import register
 
-        pahubert_plugin.register()  # our models and the checkpoint allow-list (deferred in our CLIs)
+        register()  # our models and the checkpoint allow-list (deferred in our CLIs)
         from fairseq import checkpoint_utils
 
         super().__init__(sample_rate, channels=None)

@@ -10,7 +10,7 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 
-from pahubert_plugin.clustering.readers import FeatureReader
+from pahubert_plugin.clustering.base import FeatureReader
 from pahubert_plugin.frames import fit_frames, num_frames
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 
 from pahubert_plugin.clustering.mfcc import mfcc_features
-from pahubert_plugin.clustering.readers import FeatureReader
+from pahubert_plugin.clustering.base import FeatureReader
 from pahubert_plugin.frames import fit_frames, hop_length, num_frames
 
 CUES = ("harmonic_db", "percussive_db", "harmonic_ratio", "flux", "harmonicity", "repetition",

@@ -1,1 +1,2 @@
-"""Corpus generators beyond music: speech, machine recordings and their mixtures."""
+"""Corpus generators in the MUSDB18-HQ layout: toy and sampled-instrument music (``pahubert-toy-corpus``,
+``pahubert-midi-corpus``) and speech in machine noise (``pahubert-speech-corpus``)."""

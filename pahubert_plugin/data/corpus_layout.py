@@ -1,4 +1,4 @@
-"""The folder layout both corpus generators write (``toy_corpus``, ``midi_corpus``), in one place.
+"""The folder layout both corpus generators write (:mod:`pahubert_plugin.corpora.toy`, :mod:`pahubert_plugin.corpora.midi`), in one place.
 
 ``OUT/musdb/{train,test}/<song>/{mixture,drums,bass,other,vocals}.wav`` (MUSDB18-HQ layout),
 ``OUT/unlabelled/<song>.wav`` (mixtures only) and ``OUT/corpus.json`` (the parameters and, per

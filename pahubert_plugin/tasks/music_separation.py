@@ -4,7 +4,7 @@ The data is MUSDB18(-HQ) or any folder laid out as MUSDB18-HQ with the sources n
 ``task.sources`` (music stems by default; e.g. ``task.sources=[speech,noise]``).
 Training batches are random crops with the Demucs/Open-Unmix augmentations
 (:class:`~pahubert_plugin.data.stems_dataset.StemsChunkDataset`).  Validation separates
-whole tracks chunk by chunk with overlap-add (:mod:`pahubert_plugin.apply`), the way
+whole tracks chunk by chunk with overlap-add (:mod:`pahubert_plugin.separation.overlap`), the way
 inference does, and logs per source and as the mean over sources and tracks, in dB:
 the MDX utterance-level SDR (``sdr_<source>``, ``sdr``) and the scale-invariant SDR
 (``si_sdr_<source>``, ``si_sdr``).  Either is a best-checkpoint metric
@@ -21,7 +21,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from .. import frames
-from ..apply import apply_model
+from ..separation.overlap import apply_model
 from ..data.stems_dataset import (
     MUSDB_SOURCES, Augment, StemsChunkDataset, TrackDataset, split_tracks,
 )

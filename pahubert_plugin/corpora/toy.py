@@ -48,9 +48,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..data.corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
+from ..fileio import atomic_write_text, atomic_write_wav
 from ..frames import hop_length
-
-from .corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
 
 logger = logging.getLogger(__name__)
 
@@ -581,15 +581,13 @@ def synthesize_song(seed: int, split: str, index: int, seconds: float,
 # --------------------------------------------------------------------------- corpus on disk
 
 def _make_song(job) -> Tuple[str, str, dict]:
-    from .audio import write_audio
-
     out, split, index, name, seconds, sample_rate, seed = job
     stems, info = synthesize_song(seed, split, index, seconds, sample_rate)
     if split == "unlabelled":
-        write_audio(song_paths(out, split, name)[0], stems["mixture"], sample_rate, subtype="PCM_16")
+        atomic_write_wav(song_paths(out, split, name)[0], stems["mixture"].T, sample_rate, subtype="PCM_16")
     else:
         for path, key in zip(song_paths(out, split, name), ("mixture",) + SOURCES):
-            write_audio(path, stems[key], sample_rate, subtype="FLOAT")
+            atomic_write_wav(path, stems[key].T, sample_rate, subtype="FLOAT")
     return split, name, info
 
 
@@ -628,8 +626,7 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
 
     os.makedirs(out, exist_ok=True)
     meta = {"params": params, "status": "partial", "songs": {k: {} for k in names}}
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=1)
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
     jobs_list = [(out, split, i, nm, seconds, sample_rate, seed)
                  for split in ("train", "test", "unlabelled") for i, nm in enumerate(names[split])]
     bar = tqdm(total=len(jobs_list), desc="toy corpus", unit="song", disable=not progress)
@@ -647,8 +644,7 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
             bar.update()
     bar.close()
     meta["status"] = "complete"
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=1)
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return meta
 
 

@@ -1,25 +1,36 @@
-"""Separation in bounded memory: read, resample, separate, resample back and write block by block.
+"""Chunked separation with overlap-add, in memory or streamed block by block, for any separation model.
 
+A separation model maps ``mixture (batch, channels, samples)`` to
+``estimates (batch, sources, channels, samples)``.  Tracks are cut into segments of
+``segment`` samples that overlap by ``overlap`` (a fraction), each segment is separated,
+and the results are cross-faded with a triangular window (all weights > 0, so every
+sample is covered) and normalised by the summed weights, as Demucs does
+(:func:`chunk_starts`, :func:`chunk_weight`).
+
+:func:`iter_apply` yields finished blocks in order while holding only about one segment
+of output, so callers can stream results to disk for tracks of any length;
+:func:`apply_model` collects them into one tensor.  Neither changes the model's
+train/eval mode: the caller decides (fairseq's validation and :class:`Separator` use eval).
+
+Separation in bounded memory: read, resample, separate, resample back block by block.
 Each stage is a generator of ``(channels, samples)`` (or ``(sources, channels, samples)``)
 blocks, so a track of any length holds about one model segment of audio in memory:
 
 * :func:`read_blocks` decodes a file with soundfile a block at a time;
 * :class:`StreamResampler` resamples a stream so that the concatenated output equals
   ``torchaudio.functional.resample`` of the whole signal (same sinc kernel, enough context);
-* :func:`stream_apply` is :func:`pahubert_plugin.apply.iter_apply` fed by a stream instead
-  of a whole tensor (same chunks, batches, weights and order of operations);
-* :func:`average_passes` averages demucs-style shifted passes in lockstep;
-* :class:`StemWriter` writes a stem in chunks; ``clip_mode="rescale"`` needs the whole
-  stem's peak first, so it spools float32 to a temporary file and rescales on a second pass.
+* :func:`stream_apply` is the one overlap-add loop: :func:`iter_apply` feeds it the whole
+  tensor as one block, the streaming path a stream of blocks (same chunks, batches, weights
+  and order of operations);
+* :func:`average_passes` averages demucs-style shifted passes in lockstep.
 
+Writing the stems block by block is :mod:`pahubert_plugin.separation.writing`.
 Every file ``pahubert-separate`` accepts is decoded by soundfile (the rule of
 :mod:`pahubert_plugin.data.audio`), so reading always streams; arrays handed to
-:meth:`Separator.separate <pahubert_plugin.separate.Separator.separate>` are already in
+:meth:`Separator.separate <pahubert_plugin.separation.api.Separator.separate>` are already in
 memory and take the in-memory path.
 """
 import math
-import os
-import tempfile
 from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -28,11 +39,9 @@ import torch
 import torchaudio.functional as AF
 from torch import nn
 
-from .apply import chunk_starts, chunk_weight
-from .data.audio import _SFC_SET_ADD_PEAK_CHUNK, MP3_SLACK, AudioError, AudioInfo
+from ..data.audio import MP3_SLACK, AudioError, AudioInfo
 
 READ_SAMPLES = 1 << 16  # samples (per channel) decoded per soundfile read
-SPOOL_FRAMES = 1 << 16  # frames per write when rescaling a spooled stem
 LOWPASS_WIDTH, ROLLOFF = 6, 0.99  # torchaudio.functional.resample's defaults
 
 
@@ -174,7 +183,7 @@ class _Window:
 def stream_apply(model: nn.Module, blocks: Iterable[torch.Tensor], total: int, segment: int,
                  overlap: float = 0.25, batch_size: int = 1,
                  device: Optional[torch.device] = None) -> Iterator[Tuple[int, torch.Tensor]]:
-    """:func:`~pahubert_plugin.apply.iter_apply` on the concatenation of ``blocks``.
+    """:func:`iter_apply` on the concatenation of ``blocks``.
 
     ``blocks`` are ``(channels, n)`` tensors holding ``total`` samples in all; yields
     ``(start, block (sources, channels, n))`` float32 on the CPU, the same chunks, batches
@@ -257,96 +266,53 @@ def crop_stream(blocks: Iterable[torch.Tensor], skip: int, length: int) -> Itera
             return
 
 
-class StemWriteError(OSError):
-    """A stem could not be written (the reason is in the message)."""
+def chunk_weight(length: int) -> torch.Tensor:
+    """Triangular cross-fade window of ``length`` strictly positive weights, peak 1."""
+    half = length // 2
+    ramp = torch.cat([torch.arange(1, half + 1), torch.arange(length - half, 0, -1)]).float()
+    return ramp / ramp.max()
 
 
-def clip_divisor(peak: float) -> float:
-    """What demucs' ``rescale`` clip mode divides a stem whose peak is ``peak`` by."""
-    return max(1.01 * peak, 1.0)
+def chunk_starts(total: int, segment: int, overlap: float) -> list:
+    """Start samples of the chunks covering ``total`` samples; the last chunk ends at or after it."""
+    if segment <= 0:
+        raise ValueError(f"segment must be positive, got {segment} samples")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    stride = max(1, int(round(segment * (1 - overlap))))
+    starts = [0]
+    while starts[-1] + segment < total:
+        starts.append(starts[-1] + stride)
+    return starts
 
 
-class StemWriter:
-    """Write one stem block by block to ``path`` (wav/flac/mp3, a soundfile ``subtype``).
+@torch.inference_mode()
+def iter_apply(model: nn.Module, mixture: torch.Tensor, segment: int, overlap: float = 0.25, batch_size: int = 1,
+               device: Optional[torch.device] = None) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Separate ``mixture (channels, samples)`` chunk by chunk.
 
-    The file appears under its name only when :meth:`close` succeeds (it is written as a
-    hidden ``.part`` file first); :meth:`abort` removes what was written.  ``clip_mode`` is as
-    :func:`pahubert_plugin.separate.prevent_clip`; ``rescale`` spools float32 to a temporary
-    file next to the output, then writes the rescaled stem on close.
+    Yields ``(start, block)`` with ``block (sources, channels, n)`` float32 on the CPU;
+    consecutive blocks tile ``[0, samples)`` exactly.  ``segment`` is in samples;
+    ``batch_size`` chunks go through the model at once.
     """
-
-    def __init__(self, path: str, sample_rate: int, channels: int, fmt: str, subtype: str,
-                 clip_mode: str = "rescale", mp3_level: float = 0.0):
-        from .separate import CLIP_MODES, FORMATS
-
-        if clip_mode not in CLIP_MODES:
-            raise ValueError(f"clip mode must be one of {', '.join(CLIP_MODES)}, got {clip_mode!r}")
-        self.path, self.clip_mode, self.channels = path, clip_mode, channels
-        self.peak = 0.0
-        folder = os.path.dirname(os.path.abspath(path))
-        self.part = os.path.join(folder, f".{os.path.basename(path)}.part")
-        self.file = self.spool = None
-        try:
-            os.makedirs(folder, exist_ok=True)
-            if os.path.isdir(path):
-                raise IsADirectoryError(f"{path} is a folder")
-            extra = ({"bitrate_mode": "CONSTANT", "compression_level": mp3_level} if fmt == "mp3" else {})
-            self.file = sf.SoundFile(self.part, "w", sample_rate, channels, subtype=subtype,
-                                     format=FORMATS[fmt], **extra)
-            if subtype in ("FLOAT", "DOUBLE"):  # no PEAK chunk: equal audio gives equal bytes (write_audio)
-                from soundfile import _ffi, _snd
-
-                _snd.sf_command(self.file._file, _SFC_SET_ADD_PEAK_CHUNK, _ffi.NULL, 0)
-            if clip_mode == "rescale":
-                self.spool = tempfile.TemporaryFile(dir=folder, prefix=".pahubert-spool-")
-        except (OSError, RuntimeError) as e:
-            self.abort()
-            raise StemWriteError(f"{path}: {e}") from None
-
-    def write(self, block: torch.Tensor) -> None:
-        """``block (channels, n)`` float audio, before clip handling."""
-        block = block.float()
-        try:
-            if self.clip_mode == "rescale":
-                if block.numel():
-                    self.peak = max(self.peak, float(block.abs().max()))
-                self.spool.write(np.ascontiguousarray(block.numpy().T).tobytes())
-            else:
-                self.file.write(np.ascontiguousarray(_clip(block, self.clip_mode).numpy().T))
-        except (OSError, RuntimeError) as e:
-            raise StemWriteError(f"{self.path}: {e}") from None
-
-    def close(self) -> None:
-        try:
-            if self.spool is not None:
-                divisor = clip_divisor(self.peak)
-                self.spool.seek(0)
-                while True:
-                    raw = self.spool.read(SPOOL_FRAMES * self.channels * 4)
-                    if not raw:
-                        break
-                    data = np.frombuffer(raw, dtype=np.float32).reshape(-1, self.channels)
-                    block = torch.from_numpy(data.copy()) / divisor  # the in-memory path's division
-                    self.file.write(block.numpy())
-                self.spool.close()
-                self.spool = None
-            self.file.close()
-            os.replace(self.part, self.path)
-        except (OSError, RuntimeError) as e:
-            self.abort()
-            raise StemWriteError(f"{self.path}: {e}") from None
-
-    def abort(self) -> None:
-        for f in (self.spool, self.file):
-            if f is not None:
-                try:
-                    f.close()
-                except (OSError, RuntimeError):
-                    pass
-        self.spool = self.file = None
-        if os.path.exists(self.part):
-            os.remove(self.part)
+    if mixture.dim() != 2:
+        raise ValueError(f"mixture must be (channels, samples), got shape {tuple(mixture.shape)}")
+    # the one overlap-add loop, fed the whole tensor as one block
+    yield from stream_apply(model, [mixture], mixture.shape[-1], segment, overlap, batch_size, device)
 
 
-def _clip(block: torch.Tensor, mode: str) -> torch.Tensor:
-    return block.clamp(-0.99, 0.99) if mode == "clamp" else block
+def apply_model(model: nn.Module, mixture: torch.Tensor, segment: int, overlap: float = 0.25, batch_size: int = 1,
+                device: Optional[torch.device] = None) -> torch.Tensor:
+    """Separate ``mixture (channels, samples)`` or ``(batch, channels, samples)``.
+
+    Returns ``(sources, channels, samples)`` or ``(batch, sources, channels, samples)``,
+    float32 on the CPU, built from :func:`iter_apply`.
+    """
+    if mixture.dim() == 3:
+        return torch.stack([apply_model(model, m, segment, overlap, batch_size, device) for m in mixture])
+    out = None
+    for start, block in iter_apply(model, mixture, segment, overlap, batch_size, device):
+        if out is None:
+            out = block.new_zeros(*block.shape[:-1], mixture.shape[-1])
+        out[..., start:start + block.shape[-1]] = block
+    return out

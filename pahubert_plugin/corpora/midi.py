@@ -47,7 +47,7 @@ Layout under OUT (the toy corpus' layout, so the rest of the project reads it un
     OUT/midi/<split>/<song>/{drums,bass,other,vocals}.mid + song.json
     OUT/corpus.json                        (parameters + a per-song summary)
 
-``musdb.DB(root=OUT/musdb, is_wav=True)`` reads it (use ``split=None``, see toy_corpus).
+``musdb.DB(root=OUT/musdb, is_wav=True)`` reads it (use ``split=None``, see corpora/toy.py).
 
 Caching and safety: every file is written to a temporary name and moved into place
 (``os.replace``); a song's ``song.json`` (holding a hash of everything the song depends on) is
@@ -78,7 +78,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
+from ..data.corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
+from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_wav
 
 logger = logging.getLogger(__name__)
 
@@ -159,28 +160,6 @@ def _weighted(rng, weights: Dict[str, float]) -> str:
     keys = list(weights)
     p = np.array([weights[k] for k in keys], dtype=np.float64)
     return keys[int(rng.choice(len(keys), p=p / p.sum()))]
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: str, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def _atomic_write_wav(path: str, data: np.ndarray, sample_rate: int) -> None:
-    """Write int16 (samples, channels) as PCM_16 WAV through a temporary file."""
-    import soundfile as sf
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    sf.write(tmp, data, sample_rate, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the song plan
@@ -996,7 +975,7 @@ def make_song(job) -> Tuple[str, str, dict, bool]:
         with tempfile.TemporaryDirectory(prefix="pahubert-midi-") as tmp:
             for stem in SOURCES:
                 mid = os.path.join(midi_dir, f"{stem}.mid")
-                _atomic_write_bytes(mid, midis[stem])
+                atomic_write_bytes(mid, midis[stem])
                 pairs.append((mid, os.path.join(tmp, f"{stem}.wav")))
             audio = render_midis(pairs, rate, params["soundfont"], fluidsynth, room=info["reverb_room"])
         rendered = dict(zip(SOURCES, audio))
@@ -1014,11 +993,11 @@ def make_song(job) -> Tuple[str, str, dict, bool]:
                         for k, v in ints.items()}
     paths = song_paths(out, split, name)
     if split == "unlabelled":
-        _atomic_write_wav(paths[0], ints["mixture"], rate)
+        atomic_write_wav(paths[0], ints["mixture"], rate)
     else:
         for path, key in zip(paths, ("mixture",) + SOURCES):
-            _atomic_write_wav(path, ints[key], rate)
-    _atomic_write_json(meta_path, {"hash": digest, "info": info})  # last: marks the song done
+            atomic_write_wav(path, ints[key], rate)
+    atomic_write_json(meta_path, {"hash": digest, "info": info})  # last: marks the song done
     return split, name, info, True
 
 
@@ -1074,7 +1053,7 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
 
     os.makedirs(out, exist_ok=True)
     meta = {"params": params, "status": "partial", "songs": {k: {} for k in names}}
-    _atomic_write_json(meta_path, meta)
+    atomic_write_json(meta_path, meta)
     jobs_list = [(out, split, i, nm, song_params, exe)
                  for split in ("train", "test", "unlabelled") for i, nm in enumerate(names[split])]
     rendered = 0
@@ -1096,7 +1075,7 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
         meta["songs"][split][nm] = info
         rendered += int(did)
     meta["status"] = "complete"
-    _atomic_write_json(meta_path, meta)
+    atomic_write_json(meta_path, meta)
     meta["rendered"] = rendered
     logger.info("rendered %d of %d songs (%d cached)", rendered, len(jobs_list), len(jobs_list) - rendered)
     return meta

@@ -1,14 +1,13 @@
-"""Inference optimisations of issue 14 keep what a checkpoint computes (speed itself: benchmarks/)."""
+"""Optimised inference computes what the checkpoint computes: folded BatchNorm, channels_last, inference mode,
+bf16 autocast, tiled decoding, dropped pages (the speed itself: benchmarks/, tests/test_benchmarks.py)."""
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pahubert_plugin.apply import Autocast, apply_model, optimize_for_inference
-from helpers import randomise_batchnorm
-
-SR = 16000
-SOURCES = ["drums", "bass", "other", "vocals"]
+from pahubert_plugin.separation.inference import Autocast, optimize_for_inference
+from pahubert_plugin.separation.overlap import apply_model
+from helpers import SOURCES, SR, randomise_batchnorm
 
 
 def resunet():
@@ -101,7 +100,7 @@ def test_bf16_autocast_stays_close_to_fp32():
 
 
 def test_separator_precision_option_is_checked(tmp_path):
-    from pahubert_plugin.separate import Separator
+    from pahubert_plugin.separation import Separator
 
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
         Separator.from_checkpoint(str(tmp_path / "missing.pt"), precision="half")
@@ -115,72 +114,21 @@ def test_bf16_on_a_cpu_without_bfloat16_units_warns_that_it_is_emulated(monkeypa
     CPU): --precision bf16 says so instead of silently running several times slower."""
     import logging
 
-    from pahubert_plugin import apply
-    from pahubert_plugin.separate import Separator
+    from pahubert_plugin.separation import inference as apply
+    from pahubert_plugin.separation import Separator
 
     assert isinstance(apply.cpu_has_native_bf16(), bool)
     monkeypatch.setattr(apply, "cpu_has_native_bf16", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="pahubert_plugin.apply"):
+    with caplog.at_level(logging.WARNING, logger="pahubert_plugin.separation.inference"):
         Separator(trained_like(resunet()), 1.0, precision="bf16")
     assert "no bfloat16 units" in caplog.text and "SLOWER than fp32" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pahubert_plugin.apply"):
+    with caplog.at_level(logging.WARNING, logger="pahubert_plugin.separation.inference"):
         Separator(trained_like(resunet()), 1.0, precision="fp32")
         assert not apply.warn_if_emulated("bf16", "cuda")  # CUDA has its own bfloat16 units
     assert "bfloat16" not in caplog.text
     monkeypatch.setattr(apply, "cpu_has_native_bf16", lambda: True)
     assert not apply.warn_if_emulated("bf16", "cpu")
-
-
-def test_bench_separate_prints_speed_and_flat_memory_columns(tmp_path):
-    """benchmarks/bench_separate.py runs end to end on the tiny model: a real-time factor, a peak RSS
-    per --memory-seconds length (streamed to stems, as pahubert-separate) and their ratio."""
-    import json
-    import subprocess
-    import sys
-
-    from helpers import REPO
-
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_separate.py"), "--models", "tiny",
-                           "--seconds", "1", "--memory-seconds", "2,4", "--repeats", "1", "--threads", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    header = ("| RTF vs htdemucs, same variant | RTF long track | long vs htdemucs fp32 | long vs htdemucs, same "
-              "variant | max diff vs fp32 / peak | peak RSS 2 s (MB) | peak RSS 4 s (MB) |")
-    assert header + " longest / shortest |" in proc.stdout
-    row = json.loads(out.read_text())[0]
-    assert row["model"] == "tiny" and 0 < row["rtf"] < 100
-    # long-track RTF: one chunk of the segment over the hop (0.75 x segment)
-    assert row["rtf_long"] == pytest.approx(row["chunk_s"] / (0.75 * row["segment_s"]))
-    peaks = [row["memory"][k]["peak_rss_mb"] for k in ("2.0", "4.0")]
-    assert all(100 < p < 20000 for p in peaks), peaks
-
-
-def test_profile_separate_counts_convolution_work():
-    """benchmarks/profile_separate.py: per-block rows that add up to the wall time, a convolution
-    throughput next to a matrix product's, and multiply-adds counted exactly (Conv2d by its outputs,
-    grouped Conv1d, ConvTranspose2d by its inputs: hand-computed figures)."""
-    import sys
-
-    from helpers import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import profile_separate
-
-    r = profile_separate.profile_worker("tiny", 1.0, "opt")
-    assert r["model"] == "tiny" and r["variant"] == "opt" and r["conv_calls"] > 0
-    assert 0 < r["conv_s"] <= r["wall_s"] and r["conv_gflop"] > 0 and r["matmul_gflops"] > 0
-    assert sum(row[1] for row in r["rows"]) == pytest.approx(r["wall_s"], rel=1e-6)
-
-    x = torch.zeros(1, 2, 5, 7)
-    conv = torch.nn.Conv2d(2, 4, (3, 3), padding=1)
-    assert profile_separate.conv_macs(conv, x, conv(x)) == 4 * 5 * 7 * 2 * 9
-    up = torch.nn.ConvTranspose2d(2, 6, (1, 2), stride=(1, 2))
-    assert profile_separate.conv_macs(up, x, up(x)) == 2 * 5 * 7 * 6 * 2
-    pos = torch.nn.Conv1d(8, 8, 5, padding=2, groups=4)
-    y = torch.zeros(1, 8, 11)
-    assert profile_separate.conv_macs(pos, y, pos(y)) == 8 * 11 * 5 * 2
 
 
 def pahubert_resunet_strided(time_strides, decoder_skips=-1, stem_norm="batch"):
@@ -265,8 +213,8 @@ def test_decoder_windows_cut_each_level_and_must_nest():
 
 
 def test_tiled_decoding_is_refused_where_it_would_change_the_estimates(tmp_path):
-    from pahubert_plugin.apply import set_decode_tile
-    from pahubert_plugin.separate import Separator, check_options
+    from pahubert_plugin.separation.api import Separator, check_options
+    from pahubert_plugin.separation.inference import set_decode_tile
 
     with pytest.raises(ValueError, match="GroupNorm"):
         pahubert_resunet_strided([1, 1, 1], stem_norm="group").set_decode_tile(1.0)
@@ -287,38 +235,15 @@ def test_tiled_decoding_is_refused_where_it_would_change_the_estimates(tmp_path)
         assert np.abs(np.asarray(tiled[name]) - np.asarray(whole[name])).max() <= 1e-5 * np.abs(wav).max()
 
 
-def test_bench_separate_tile_variant(tmp_path):
-    """bench_separate.py --variants tile: the tiled model's estimates against the model as built, its speed
-    and memory; a model without tiled decoding gets an error row that says so."""
-    import json
-    import subprocess
-    import sys
-
-    from helpers import REPO
-
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_separate.py"), "--models",
-                           "pahubert_tiny,tiny", "--variants", "tile", "--tile", "0.5", "--seconds", "1",
-                           "--memory-seconds", "2", "--repeats", "1", "--threads", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())
-    assert rows[0]["model"] == "pahubert_tiny" and rows[0]["variant"] == "tile"
-    assert rows[0]["max_diff"] <= 1e-5 and rows[0]["rtf_long"] > 0
-    assert rows[0]["memory"]["2.0"]["peak_rss_mb"] > 100
-    assert "tiled decoding (--tile) is for pahubert_resunet models" in rows[1]["error"]
-    assert "| pahubert_tiny | tile | 2 |" in proc.stdout  # the memory table: input, peak, wall
-
-
 def test_dropping_gpu_library_pages_frees_resident_memory_and_changes_no_result():
-    """apply.drop_gpu_library_pages in a fresh process: with PyPI's CUDA build of torch the CUDA libraries'
+    """separation.memory.drop_gpu_library_pages in a fresh process: with PyPI's CUDA build of torch the CUDA libraries'
     clean pages leave the resident set (about 270 MiB here), and CPU results are bitwise the same after."""
     import subprocess
     import sys
 
     code = r"""
 import json, torch
-from pahubert_plugin.apply import drop_gpu_library_pages
+from pahubert_plugin.separation.memory import drop_gpu_library_pages
 from pahubert_plugin.models.blocks import ResUnit
 def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
 torch.manual_seed(0)
@@ -388,7 +313,7 @@ def test_dropping_a_mapped_checkpoints_pages_changes_no_value(tmp_path):
     """drop_file_pages lets go of the resident pages of a mapped file (a checkpoint whose weights
     optimize_for_inference replaced): the tensors still read the same values, read back from the file; a
     mapping with a page written in place (copy-on-write) is left alone, so the write survives."""
-    from pahubert_plugin.apply import drop_file_pages
+    from pahubert_plugin.separation.memory import drop_file_pages
 
     path = tmp_path / "w.pt"
     torch.save({"w": torch.arange(16 * 2 ** 20, dtype=torch.float32)}, path)  # 64 MiB
@@ -402,22 +327,3 @@ def test_dropping_a_mapped_checkpoints_pages_changes_no_value(tmp_path):
     assert drop_file_pages(str(path)) == 0
     assert w[7] == -1.0 and w[8] == 8
 
-
-def test_winograd_probe_computes_the_convolution_it_times(capsys):
-    """benchmarks/probe_winograd.py (the evidence that Winograd does not pay here) times a real 3x3
-    convolution: equal to F.conv2d on odd and even sizes, and its table prints one row per level."""
-    import importlib.util
-
-    from helpers import REPO
-
-    spec = importlib.util.spec_from_file_location("probe_winograd", f"{REPO}/benchmarks/probe_winograd.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    torch.manual_seed(0)
-    for c, k, h, w in [(3, 5, 7, 9), (4, 4, 8, 6), (2, 3, 1, 1)]:
-        x, wt = torch.randn(2, c, h, w), torch.randn(k, c, 3, 3)
-        ref = torch.nn.functional.conv2d(x, wt, padding=1)
-        torch.testing.assert_close(probe.winograd_conv(x, probe.winograd_weight(wt)), ref, rtol=1e-5, atol=1e-5)
-    probe.main(["--frames", "4", "--repeats", "1"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(rows) == len(probe.LEVELS) and all("x |" in r for r in rows)

@@ -1,0 +1,76 @@
+"""Atomic file writes: a file appears under its name complete, or not at all.
+
+Every writer here writes a temporary file in the destination's folder (so the final
+``os.replace`` is a rename within one file system), flushes it to disk (``fsync``), and replaces the
+destination in one step; if writing fails, the temporary file is removed and the destination is
+untouched (an older version stays as it was). The destination's folder is created if missing.
+
+Used by the corpus generators (songs, ``song.json``, ``corpus.json``) and ``pahubert-evaluate``
+(per-track scores), whose re-runs trust that a file that exists is whole. Standard library,
+numpy and soundfile only.
+"""
+import json
+import os
+from typing import Callable
+
+
+def _atomic(path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary file next to ``path``, which then replaces ``path``."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(path, write)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj, indent: int = 1, sort_keys: bool = True) -> None:
+    """``json.dumps(obj, indent, sort_keys)`` plus a final newline, written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def atomic_write_wav(path, data, sample_rate: int, subtype: str = "PCM_16") -> None:
+    """Write ``data`` ``(samples, channels)`` or ``(samples,)`` as a WAV file atomically.
+
+    Float WAVs are written without libsndfile's PEAK chunk, which holds the time of writing, so
+    the same audio gives the same bytes (as :func:`pahubert_plugin.data.audio.write_audio`)."""
+    import numpy as np
+    import soundfile as sf
+
+    from .data.audio import _SFC_SET_ADD_PEAK_CHUNK
+
+    data = np.ascontiguousarray(data)
+
+    def write(tmp):
+        channels = data.shape[1] if data.ndim > 1 else 1
+        with sf.SoundFile(tmp, "w", sample_rate, channels, subtype=subtype, format="WAV") as f:
+            if subtype in ("FLOAT", "DOUBLE"):
+                from soundfile import _ffi, _snd
+
+                _snd.sf_command(f._file, _SFC_SET_ADD_PEAK_CHUNK, _ffi.NULL, 0)
+            f.write(data)
+
+    _atomic(path, write)
+
