@@ -188,11 +188,14 @@ def load_speech_hubert(path: str) -> Tuple[Dict, Dict[str, torch.Tensor], Rates]
     """(model config as a dict, state dict with canonical names, rates) of a fairseq HuBERT checkpoint."""
     from omegaconf import OmegaConf
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import check_eval_fields, load_checkpoint
 
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
+    for where in ("cfg", "args"):  # nothing is built from them here, but a field fairseq eval()s stays a literal
+        if state.get(where) is not None:
+            check_eval_fields(path, state[where], where)
     cfg = state.get("cfg")
     if cfg is not None and cfg.get("model") is not None:
         model_cfg = OmegaConf.to_container(OmegaConf.create(cfg["model"]), resolve=False) \
