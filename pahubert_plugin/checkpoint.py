@@ -80,7 +80,7 @@ def invalid_message(path, reason: str) -> str:
 
 
 # the first bytes of torch's legacy (pre-zip) format: the pickled magic number 0x1950a86a20f9469cfc6c
-_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:]
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _FORMATS = ((b"RIFF", "a RIFF/WAVE audio file"), (b"fLaC", "a FLAC audio file"), (b"OggS", "an Ogg file"),
             (b"ID3", "an MP3 file"), (b"\x93NUMPY", "a numpy .npy array"), (b"\x89HDF", "an HDF5 file"),
             (b"\x1f\x8b", "a gzip file"), (b"{", "a JSON/text file"))
@@ -106,7 +106,7 @@ def _not_a_checkpoint(path: str) -> Optional[str]:
         if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
             return f"a zip archive without the data.pkl that torch.save writes (holds {', '.join(names[:3]) or 'nothing'})"
         return None
-    if head.startswith(b"\x80") and _LEGACY_MAGIC[:8] in head[:16]:
+    if head.startswith(b"\x80") and _LEGACY_MAGIC in head[:32]:  # any pickle protocol
         return None  # torch's legacy format (truncation shows when it loads)
     for magic, what in _FORMATS:
         if head.startswith(magic):

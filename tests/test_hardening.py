@@ -106,7 +106,7 @@ def test_recipe_uses_the_safe_label_dumper():
     with open(os.path.join(REPO, "recipes", "pahubert", "run.sh")) as f:
         text = f.read()
     # one labelling function, run by stage 3 (MFCC clusters) and stage 5 (iteration-1 clusters)
-    assert "dump_km_label.py" not in text and text.count("-m pahubert_plugin.clustering.kmeans") == 1
+    assert "dump_km_label.py" not in text and text.count('-m pahubert_plugin.clustering.kmeans "$feat"') == 1
     assert re.search(r'^  labels "\$feat_dir" ', text, re.M) and re.search(r'^  labels "\$feat2_dir" ', text, re.M)
 
 
