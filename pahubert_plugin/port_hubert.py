@@ -112,24 +112,121 @@ def hf_to_fairseq(key: str) -> str:
     return key
 
 
+def _read_json(path: str):
+    """The JSON in ``path``; ValueError naming the file if it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _safetensors_files(folder: str) -> Optional[List[str]]:
+    """The safetensors file(s) of a transformers folder (single or sharded by an index), or None."""
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if not os.path.isfile(index):
+        return None
+    weight_map = _read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: no weight_map of tensor names to shard files")
+    shards = [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if os.path.dirname(os.path.abspath(shard)) != os.path.abspath(folder) or not os.path.isfile(shard):
+            raise ValueError(f"{index}: shard {os.path.relpath(shard, folder)} is not a file of {folder}")
+    return shards
+
+
+def _safetensors_shapes(files: List[str]) -> Dict[str, Tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors headers (nothing is loaded); errors name the file."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own SafetensorError, OSError, ...)
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return shapes
+
+
+def _load_safetensors(files: List[str]) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in files:
+        try:
+            tensors.update(load_file(path))
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return tensors
+
+
 def _read_tensors(folder: str) -> Dict[str, torch.Tensor]:
     """Tensors of a transformers folder: (sharded) safetensors, else pytorch_model.bin with weights_only."""
-    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(single) or os.path.isfile(index):
-        from safetensors.torch import load_file
-
-        if os.path.isfile(single):
-            return load_file(single)
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(os.path.join(folder, shard)).items()}
+    files = _safetensors_files(folder)
+    if files is not None:
+        return _load_safetensors(files)
     binary = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(binary):
         from .checkpoint import load_checkpoint  # weights_only=True; a refusal names the file
 
-        return load_checkpoint(binary)
+        state = load_checkpoint(binary)
+        if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+            raise ValueError(f"{binary}: not a state dict of tensors")
+        return state
     raise ValueError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
                      f"expected a transformers save_pretrained folder")
+
+
+# fairseq model config field -> where it comes from, for messages
+_CONFIG_NAMES = {"encoder_embed_dim": "hidden_size", "encoder_ffn_embed_dim": "intermediate_size",
+                 "encoder_attention_heads": "num_attention_heads", "conv_pos": "num_conv_pos_embeddings",
+                 "conv_pos_groups": "num_conv_pos_embedding_groups"}
+
+
+def check_shapes(where: str, model_cfg: Dict, shapes: Dict[str, Tuple[int, ...]], names: Optional[Dict] = None) -> None:
+    """ValueError naming ``where`` (the config file) and the field unless the transformer options of
+    ``model_cfg`` (fairseq names) are positive integers that agree with the tensors' ``shapes``
+    (fairseq-named): checked before anything of that size is built."""
+    names = names or {}
+
+    def field_name(key):
+        return names.get(key, key)
+
+    for key in ("encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads", "conv_pos", "conv_pos_groups"):
+        value = model_cfg.get(key)
+        if value is None and key in ("conv_pos", "conv_pos_groups"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {field_name(key)} must be a positive integer, found {value!r}")
+    dim, heads = model_cfg["encoder_embed_dim"], model_cfg["encoder_attention_heads"]
+    if dim % heads:
+        raise ValueError(f"{where}: {field_name('encoder_embed_dim')}={dim} is not a multiple of "
+                         f"{field_name('encoder_attention_heads')}={heads}")
+    expected = {
+        "encoder.layers.0.self_attn.q_proj.weight": ((dim, dim), "encoder_embed_dim"),
+        "encoder.layers.0.fc1.weight": ((model_cfg["encoder_ffn_embed_dim"], dim), "encoder_ffn_embed_dim"),
+    }
+    groups, kernel = model_cfg.get("conv_pos_groups"), model_cfg.get("conv_pos")
+    if groups and kernel:
+        if dim % groups:
+            raise ValueError(f"{where}: {field_name('encoder_embed_dim')}={dim} is not a multiple of "
+                             f"{field_name('conv_pos_groups')}={groups}")
+        for suffix in ("weight_v", "weight"):
+            expected[f"encoder.pos_conv.0.{suffix}"] = ((dim, dim // groups, kernel), "conv_pos")
+    for name, (shape, key) in expected.items():
+        found = shapes.get(name)
+        if found is not None and tuple(found) != shape:
+            raise ValueError(f"{where}: {field_name(key)}={model_cfg[key]} does not fit the tensors: {name} has shape "
+                             f"{list(found)}, the config implies {list(shape)}")
+    if "encoder.layers.0.self_attn.q_proj.weight" not in shapes and any(k.startswith("encoder.layers.") for k in shapes):
+        raise ValueError(f"{where}: no encoder.layers.0.self_attn.q_proj.weight among the tensors; cannot check "
+                         f"{field_name('encoder_embed_dim')}")
 
 
 def load_hf_folder(folder: str) -> Tuple[Dict, Dict[str, torch.Tensor], Rates]:
@@ -138,8 +235,9 @@ def load_hf_folder(folder: str) -> Tuple[Dict, Dict[str, torch.Tensor], Rates]:
     if not os.path.isfile(config_path):
         raise ValueError(f"{folder}: no config.json; expected a transformers folder (config.json + "
                          f"model.safetensors or pytorch_model.bin) or a fairseq .pt checkpoint")
-    with open(config_path) as f:
-        hf = json.load(f)
+    hf = _read_json(config_path)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, found {type(hf).__name__}")
     kind = hf.get("model_type")
     if kind not in HF_MODEL_TYPES:
         raise ValueError(f"{config_path}: model_type {kind!r} is not one of {', '.join(HF_MODEL_TYPES)} "
@@ -155,23 +253,34 @@ def load_hf_folder(folder: str) -> Tuple[Dict, Dict[str, torch.Tensor], Rates]:
                          f"({', '.join(_HF_ACTIVATIONS)} do)")
     model_cfg = {
         "_name": HF_MODEL_TYPES[kind],
-        "encoder_embed_dim": hf["hidden_size"], "encoder_ffn_embed_dim": hf["intermediate_size"],
-        "encoder_attention_heads": hf["num_attention_heads"], "activation_fn": _HF_ACTIVATIONS[act],
+        "encoder_embed_dim": hf.get("hidden_size"), "encoder_ffn_embed_dim": hf.get("intermediate_size"),
+        "encoder_attention_heads": hf.get("num_attention_heads"), "activation_fn": _HF_ACTIVATIONS[act],
         "layer_type": "transformer", "layer_norm_first": bool(hf.get("do_stable_layer_norm", False)),
         "conv_pos": hf.get("num_conv_pos_embeddings", 128), "conv_pos_groups": hf.get("num_conv_pos_embedding_groups", 16),
         "conv_pos_batch_norm": False,
     }
+    files = _safetensors_files(folder)
+    if files is not None:  # the shapes from the headers: the config is checked before anything is loaded
+        check_shapes(config_path, model_cfg, {hf_to_fairseq(k): v for k, v in _safetensors_shapes(files).items()},
+                     _CONFIG_NAMES)
     weights = {hf_to_fairseq(k): v for k, v in _read_tensors(folder).items()}
+    check_shapes(config_path, model_cfg, {k: tuple(v.shape) for k, v in weights.items()}, _CONFIG_NAMES)
     if not any(k.startswith("encoder.layers.") for k in weights):
         raise ValueError(f"{folder}: no transformer layers (encoder.layers.*) among its tensors")
     rate, origin = hf.get("sample_rate"), "config.json sample_rate"
     pre = os.path.join(folder, "preprocessor_config.json")
     if rate is None and os.path.isfile(pre):
-        with open(pre) as f:
-            rate, origin = json.load(f).get("sampling_rate"), "preprocessor_config.json sampling_rate"
+        pre_cfg = _read_json(pre)
+        rate, origin = (pre_cfg.get("sampling_rate") if isinstance(pre_cfg, dict) else None,
+                        "preprocessor_config.json sampling_rate")
     if rate is None:
         rate, origin = 16000, "assumed 16000 (no sample_rate in config.json or preprocessor_config.json)"
-    stride = math.prod(hf.get("conv_stride", ()))
+    stride = hf.get("conv_stride", ())
+    if (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0
+            or not isinstance(stride, list) or not all(isinstance(x, int) and x > 0 for x in stride)):
+        raise ValueError(f"{config_path if origin.startswith('config') else pre}: {origin.split()[-1]}={rate!r} "
+                         f"and conv_stride={stride!r} must be positive numbers")
+    stride = math.prod(stride)
     return model_cfg, weights, Rates(int(rate), int(rate) / stride if stride else None, origin)
 
 
@@ -188,11 +297,14 @@ def load_speech_hubert(path: str) -> Tuple[Dict, Dict[str, torch.Tensor], Rates]
     """(model config as a dict, state dict with canonical names, rates) of a fairseq HuBERT checkpoint."""
     from omegaconf import OmegaConf
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import check_eval_fields, load_checkpoint
 
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
+    for where in ("cfg", "args"):  # nothing is built from them here, but a field fairseq eval()s stays a literal
+        if state.get(where) is not None:
+            check_eval_fields(path, state[where], where)
     cfg = state.get("cfg")
     if cfg is not None and cfg.get("model") is not None:
         model_cfg = OmegaConf.to_container(OmegaConf.create(cfg["model"]), resolve=False) \
@@ -210,6 +322,9 @@ def load_speech_hubert(path: str) -> Tuple[Dict, Dict[str, torch.Tensor], Rates]
             f"{', '.join(list(weights)[:5])}, ...")
     if name not in (None, "hubert"):
         logger.warning(f"{path}: model is '{name}', not 'hubert'; porting its HuBERT-style encoder")
+    prefix = "cfg.model." if cfg is not None and cfg.get("model") is not None else "args."
+    check_shapes(path, model_cfg, {k: tuple(v.shape) for k, v in weights.items() if hasattr(v, "shape")},
+                 {k: prefix + k for k in _CONFIG_NAMES})
     task = cfg.get("task") if cfg is not None else None
     rate = (task.get("sample_rate") if task is not None else None) or model_cfg.get("sample_rate")
     return model_cfg, weights, Rates(int(rate) if rate else None, _plain(model_cfg.get("label_rate")),

@@ -60,7 +60,11 @@ class HubertFeatureReader(FeatureReader):
         super().__init__(sample_rate, channels=None)
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu")
-        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(ckpt)], arg_overrides=arg_overrides)
+        from ..checkpoint import PRETRAINING, expecting
+
+        with expecting(PRETRAINING):  # a pahubert pretraining model, checked before anything is built
+            models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(ckpt)],
+                                                                            arg_overrides=arg_overrides)
         self.model = models[0].eval().to(device)
         self.device = device
         self.model_sample_rate = int(task.cfg.sample_rate)

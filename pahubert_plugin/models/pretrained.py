@@ -20,7 +20,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 from fairseq.dataclass import FairseqDataclass
 
-from ..checkpoint import load_checkpoint, load_encoder_weights, set_config_values
+from ..checkpoint import (PRETRAINING, check_components, check_eval_fields, load_checkpoint, load_encoder_weights,
+                          set_config_values)
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ class PretrainedEncoderConfig(FairseqDataclass):
 
 
 def read_pretraining_checkpoint(path: str, model_names: Sequence[str], user: str) -> dict:
-    """The checkpoint at ``path``, checked: a fairseq checkpoint of one of ``model_names`` with
-    ``encoder.*`` tensors. Errors name the file and say what ``user`` (a model name) needs."""
+    """The checkpoint at ``path``, checked: a fairseq checkpoint of one of ``model_names`` (and, if it names
+    one, of the ``pahubert_pretraining`` task) with ``encoder.*`` tensors and no field that fairseq would
+    ``eval()`` holding more than a literal. Errors name the file and say what ``user`` (a model name) needs;
+    junk (text, audio, TorchScript, ...) is a ValueError "PATH is not a pahubert/fairseq checkpoint: why"."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"model.pretrained_checkpoint={path} not found (a fine-tuned model rebuilds without it from its "
@@ -49,8 +52,11 @@ def read_pretraining_checkpoint(path: str, model_names: Sequence[str], user: str
         raise ValueError(f"{path}: not a fairseq checkpoint (no 'cfg' and 'model' entries)")
     name = (state["cfg"].get("model") or {}).get("_name")
     if name not in model_names:
-        raise ValueError(f"{path}: expected a '{model_names[0]}' pretraining checkpoint, found model '{name}'; "
-                         f"{user} starts from {' or '.join(model_names)} encoders (pretraining or port_hubert output)")
+        raise ValueError(f"{path}: expected a '{model_names[0]}' pretraining checkpoint, found model '{name}' "
+                         f"(cfg.model._name); {user} starts from {' or '.join(model_names)} encoders (pretraining "
+                         f"or port_hubert output)")
+    check_components(path, state, PRETRAINING, model_names=model_names, task_optional=True)
+    check_eval_fields(path, state["cfg"])
     if not any(k.startswith("encoder.") for k in state["model"]):
         raise ValueError(f"{path}: no encoder.* weights in the checkpoint")
     return state

@@ -65,12 +65,31 @@ class MusicSeparationConfig(FairseqDataclass):
     seed: int = II("common.seed")
 
 
+def check_options(cfg) -> None:
+    """ValueError naming the first out-of-range ``task.*`` option (checked when the task is set up,
+    before any file is read)."""
+    from .pahubert_pretraining import check_ranges
+
+    check_ranges(cfg, [
+        ("sample_rate", lambda v: v > 0, "> 0 Hz"), ("audio_channels", lambda v: v >= 1, ">= 1"),
+        ("segment", lambda v: v > 0, "> 0 seconds (the training crop)"),
+        ("samples_per_track", lambda v: v >= 1, ">= 1"), ("train_tracks", lambda v: v >= 0, ">= 0 (0: all)"),
+        ("num_valid_tracks", lambda v: v >= 0, ">= 0"), ("gain_min", lambda v: v >= 0, ">= 0"),
+        ("gain_max", lambda v: v >= cfg.gain_min, f">= task.gain_min={cfg.gain_min}"),
+        ("valid_seconds", lambda v: v >= 0, ">= 0 seconds (0: whole tracks)"),
+        ("valid_segment", lambda v: v >= 0, ">= 0 seconds (0: task.segment)"),
+        ("valid_overlap", lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the chunk)"),
+        ("valid_chunk_batch", lambda v: v >= 1, ">= 1 chunk"),
+    ])
+
+
 @register_task("music_separation", dataclass=MusicSeparationConfig)
 class MusicSeparationTask(FairseqTask):
     cfg: MusicSeparationConfig
 
     def __init__(self, cfg: MusicSeparationConfig):
         super().__init__(cfg)
+        check_options(cfg)  # before any file is read: a bad option is named, not blamed on a stem file
         frames.hop_length(cfg.sample_rate)  # fail early on a rate the STFT rule cannot use
         if not cfg.sources:
             raise ValueError("task.sources is empty: name at least one stem")

@@ -68,6 +68,33 @@ class PahubertPretrainingConfig(HubertPretrainingConfig):
     )
 
 
+def check_ranges(cfg, rules) -> None:
+    """ValueError ``task.NAME=VALUE: must be WHAT`` for the first ``(name, ok, what)`` rule whose value
+    (if set: None and interpolations are left to the task) fails ``ok``; numbers only."""
+    for name, ok, what in rules:
+        try:
+            value = getattr(cfg, name, None)
+        except Exception:  # noqa: BLE001  (an interpolation that does not resolve here: the task's to judge)
+            continue
+        if value is None or isinstance(value, str):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not ok(value):
+            raise ValueError(f"task.{name}={value}: must be {what}")
+
+
+def check_options(cfg) -> None:
+    """ValueError naming the first out-of-range ``task.*`` option (checked when the task is set up,
+    before any file is read)."""
+    check_ranges(cfg, [
+        ("sample_rate", lambda v: v > 0, "> 0 Hz"), ("audio_channels", lambda v: v >= 1, ">= 1"),
+        ("channels", lambda v: v >= 1, ">= 1 (deprecated name of audio_channels)"),
+        ("label_rate", lambda v: v > 0, "> 0 Hz"), ("label_tolerance", lambda v: v >= 0, ">= 0 frames"),
+        ("min_sample_size", lambda v: v >= 0, ">= 0 samples"),
+        ("max_sample_size", lambda v: v > 0, "> 0 samples (the crop length)"),
+        ("max_keep_size", lambda v: v > 0, "> 0 samples"),
+    ])
+
+
 @register_task("pahubert_pretraining", dataclass=PahubertPretrainingConfig)
 class PahubertPretrainingTask(HubertPretrainingTask):
     cfg: PahubertPretrainingConfig
@@ -75,6 +102,7 @@ class PahubertPretrainingTask(HubertPretrainingTask):
     def __init__(self, cfg: PahubertPretrainingConfig) -> None:
         if cfg.fine_tuning:
             raise ValueError("pahubert_pretraining does not fine-tune; use the music_separation task")
+        check_options(cfg)  # before any file is read: a bad option is named, not blamed on a file
         if cfg.channels is not None:  # a checkpoint written before 0.2
             cfg.audio_channels, cfg.channels = int(cfg.channels), None
         super().__init__(cfg)

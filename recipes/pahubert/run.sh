@@ -136,12 +136,12 @@ features() {
   done
 }
 
-# kmeans FEAT_DIR KM_PATH K LOGTAG: fairseq's learn_kmeans.py on the train features
+# kmeans FEAT_DIR KM_PATH K LOGTAG: fairseq's learn_kmeans.py on the train features (model file written atomically)
 kmeans() {
   find_kmeans_dir
   mkdir -p "$(dirname "$2")"
   # shellcheck disable=SC2086  # km_args is a list of options
-  run "$log_dir/${4}_kmeans.log" "$PYTHON" "$kmeans_dir/learn_kmeans.py" \
+  run "$log_dir/${4}_kmeans.log" "$PYTHON" -m pahubert_plugin.clustering.kmeans learn \
     "$1" train "$(nshard train)" "$2" "$3" --seed "$seed" --percent "$percent" $km_args
   grep -h "intertia\|inertia" "$log_dir/${4}_kmeans.log" | tail -n 1 || true
 }
