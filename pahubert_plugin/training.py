@@ -18,6 +18,13 @@ plugin wraps it (:func:`install_training_guard`, after :func:`checkpoint.install
   loading anything; fairseq would otherwise run one more update and overwrite ``checkpoint_last.pt`` and
   ``checkpoint_best.pt`` on every rerun of the same command.
 
+* **a resume that changes the schedule says so**: fairseq's learning-rate schedules take their length from
+  ``optimization.max_update`` (``polynomial_decay``'s ``total_num_update``, ``tri_stage``'s ``max_update``),
+  so a run continued with a larger ``max_update`` (3 updates, then on to 6) is not the run an uninterrupted
+  6-update run makes, even though batches, crops, masks and dropout resume identically. The resume logs a
+  warning naming the schedule fields that changed; fixing the schedule's length from the start (e.g.
+  ``++lr_scheduler.total_num_update=6``) makes 3 + 3 updates give the weights of 6.
+
 These apply when ``checkpoint.restore_file`` keeps its default (``checkpoint_last.pt``: the run resumes
 itself); an explicit ``restore_file`` is loaded as fairseq would.
 """
@@ -107,6 +114,44 @@ def finished_message(save_dir: str, source: str, updates: int, max_update: int) 
             f"give another checkpoint.save_dir for a new run)")
 
 
+def schedule_changes(state_cfg, cfg) -> list:
+    """``name: saved -> now`` for each ``lr_scheduler`` field (and ``optimization.max_update``) that differs
+    between a checkpoint's saved config and the running one."""
+    from omegaconf import OmegaConf
+
+    def plain(section):
+        if section is None:
+            return {}
+        if OmegaConf.is_config(section):
+            return OmegaConf.to_container(section, resolve=True) or {}
+        return dict(section) if isinstance(section, dict) else vars(section)
+
+    saved, now = plain((state_cfg or {}).get("lr_scheduler")), plain(getattr(cfg, "lr_scheduler", None))
+    changes = [f"lr_scheduler.{k}: {saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
+    old = plain((state_cfg or {}).get("optimization")).get("max_update")
+    new = getattr(getattr(cfg, "optimization", None), "max_update", None)
+    if old is not None and new is not None and old != new:
+        changes.insert(0, f"optimization.max_update: {old} -> {new}")
+    return changes
+
+
+def warn_schedule_changes(source: str, cfg) -> None:
+    from .checkpoint import load_checkpoint
+
+    try:
+        state = load_checkpoint(source, mmap=True)
+    except (ValueError, OSError, RuntimeError):
+        return
+    changes = schedule_changes(state.get("cfg"), cfg)
+    lr_changes = [c for c in changes if c.startswith("lr_scheduler.")]
+    if lr_changes:
+        logger.warning(
+            f"resuming {source} with another learning-rate schedule than it was trained on ({'; '.join(changes)}): "
+            f"the result differs from one uninterrupted run to max_update. To extend a run as if it had not stopped, "
+            f"fix the schedule's length from its start (e.g. ++lr_scheduler.total_num_update=N for polynomial_decay)")
+
+
 def _is_first_rank(trainer) -> bool:
     from fairseq.distributed import utils as distributed_utils
 
@@ -142,6 +187,8 @@ def install_training_guard() -> None:
         if source is not None and 0 < max_update <= updates:
             logger.info(finished_message(save_dir, source, updates, max_update))
             raise SystemExit(0)
+        if source is not None and _is_first_rank(trainer):
+            warn_schedule_changes(source, getattr(trainer, "cfg", None))
         last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
         if source is None or os.path.exists(last):
             return inner_resume(cfg, trainer, **passthrough_args)  # a corrupt last: the inner patch's fallback

@@ -134,22 +134,32 @@ def test_a_save_on_a_full_disk_leaves_no_temporary(tmp_path, tiny_disk):
 
 RESUME_ARGS = ("common.log_interval=1", "common.seed=7", "model.mask_prob=0.5", "task.max_sample_size=12000",
                "task.min_sample_size=8000", "dataset.batch_size=2", "model.encoder_layers=1",
-               "checkpoint.save_interval_updates=1000")
+               "lr_scheduler.warmup_updates=1", "checkpoint.save_interval_updates=1000")
 
 
-def _pretrain(root, data, save, max_update):
-    run_fairseq(["fairseq_cli.hydra_train", *overrides(data, save, max_update, *RESUME_ARGS)], cwd=root, env=ENV)
+def _pretrain(root, data, save, max_update, *extra):
     from pahubert_plugin.checkpoint import load_checkpoint
 
-    return load_checkpoint(save / "checkpoint_last.pt")["model"]
+    log = run_fairseq(["fairseq_cli.hydra_train", *overrides(data, save, max_update, *RESUME_ARGS, *extra)],
+                      cwd=root, env=ENV)
+    return log, load_checkpoint(save / "checkpoint_last.pt")["model"]
 
 
 @pytest.mark.slow
 def test_pretraining_resumed_mid_epoch_and_across_epochs_equals_the_uninterrupted_run(corpora, tmp_path):
-    """3 + 5 updates give the weights of 8 (4 batches an epoch: the resume is mid-epoch 1 and crosses into 2)."""
+    """3 + 3 updates give the weights of 6 (4 batches an epoch: the resume is mid-epoch 1 and crosses into 2)
+    once the schedule's length is the final one; without it the resume names what differs."""
     data = corpora.write_corpus(tmp_path / "data", n_train=8, n_valid=1)
-    whole = _pretrain(tmp_path, data, tmp_path / "whole", 8)
-    _pretrain(tmp_path, data, tmp_path / "parts", 3)
-    resumed = _pretrain(tmp_path, data, tmp_path / "parts", 8)
+    fixed = "++lr_scheduler.total_num_update=6"
+    _, whole = _pretrain(tmp_path, data, tmp_path / "whole", 6, fixed)
+    _pretrain(tmp_path, data, tmp_path / "parts", 3, fixed)
+    log, resumed = _pretrain(tmp_path, data, tmp_path / "parts", 6, fixed)
+    assert "another learning-rate schedule" not in log
     differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
     assert not differ, differ
+    # polynomial_decay decays over max_update: 3, then 6, is another schedule, and the resume says so
+    _pretrain(tmp_path, data, tmp_path / "grown", 3)
+    log, grown = _pretrain(tmp_path, data, tmp_path / "grown", 6)
+    assert re.search(r"resuming .*checkpoint_last\.pt with another learning-rate schedule than it was trained on "
+                     r"\(optimization\.max_update: 3 -> 6; lr_scheduler\.total_num_update: 3\.0 -> 6\.0\)", log), log[-3000:]
+    assert any(not torch.equal(whole[k], grown[k]) for k in whole)
