@@ -152,3 +152,23 @@ def test_rerun_skips_finished_stages_under_an_exp_dir_with_a_space(tmp_path, cor
     from pahubert_plugin.checkpoint import checkpoint_updates
 
     assert checkpoint_updates(str(ckpt / "checkpoint_last.pt")) == 3
+
+
+@pytest.mark.slow
+def test_musdb_rerun_is_a_no_op_under_an_exp_dir_with_a_space(tmp_path, corpora):
+    data = corpora.write_musdb(tmp_path / "musdb data")
+    exp = tmp_path / "musdb exp"
+    args = ["--musdb-root", data, "--exp-dir", exp, "--config", "tiny", "--eval-subset", "train", "--eval-tracks", 1,
+            "--eval-jobs", 1, "--stage", 1, "--stop-stage", 2, "--", "optimization.max_update=2",
+            "task.samples_per_track=4", "task.valid_seconds=2.0", "task.valid_segment=1.0", "common.log_interval=1"]
+    first = _run(MUSDB, *args)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    ckpts = sorted((exp / "checkpoints").glob("checkpoint*.pt"))
+    assert {p.name for p in ckpts} >= {"checkpoint_best.pt", "checkpoint_last.pt"}
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in ckpts}
+    again = _run(MUSDB, *args)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "already finished: checkpoint_last.pt is at update 2 = max_update" in again.stdout, again.stdout[-4000:]
+    assert "holds scores made with" not in again.stdout + again.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((exp / "checkpoints").glob("checkpoint*.pt"))} \
+        == before
