@@ -84,7 +84,9 @@ log() { echo "[$(date '+%H:%M:%S')] $*"; }
 # ---- one run per --exp-dir: flock on $exp_dir/.pahubert.lock (held by this shell and its children) ---
 lock_file=$exp_dir/.pahubert.lock
 exec 9>>"$lock_file"
-if ! flock -n 9; then
+if ! command -v flock >/dev/null; then
+  echo "run.sh: warning: no flock command (util-linux): $exp_dir is not locked against a second run" >&2
+elif ! flock -n 9; then
   echo "run.sh: $exp_dir is in use by another run (PID $(cat "$lock_file" 2>/dev/null || echo unknown)," \
        "holding $lock_file); wait for it to finish, or give another --exp-dir" >&2
   exit 1
