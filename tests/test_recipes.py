@@ -172,3 +172,19 @@ def test_musdb_rerun_is_a_no_op_under_an_exp_dir_with_a_space(tmp_path, corpora)
     assert "holds scores made with" not in again.stdout + again.stderr
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((exp / "checkpoints").glob("checkpoint*.pt"))} \
         == before
+
+
+def test_manifest_on_a_full_disk_names_the_folder_and_the_error(tmp_path, corpora, caplog):
+    """/dev/full answers every write with ENOSPC: train.tsv linked to it is a full disk without root."""
+    from pahubert_plugin.data.manifest import main
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    audio, out = tmp_path / "audio", tmp_path / "data"
+    corpora.make_corpus(str(audio))
+    out.mkdir()
+    (out / "train.tsv").symlink_to("/dev/full")
+    with caplog.at_level("ERROR"):
+        assert main([str(audio), str(out), "--sample-rate", str(SR), "--jobs", "1"]) == 2
+    assert re.search(rf"cannot write the manifests in {re.escape(str(out))}: No space left on device", caplog.text), \
+        caplog.text
