@@ -3,8 +3,9 @@
 ``import pahubert_plugin`` (or ``common.user_dir=/path/to/pahubert_plugin``) registers
 every task, model and criterion of the package, allow-lists fairseq's checkpoint
 classes for torch's ``weights_only`` loader, and makes fairseq's checkpoint copies atomic and
-its resume robust to a truncated checkpoint_last.pt (:func:`checkpoint.install_fairseq_patches`);
-:func:`register` lives in :mod:`pahubert_plugin.registry`.
+its resume robust to a truncated checkpoint_last.pt (:func:`checkpoint.install_fairseq_patches`), and guards
+a training's folder: one run at a time, resume from the newest intact checkpoint, a finished run left as
+it is (:func:`training.install_training_guard`); :func:`register` lives in :mod:`pahubert_plugin.registry`.
 
 The one exception is those of our console scripts that call :func:`register` themselves once
 their arguments parse and fairseq is needed, or never need it (:data:`DEFERRING_SCRIPTS`):

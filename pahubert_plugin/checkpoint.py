@@ -299,20 +299,23 @@ KINDS = {
 }
 
 
+_MODEL_KINDS = None  # kind -> registry names, installed by registry.register(): nothing here imports upward
+
+
+def set_model_kinds(names_of) -> None:
+    """Install ``names_of(kind) -> [registry names]`` (:func:`pahubert_plugin.registry.register` does)."""
+    global _MODEL_KINDS
+    _MODEL_KINDS = names_of
+
+
 def accepted_models(kind: str) -> list:
     """Registry names of the models an entry point of ``kind`` builds: this plugin's masked-prediction
     pretraining models (:class:`~pahubert_plugin.models.hubert_encoder.HubertPretrainingModel`) for
-    ``pretraining``, its other models for ``separation``."""
-    import pahubert_plugin
-    from fairseq.models import MODEL_REGISTRY
-
-    pahubert_plugin.register()
-    from .models.hubert_encoder import HubertPretrainingModel
-
-    ours = {name: cls for name, cls in MODEL_REGISTRY.items()
-            if isinstance(cls, type) and cls.__module__.startswith("pahubert_plugin.")}
-    pretraining = kind == PRETRAINING
-    return sorted(n for n, cls in ours.items() if issubclass(cls, HubertPretrainingModel) == pretraining)
+    ``pretraining``, its other models for ``separation``. Needs :func:`pahubert_plugin.register` first."""
+    if _MODEL_KINDS is None:
+        raise RuntimeError("pahubert_plugin.register() has not run: no registered models to check checkpoints "
+                           "against")
+    return _MODEL_KINDS(kind)
 
 
 def _config_of(state: dict):

@@ -7,13 +7,18 @@ Reads what ``fairseq-hydra-train`` prints (``common.log_format=json`` or ``simpl
 * masked-frame accuracy ``correct_m_*`` (pretraining; HuBERT's criterion logs it),
 * ``sdr`` and ``sdr_<source>`` (separation validation),
 
-panels without data left out; several logs share the panels, one colour per log.
+panels without data left out; several logs share the panels, one colour per log (distinct for any number
+of logs), each named by the shortest end of its path that no other log shares (every recipe writes
+``logs/hydra/hydra_train.log``). Losses of different scale (a pretraining loss of ~5 next to a separation
+loss of ~0.05) get a panel each, so neither curve is flattened.
 """
 import argparse
 import json
 import logging
+import math
 import os
 import re
+import statistics
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -76,8 +81,41 @@ def panels(records: List[Record]) -> Dict[str, List[str]]:
     return {title: metrics for title, metrics in found.items() if metrics}
 
 
-def plot(logs: Dict[str, List[Record]], out: str, title: Optional[str] = None) -> List[str]:
-    """Draw the curves of ``{label: records}`` to ``out`` (PNG); returns the panel titles."""
+LOSS_SCALE_RATIO = 10.0  # logs whose median losses differ more than this get separate loss panels
+
+
+def loss_groups(logs: Dict[str, List[Record]]) -> List[List[str]]:
+    """The labels of the logs with a loss, grouped by scale: sorted by median loss, a new group wherever
+    the median exceeds the group's smallest by more than :data:`LOSS_SCALE_RATIO`."""
+    medians = {}
+    for label, records in logs.items():
+        values = [abs(st["loss"]) for _, st in records if "loss" in st and math.isfinite(st["loss"])]
+        if values:
+            medians[label] = max(statistics.median(values), 1e-12)
+    groups: List[List[str]] = []
+    low = None
+    for label in sorted(medians, key=medians.get):
+        if groups and medians[label] <= LOSS_SCALE_RATIO * low:
+            groups[-1].append(label)
+        else:
+            groups.append([label])
+            low = medians[label]
+    return groups
+
+
+def run_colours(n: int) -> list:
+    """``n`` distinct colours: matplotlib's tab10 up to 10 runs, tab20 up to 20, else spread over a colormap."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+
+
+def figure(logs: Dict[str, List[Record]], title: Optional[str] = None):
+    """The matplotlib figure of the curves of ``{label: records}`` and its panel titles."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -86,11 +124,21 @@ def plot(logs: Dict[str, List[Record]], out: str, title: Optional[str] = None) -
     layout = panels([r for records in logs.values() for r in records])
     if not layout:
         raise ValueError("no loss, correct_m_* or sdr values in the logs")
-    fig, axes = plt.subplots(1, len(layout), figsize=(5.5 * len(layout), 4), squeeze=False)
+    # one panel per (title, metrics, logs drawn there): the loss panel split by scale
+    drawn = []
+    for panel, metrics in layout.items():
+        groups = loss_groups(logs) if panel == "loss" else [list(logs)]
+        for group in groups:
+            name = panel if len(groups) == 1 else f"loss ({', '.join(group)})"
+            drawn.append((name, metrics, group))
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5.5 * len(drawn), 4), squeeze=False)
     styles = {"train_inner": dict(alpha=0.5, lw=1), "train": dict(ls="--", marker="."), "valid": dict(marker="o")}
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (panel, metrics) in zip(axes[0], layout.items()):
+    single = len(logs) == 1
+    colours = run_colours(max(len(layout_metrics) for _, layout_metrics, _ in drawn) if single else len(logs))
+    for ax, (panel, metrics, group) in zip(axes[0], drawn):
         for i, (label, records) in enumerate(logs.items()):
+            if label not in group:
+                continue
             for split in sorted({s for s, _ in records}, key=lambda s: list(styles).index(s) if s in styles else 9):
                 for j, metric in enumerate(metrics):
                     points = [(st["num_updates"], st[metric]) for s, st in records if s == split and metric in st]
@@ -101,8 +149,8 @@ def plot(logs: Dict[str, List[Record]], out: str, title: Optional[str] = None) -
                     if len(metrics) > 1:  # several metrics: one shade per metric
                         style["alpha"] = style.get("alpha", 1.0) * (1.0 - 0.6 * j / len(metrics))
                     name = metric if len(metrics) > 1 else ""
-                    ax.plot(x, y, color=colours[(i + (j if len(logs) == 1 else 0)) % len(colours)],
-                            label=" ".join(filter(None, [label if len(logs) > 1 else "", split, name])), **style)
+                    ax.plot(x, y, color=colours[j if single else i],
+                            label=" ".join(filter(None, [label if not single else "", split, name])), **style)
         ax.set_title(panel)
         ax.set_xlabel("updates")
         ax.grid(alpha=0.3)
@@ -110,18 +158,38 @@ def plot(logs: Dict[str, List[Record]], out: str, title: Optional[str] = None) -
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig, [panel for panel, _, _ in drawn]
+
+
+def plot(logs: Dict[str, List[Record]], out: str, title: Optional[str] = None) -> List[str]:
+    """Draw the curves of ``{label: records}`` to ``out`` (PNG); returns the panel titles."""
+    import matplotlib.pyplot as plt
+
+    fig, titles = figure(logs, title)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return list(layout)
+    return titles
 
 
 def _labels(paths: List[str]) -> List[str]:
-    """Short names: the file name, or its folder when file names repeat (exp/a/train.log, exp/b/train.log)."""
-    names = [os.path.basename(p) for p in paths]
-    if len(set(names)) == len(names):
-        return names
-    return [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), os.path.basename(p)) for p in paths]
+    """Short unique names: the shortest end of each path that no other path ends with
+    (``a/logs/hydra/hydra_train.log`` and ``b/logs/hydra/hydra_train.log`` for two recipe runs); a path given
+    twice is numbered (``train.log #2``)."""
+    parts = [os.path.normpath(os.path.abspath(os.fspath(p))).strip(os.sep).split(os.sep) for p in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = [q for j, q in enumerate(parts) if j != i and q != mine]
+        k = 1
+        while k < len(mine) and any(q[-k:] == mine[-k:] for q in others):
+            k += 1
+        labels.append(os.path.join(*mine[-k:]))
+    seen: Dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label} #{seen[label]}"
+    return labels
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,19 @@ import logging as _logging
 _registered = False
 
 
+def _model_names(kind: str) -> list:
+    """Our registered models an entry point of ``kind`` builds (:func:`checkpoint.accepted_models`)."""
+    from fairseq.models import MODEL_REGISTRY
+
+    from .checkpoint import PRETRAINING
+    from .models.hubert_encoder import HubertPretrainingModel
+
+    ours = {name: cls for name, cls in MODEL_REGISTRY.items()
+            if isinstance(cls, type) and cls.__module__.startswith("pahubert_plugin.")}
+    pretraining = kind == PRETRAINING
+    return sorted(n for n, cls in ours.items() if issubclass(cls, HubertPretrainingModel) == pretraining)
+
+
 def register() -> None:
     """Register our fairseq components and checkpoint allow-list (idempotent)."""
     global _registered
@@ -21,7 +34,13 @@ def register() -> None:
     checkpoint.register_safe_globals()
     checkpoint.install_fairseq_patches()
 
+    from . import training
+
+    training.install_training_guard()  # wraps the patched resume: one run per folder, finished runs stay so
+
     from . import criterions, models, tasks  # noqa: F401  (registration side effects)
+
+    checkpoint.set_model_kinds(_model_names)
 
     # fairseq.models.wav2vec.wav2vec2_classification calls logging.basicConfig(level=DEBUG) when
     # imported; undo that so our CLIs (and users' scripts) keep their own logging setup.

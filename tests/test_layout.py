@@ -30,6 +30,7 @@ PACKAGE = "pahubert_plugin"
 FLOORS = [
     ("ground", [  # no knowledge of fairseq models, tasks or the CLIs: helpers everything else builds on
         "fileio", "frames", "metrics", "checkpoint", "configs",
+        "training",  # the save_dir guard around fairseq's checkpoint functions (uses checkpoint only)
         "data.audio", "data.corpus_layout",
         "separation.memory", "separation.writing", "separation.overlap",
     ]),

@@ -313,6 +313,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         logger.error(str(e))
         return 2
+    except OSError as e:  # a full disk, a read-only or vanished output folder
+        logger.error(f"cannot write the manifests in {args.out_dir}: {e.strerror or e} "
+                     f"({e.filename or args.out_dir}); free space or give another output folder")
+        return 2
     print(summary_line(train, valid, skipped, args.sample_rate), flush=True)
     skipped_tsv = os.path.join(args.out_dir, "skipped.tsv")
     if not train and not valid:

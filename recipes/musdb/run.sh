@@ -11,6 +11,8 @@
 # pahubert pretraining checkpoint; add model.no_pretrained_weights=true after `--` for the scratch arm),
 # demucs_v2_{tiny,base}, demucs_v2_hubert_{tiny,base} (--pretrained: its pretraining or ported checkpoint).
 # Every variable below can be set as --name-with-dashes VALUE. Logs: $exp_dir/logs/stage*.log.
+# A rerun of a finished fine-tuning exits at once ("already finished"); evaluation skips scored tracks.
+# One run at a time per --exp-dir (a lock, $exp_dir/.pahubert.lock, holds the running one's PID).
 set -euo pipefail
 
 # ---- options -----------------------------------------------------------------------------------
@@ -27,7 +29,7 @@ segment=                # inference chunk in seconds (default: the checkpoint's 
 separate_dir=           # stage 3: folder of audio files to separate
 stage=1
 stop_stage=2
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python}  # the Makefile puts .venv/bin first on PATH; else the repo's .venv is used
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
@@ -37,12 +39,39 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 [ -n "$musdb_root" ] || { echo "run.sh: --musdb-root is required" >&2; exit 1; }
 musdb_root=$(cd "$musdb_root" && pwd)
+export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+
+# the Python that has the project: $PYTHON, else the repo's .venv (relative to this script)
+has_project() { "$1" -c 'import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ("omegaconf", "fairseq", "pahubert_plugin")))' >/dev/null 2>&1; }
+if ! has_project "$PYTHON"; then
+  if [ -x "$repo/.venv/bin/python" ] && has_project "$repo/.venv/bin/python"; then
+    PYTHON=$repo/.venv/bin/python
+  else
+    echo "run.sh: '$PYTHON' cannot import the project (omegaconf, fairseq, pahubert_plugin): run" \
+         "'source $repo/.venv/bin/activate' first (made by 'make setup'), or set PYTHON=/path/to/python" >&2
+    exit 1
+  fi
+fi
+
 mkdir -p "$exp_dir/logs"
 exp_dir=$(cd "$exp_dir" && pwd)
+# one run per --exp-dir: flock on $exp_dir/.pahubert.lock (held by this shell and its children)
+lock_file=$exp_dir/.pahubert.lock
+exec 9>>"$lock_file"
+if ! command -v flock >/dev/null; then
+  echo "run.sh: warning: no flock command (util-linux): $exp_dir is not locked against a second run" >&2
+elif ! flock -n 9; then
+  echo "run.sh: $exp_dir is in use by another run (PID $(cat "$lock_file" 2>/dev/null || echo unknown)," \
+       "holding $lock_file); wait for it to finish, or give another --exp-dir" >&2
+  exit 1
+fi
+echo $$ > "$lock_file"
+# hydra override value: 'VALUE' quoted for hydra's lexer (a space in a path), quotes escaped
+hq() { printf "'%s'" "${1//\'/\\\'}"; }
 ckpt_dir=$exp_dir/checkpoints
 seg_args=(); [ -z "$segment" ] || seg_args=(--segment "$segment")
 wav_args=(); [ "$is_wav" != true ] || wav_args=(--is-wav)
-export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   echo "stage 1: fine-tune ($config) -> $ckpt_dir"
@@ -56,17 +85,17 @@ print(OmegaConf.to_container(load_recipe_config(sys.argv[1])).get("model", {}).g
   fi
   if [ -n "$pretrained" ]; then  # a pretraining or ported checkpoint (models/pretrained.py)
     [ -f "$pretrained" ] || { echo "run.sh: --pretrained $pretrained: no such file" >&2; exit 1; }
-    extra+=("model.pretrained_checkpoint=$(cd "$(dirname "$pretrained")" && pwd)/$(basename "$pretrained")")
+    extra+=("model.pretrained_checkpoint=$(hq "$(cd "$(dirname "$pretrained")" && pwd)/$(basename "$pretrained")")")
   fi
-  $PYTHON -m fairseq_cli.hydra_train --config-dir "$here/conf" --config-name "$config" \
-    task.data="$musdb_root" ++task.is_wav="$is_wav" common.user_dir="$repo/pahubert_plugin" \
-    checkpoint.save_dir="$ckpt_dir" hydra.run.dir="$exp_dir/logs/hydra" \
-    "${extra[@]}" "${train_overrides[@]}" 2>&1 | tee "$exp_dir/logs/stage1.log"
+  "$PYTHON" -m fairseq_cli.hydra_train --config-dir "$here/conf" --config-name "$config" \
+    task.data="$(hq "$musdb_root")" ++task.is_wav="$is_wav" common.user_dir="$(hq "$repo/pahubert_plugin")" \
+    checkpoint.save_dir="$(hq "$ckpt_dir")" hydra.run.dir="$(hq "$exp_dir/logs/hydra")" \
+    ${extra[@]+"${extra[@]}"} ${train_overrides[@]+"${train_overrides[@]}"} 2>&1 | tee "$exp_dir/logs/stage1.log"
 fi
 
 if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
   echo "stage 2: evaluate $ckpt_dir/checkpoint_best.pt on $eval_subset -> $exp_dir/eval"
-  $PYTHON -m pahubert_plugin.evaluate "$ckpt_dir/checkpoint_best.pt" --musdb-root "$musdb_root" \
+  "$PYTHON" -m pahubert_plugin.evaluate "$ckpt_dir/checkpoint_best.pt" --musdb-root "$musdb_root" \
     "${wav_args[@]}" --subset "$eval_subset" --jobs "$eval_jobs" --tracks "$eval_tracks" \
     --device "$device" --out "$exp_dir/eval" "${seg_args[@]}" 2>&1 | tee "$exp_dir/logs/stage2.log"
 fi
@@ -75,6 +104,6 @@ if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
   [ -n "$separate_dir" ] || { echo "run.sh: stage 3 needs --separate-dir DIR" >&2; exit 1; }
   echo "stage 3: separate $separate_dir -> $exp_dir/separated"
   mapfile -t files < <(find "$separate_dir" -type f \( -iname '*.wav' -o -iname '*.flac' -o -iname '*.mp3' -o -iname '*.ogg' \) | sort)
-  $PYTHON -m pahubert_plugin.separate "$ckpt_dir/checkpoint_best.pt" "${files[@]}" -o "$exp_dir/separated" \
+  "$PYTHON" -m pahubert_plugin.separate "$ckpt_dir/checkpoint_best.pt" "${files[@]}" -o "$exp_dir/separated" \
     --device "$device" "${seg_args[@]}" 2>&1 | tee "$exp_dir/logs/stage3.log"
 fi

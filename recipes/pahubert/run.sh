@@ -13,6 +13,8 @@
 #        [--feature mfcc] [--n-clusters 100] [--pretrain-config tiny] [--stage 0] [--stop-stage 6] \
 #        [-- HYDRA_OVERRIDES...]    (stages 4 and 6; e.g. distributed_training.distributed_world_size=8)
 # Every variable below can be set as --name-with-dashes VALUE. Logs: $exp_dir/logs/stage*.log.
+# A rerun skips every stage that finished with the same inputs and options (stamps in $exp_dir/.stages);
+# one run at a time per --exp-dir (a lock, $exp_dir/.pahubert.lock, holds the running one's PID).
 set -euo pipefail
 
 # ---- options (--audio-dir sets audio_dir, and so on) ------------------------------------------
@@ -42,11 +44,25 @@ hubert_device=cpu       # stage 5: cpu | cuda, for the feature-reading model
 hubert_max_chunk=60     # stage 5: seconds of audio per forward pass (long files are chunked)
 stage=0
 stop_stage=6
-PYTHON=${PYTHON:-python}  # the Makefile puts .venv/bin first on PATH
+PYTHON=${PYTHON:-python}  # the Makefile puts .venv/bin first on PATH; else the repo's .venv is used
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 . "$(dirname "${BASH_SOURCE[0]}")/../utils/parse_options.sh"
+
+# ---- the Python that has the project: $PYTHON, else the repo's .venv (relative to this script) ------
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+has_project() { "$1" -c 'import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ("omegaconf", "fairseq", "pahubert_plugin")))' >/dev/null 2>&1; }
+if ! has_project "$PYTHON"; then
+  if [ -x "$repo_root/.venv/bin/python" ] && has_project "$repo_root/.venv/bin/python"; then
+    PYTHON=$repo_root/.venv/bin/python
+  else
+    echo "run.sh: '$PYTHON' cannot import the project (omegaconf, fairseq, pahubert_plugin): run" \
+         "'source $repo_root/.venv/bin/activate' first (made by 'make setup'), or set PYTHON=/path/to/python" >&2
+    exit 1
+  fi
+fi
 
 # ---- derived paths ----------------------------------------------------------------------------
 data_dir=${data_dir:-$exp_dir/data}
@@ -64,6 +80,67 @@ iter2_dir=$exp_dir/pretrain/iter2_$iter2_tag    # stage 6
 mkdir -p "$exp_dir" "$log_dir"
 
 log() { echo "[$(date '+%H:%M:%S')] $*"; }
+
+# ---- one run per --exp-dir: flock on $exp_dir/.pahubert.lock (held by this shell and its children) ---
+lock_file=$exp_dir/.pahubert.lock
+exec 9>>"$lock_file"
+if ! command -v flock >/dev/null; then
+  echo "run.sh: warning: no flock command (util-linux): $exp_dir is not locked against a second run" >&2
+elif ! flock -n 9; then
+  echo "run.sh: $exp_dir is in use by another run (PID $(cat "$lock_file" 2>/dev/null || echo unknown)," \
+       "holding $lock_file); wait for it to finish, or give another --exp-dir" >&2
+  exit 1
+fi
+echo $$ > "$lock_file"
+
+# ---- temporaries of an interrupted feature dump (dump_features writes each shard in feat/*/.<split>_<rank>_<n>.*/):
+# removed when a stage starts and when this script fails
+clean_temporaries() {
+  local d
+  for d in "$exp_dir"/feat/*/; do
+    [ -d "$d" ] && find "$d" -mindepth 1 -maxdepth 1 -type d -name '.*_*_*.*' -exec rm -rf {} +
+  done
+  return 0
+}
+trap 'rc=$?; [ $rc = 0 ] || clean_temporaries; exit $rc' EXIT
+
+# ---- stage stamps: a stage whose inputs, options and outputs are as its last success left them is skipped
+stamp_dir=$exp_dir/.stages
+# signature ITEMS...: a hash of the items (options, paths) and of the name, size and mtime of every file
+# under those that are paths
+signature() {
+  local a
+  for a in "$@"; do
+    echo "$a"  # then its files, but not the hidden ones (locks, temporaries) below it
+    [ ! -e "$a" ] || find "$a" -type f -printf '%P %s %T@\n' | { grep -Ev '(^|/)\.' || true; } | LC_ALL=C sort
+  done | sha256sum | cut -d' ' -f1
+}
+# begin_stage N INPUTS -- OUTPUTS: 1 (skip, logged) if stage N's stamp says it finished with these inputs
+# and left these outputs; else 0 (run it) and its stamp is removed until end_stage N
+declare -A stage_inputs=() stage_outputs=()
+begin_stage() {
+  local n=$1 inputs=() outputs=(); shift
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do inputs+=("$1"); shift; done
+  [ $# -gt 0 ] && shift; outputs=("$@")
+  stage_inputs[$n]=$(signature "${inputs[@]}"); stage_outputs[$n]=$(printf '%s\n' "${outputs[@]}")
+  local stamp=$stamp_dir/stage$n out
+  if [ -f "$stamp" ] && [ "$(head -n 1 "$stamp")" = "${stage_inputs[$n]}" ]; then
+    for out in "${outputs[@]}"; do [ -e "$out" ] || { rm -f "$stamp"; return 0; }; done
+    if [ "$(sed -n 2p "$stamp")" = "$(signature "${outputs[@]}")" ]; then
+      log "stage $n: skipped: done, and its inputs, options and outputs have not changed since (remove $stamp to run it again)"
+      return 1
+    fi
+  fi
+  rm -f "$stamp"; clean_temporaries; return 0
+}
+end_stage() {
+  local n=$1 outputs=()
+  mapfile -t outputs <<< "${stage_outputs[$n]}"
+  mkdir -p "$stamp_dir"
+  printf '%s\n%s\n' "${stage_inputs[$n]}" "$(signature "${outputs[@]}")" > "$stamp_dir/stage$n"
+}
+# hydra override value: 'VALUE' quoted for hydra's lexer (spaces, commas, brackets), quotes escaped
+hq() { printf "'%s'" "${1//\'/\\\'}"; }
 
 # run LOG CMD...: run CMD with its output in LOG; on failure show the log's tail and stop.
 run() {
@@ -104,6 +181,9 @@ find_kmeans_dir() {
 # ---- stage 0: manifest ------------------------------------------------------------------------
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   [ -n "$audio_dir" ] || { echo "run.sh: stage 0 needs --audio-dir" >&2; exit 1; }
+fi
+if [ $stage -le 0 ] && [ $stop_stage -ge 0 ] && begin_stage 0 "$audio_dir" "$sample_rate" "$valid_percent" \
+     "$min_seconds" "$exts" "$seed" -- "$data_dir/train.tsv" "$data_dir/valid.tsv" "$data_dir/skipped.tsv"; then
   log "stage 0: manifest of $audio_dir -> $data_dir (log $log_dir/stage0_manifest.log)"
   # the manifest exits 1 when it skipped files (listed in skipped.tsv) and 2 when nothing is usable
   mlog=$log_dir/stage0_manifest.log; rc=0
@@ -111,14 +191,21 @@ if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   "$PYTHON" -m pahubert_plugin.data.manifest "$audio_dir" "$data_dir" \
     --sample-rate "$sample_rate" --valid-percent "$valid_percent" --exts "$exts" \
     --min-seconds "$min_seconds" --seed "$seed" --jobs "$nj" >> "$mlog" 2>&1 || rc=$?
-  if [ $rc != 0 ] && [ $rc != 1 ] || [ "$(rows train)" -le 0 ]; then
-    [ "$(rows train)" -gt 0 ] || [ ! -f "$data_dir/skipped.tsv" ] \
-      || echo "run.sh: no usable audio in $audio_dir (train.tsv is empty; skipped files and reasons: $data_dir/skipped.tsv)" >&2
+  # its summary line ("kept N ...") is the sign it finished: a crash (a full disk, ...) exits 1 without it
+  kept=$(grep -h "^kept " "$mlog" | tail -n 1 || true)
+  if [ $rc -gt 1 ] || [ -z "$kept" ] || [ "$(rows train)" -le 0 ]; then
+    if [ -n "$kept" ] && [ "$(rows train)" -le 0 ] && [ -f "$data_dir/skipped.tsv" ]; then
+      echo "run.sh: no usable audio in $audio_dir (train.tsv is empty; skipped files and reasons: $data_dir/skipped.tsv)" >&2
+    else
+      error=$(grep -hE "\| ERROR \||^[A-Za-z.]*(Error|Exception): " "$mlog" | tail -n 1 || true)
+      echo "run.sh: stage 0: pahubert-manifest failed (exit $rc): ${error:-no error message; see the log below}" >&2
+    fi
     echo "FAILED: stage 0 manifest of $audio_dir (exit $rc)" >&2; echo "---- tail of $mlog ----" >&2
     tail -n 20 "$mlog" >&2; exit 1
   fi
-  grep -h "^kept " "$mlog" | tail -n 1
+  echo "$kept"
   [ $rc = 0 ] || log "  $(wc -l < "$data_dir/skipped.tsv") file(s) skipped: reasons in $data_dir/skipped.tsv"
+  end_stage 0
 fi
 
 # ---- "features -> k-means -> labels": one function each, used by stages 1-3 and by stage 5 ---------
@@ -170,17 +257,24 @@ labels() {
   done
 }
 
-if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
+manifests=("$data_dir/train.tsv" "$data_dir/valid.tsv")
+if [ $stage -le 1 ] && [ $stop_stage -ge 1 ] && begin_stage 1 "${manifests[@]}" "$feature" "$sample_rate" "$nj" \
+     -- "$feat_dir"; then
   log "stage 1: $feature features -> $feat_dir"
   features "$feat_dir" stage1 --feature "$feature" --sample-rate "$sample_rate"
+  end_stage 1
 fi
-if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
+if [ $stage -le 2 ] && [ $stop_stage -ge 2 ] && begin_stage 2 "$feat_dir" "$n_clusters" "$percent" "$km_args" \
+     "$seed" -- "$km_path"; then
   log "stage 2: k-means ($n_clusters clusters, percent $percent) -> $km_path"
   kmeans "$feat_dir" "$km_path" "$n_clusters" stage2
+  end_stage 2
 fi
-if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
+if [ $stage -le 3 ] && [ $stop_stage -ge 3 ] && begin_stage 3 "${manifests[@]}" "$feat_dir" "$km_path" "$label_name" \
+     -- "$label_dir/train.$label_name" "$label_dir/dict.$label_name.txt"; then
   log "stage 3: labels -> $label_dir"
   labels "$feat_dir" "$km_path" "$n_clusters" "$label_dir" stage3
+  end_stage 3
 fi
 
 # ---- stages 4-6: pretraining ------------------------------------------------------------------
@@ -194,33 +288,49 @@ pretrain() {
   labels=$(abspath "$1"); out=$(abspath "$2"); logfile=$3
   plugin_dir=$("$PYTHON" -c 'import importlib.util as u, os; print(os.path.dirname(u.find_spec("pahubert_plugin").origin))')
   mkdir -p "$out"
+  # paths are quoted for hydra's override lexer (a space in --exp-dir)
   run "$logfile" "$PYTHON" -m fairseq_cli.hydra_train \
     --config-dir "$recipe_dir/conf/pretrain" --config-name "$pretrain_config" \
-    common.user_dir="$plugin_dir" task.data="$(abspath "$data_dir")" task.label_dir="$labels" \
+    common.user_dir="$(hq "$plugin_dir")" task.data="$(hq "$(abspath "$data_dir")")" task.label_dir="$(hq "$labels")" \
     "task.labels=[${pretrain_labels:-$label_name}]" task.sample_rate="$sample_rate" \
     task.label_rate="$label_rate" model.label_rate="$label_rate" \
-    checkpoint.save_dir="$out/checkpoints" hydra.run.dir="$out" ${train_overrides[@]+"${train_overrides[@]}"}
+    checkpoint.save_dir="$(hq "$out/checkpoints")" hydra.run.dir="$(hq "$out")" ${train_overrides[@]+"${train_overrides[@]}"}
+  grep -h "already finished: " "$logfile" | tail -n 1 | sed 's/.* - //' || true
   grep -h '\[train\]\|\[valid\]' "$logfile" | tail -n 2 || true
 }
 
-if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
+# pretrain_inputs LABEL_DIR: what a pretraining stage reads, and its options
+pretrain_inputs() {
+  echo "$1"; printf '%s\n' "${manifests[@]}" "$recipe_dir/conf/pretrain/$pretrain_config.yaml" "$pretrain_config" \
+    "${pretrain_labels:-$label_name}" "$sample_rate" "$label_rate" ${train_overrides[@]+"${train_overrides[@]}"}
+}
+if [ $stage -le 4 ] && [ $stop_stage -ge 4 ] && mapfile -t inputs < <(pretrain_inputs "$label_dir") \
+   && begin_stage 4 "${inputs[@]}" -- "$iter1_dir/checkpoints/checkpoint_best.pt" "$iter1_dir/checkpoints/checkpoint_last.pt"; then
   log "stage 4: pretrain iteration 1 ($pretrain_config) on $label_dir -> $iter1_dir (log $log_dir/stage4_pretrain.log)"
   pretrain "$label_dir" "$iter1_dir" "$log_dir/stage4_pretrain.log"
+  end_stage 4
 fi
 
+ckpt1=$iter1_dir/checkpoints/checkpoint_best.pt
 if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
-  ckpt1=$iter1_dir/checkpoints/checkpoint_best.pt
   [ -f "$ckpt1" ] || { echo "run.sh: stage 5 needs $ckpt1 (run stage 4)" >&2; exit 1; }
+fi
+if [ $stage -le 5 ] && [ $stop_stage -ge 5 ] && begin_stage 5 "${manifests[@]}" "$ckpt1" "$hubert_layer" \
+     "$n_clusters_iter2" "$percent" "$km_args" "$seed" "$label_name" "$sample_rate" "$hubert_max_chunk" \
+     -- "$feat2_dir" "$km2_path" "$label2_dir/train.$label_name" "$label2_dir/dict.$label_name.txt"; then
   log "stage 5: layer $hubert_layer features of $ckpt1 -> k-means $n_clusters_iter2 -> $label2_dir"
   features "$feat2_dir" stage5 --feature hubert --ckpt "$ckpt1" --layer "$hubert_layer" \
     --device "$hubert_device" --max-chunk "$hubert_max_chunk" --sample-rate "$sample_rate"
   kmeans "$feat2_dir" "$km2_path" "$n_clusters_iter2" stage5
   labels "$feat2_dir" "$km2_path" "$n_clusters_iter2" "$label2_dir" stage5
+  end_stage 5
 fi
 
-if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
+if [ $stage -le 6 ] && [ $stop_stage -ge 6 ] && mapfile -t inputs < <(pretrain_inputs "$label2_dir") \
+   && begin_stage 6 "${inputs[@]}" -- "$iter2_dir/checkpoints/checkpoint_best.pt" "$iter2_dir/checkpoints/checkpoint_last.pt"; then
   log "stage 6: pretrain iteration 2 ($pretrain_config) on $label2_dir -> $iter2_dir (log $log_dir/stage6_pretrain.log)"
   pretrain "$label2_dir" "$iter2_dir" "$log_dir/stage6_pretrain.log"
+  end_stage 6
 fi
 
 log "done (stages $stage-$stop_stage); outputs under $exp_dir"
