@@ -829,7 +829,7 @@ def cmd_table(args, device):
             continue
         print(f"| {r['step']} | {r['model']} | {r['variant']} | {r['params'] / 1e6:.1f} | {r['batch']} x {r['seconds']:.2f} "
               f"| {r['updates_per_s']:.3f} | {r['audio_s_per_s']:.1f} | {r['flops_per_step'] / 1e12:.3f} "
-              f"| {r['achieved_flops'] / 1e12:.2f} | {fmt(r['mfu'], '.1%')} | {r['peak_mem_gib']:.2f} |")
+              f"| {r['achieved_flops'] / 1e12:.3g} | {fmt(r['mfu'], '.1%')} | {r['peak_mem_gib']:.2f} |")
     for r in rows:
         if r["step"] == "maxbatch":
             print(f"\nlargest pretraining batch ({r['variant']}): {r['max_batch']} x {r['seconds']:.2f} s "
@@ -890,8 +890,8 @@ def get_parser():
 
 
 DEFAULTS = {  # (GPU, LOCAL) per option left unset
-    "updates": {"pretrain": (10, 2), "finetune": (10, 2), "numerics": (300, 4)},
-    "warmup": (3, 1),
+    "updates": {"pretrain": (8, 2), "finetune": (6, 2), "numerics": (300, 4)},
+    "warmup": (2, 1),
     "max_batch": (1024, 4),
     "input_seconds": (30.0, 4.0),
     "segment": (10.0, 1.0),
@@ -899,7 +899,7 @@ DEFAULTS = {  # (GPU, LOCAL) per option left unset
     "warmup_updates": (50, 2),
     "time_limit": (100.0, 120.0),
     "numerics_batch": (4, 2),
-    "numerics_seconds": (5.0, 2.0),
+    "numerics_seconds": (3.0, 2.0),
 }
 
 

@@ -6,7 +6,8 @@
 # Before the device run, on the CPU here (renders the MIDI corpus, MFCC k-means labels, ~20 MiB of
 # FLAC in exp/gpu_carry/; and the wheels the device lacks into .whl/, see /work/.library/device/README.md):
 #   PYTHONPATH=$PWD .venv/bin/python benchmarks/gpu_check.py prepare
-# The device run (the `run` tool; about 8 minutes of the card, timeout 600 s leaves room for the start):
+# The device run (the `run` tool; at most 8 minutes of the card (BUDGET=470 s, the wheels'
+# install included), timeout 600 s leaves room to see the table):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", "exp/gpu_carry"], timeout_s=600)
 # Results come back as $OUT/gpu_check.jsonl, $OUT/*.log, $OUT/numerics.tsv and $OUT/numerics.png.
 #
@@ -17,6 +18,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; rm -f "$OUT/gpu_check.jsonl"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+start=$(date +%s)  # BUDGET counts from here, the wheels' install included
 if [ -z "${LOCAL:-}" ]; then
   PY=${PYTHON:-python3}
   if [ -d .whl ]; then  # wheels carried to a machine without internet (see the header)
@@ -27,18 +29,21 @@ if [ -z "${LOCAL:-}" ]; then
   export PYTHONPATH=$PWD:${PYTHONPATH:-}
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader
   L=""; DATA=${DATA:-exp/gpu_carry}
-  # seconds per step: info 60, pretrain 150, compile 120, maxbatch 100, finetune 110, separate 100, numerics 250
-  T_INFO=60; T_PRE=150; T_COMP=120; T_MAX=100; T_FT=110; T_SEP=100; T_NUM=250
+  # seconds per step (sum 475 s); BUDGET stops the run at 8 minutes whatever the steps take
+  T_INFO=25; T_PRE=80; T_COMP=70; T_MAX=45; T_FT=75; T_SEP=50; T_NUM=130; BUDGET=${BUDGET:-470}
 else
   PY=${PYTHON:-.venv/bin/python}
   export PYTHONPATH=$PWD:${PYTHONPATH:-}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   L="--local"; DATA=${DATA:-exp/gpu_carry_local}
-  T_INFO=120; T_PRE=200; T_COMP=200; T_MAX=120; T_FT=200; T_SEP=200; T_NUM=240
+  T_INFO=120; T_PRE=200; T_COMP=200; T_MAX=120; T_FT=200; T_SEP=200; T_NUM=240; BUDGET=${BUDGET:-1200}
+  L="$L --batch 2"  # tiny batches: bf16 is emulated, slow, on most CPUs
 fi
-start=$(date +%s)
 step() {  # step NAME TIMEOUT ARGS...: one gpu_check.py step, its log under $OUT, its exit status reported
   local name=$1 t=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - start) ))
+  if [ $left -lt 15 ]; then echo "=== $name: skipped, ${left} s of the ${BUDGET} s budget left ==="; return; fi
+  [ $t -le $left ] || t=$left
   echo "=== $name (timeout ${t} s, at $(( $(date +%s) - start )) s) ==="
   timeout --kill-after=10 "$t" $PY benchmarks/gpu_check.py "$@" $L --out "$OUT" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -51,6 +56,6 @@ step compile $T_COMP pretrain --variants bf16-compile
 step maxbatch $T_MAX maxbatch --budget $(( T_MAX - 30 ))
 step finetune $T_FT finetune --variants fp32,bf16
 step separate $T_SEP separate
-step numerics $T_NUM numerics --data "$DATA" --time-limit $(( (T_NUM - 60) / 2 ))
+step numerics $T_NUM numerics --data "$DATA" --time-limit $(( (T_NUM - 40) / 2 ))
 $PY benchmarks/gpu_check.py table $L --out "$OUT" 2>&1 | grep -v -E "^\s*$|Warning|warn\(" | tee "$OUT/table.md"
 echo "gpu_check.sh: $(( $(date +%s) - start )) s in all"
