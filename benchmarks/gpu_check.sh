@@ -50,12 +50,13 @@ step() {  # step NAME TIMEOUT ARGS...: one gpu_check.py step, its log under $OUT
   grep -v -E "^\s*$|Warning|warn\(" "$OUT/$name.log" | cut -c1-400 | tail -n 25
   [ $rc = 0 ] || echo "--- $name: exit $rc$([ $rc = 124 ] && echo " (timed out after $t s)")"
 }
+# most wanted first: if the budget runs out, compilation and the batch search are what is left out
 step info $T_INFO info
 step pretrain $T_PRE pretrain --variants fp32,fp16,bf16,bf16-math
-step compile $T_COMP pretrain --variants bf16-compile
-step maxbatch $T_MAX maxbatch --budget $(( T_MAX - 30 ))
+step numerics $T_NUM numerics --data "$DATA" --time-limit $(( (T_NUM - 40) / 2 ))
 step finetune $T_FT finetune --variants fp32,bf16
 step separate $T_SEP separate
-step numerics $T_NUM numerics --data "$DATA" --time-limit $(( (T_NUM - 40) / 2 ))
+step compile $T_COMP pretrain --variants bf16-compile
+step maxbatch $T_MAX maxbatch --budget $(( T_MAX - 20 ))
 $PY benchmarks/gpu_check.py table $L --out "$OUT" 2>&1 | grep -v -E "^\s*$|Warning|warn\(" | tee "$OUT/table.md"
 echo "gpu_check.sh: $(( $(date +%s) - start )) s in all"

@@ -150,3 +150,36 @@ def test_local_run_prints_a_row_per_model(tmp_path):
     assert re.search(r"numerics \(\d+ updates.*bf16 (MATCHES|DOES NOT MATCH) fp32", table)
     assert (out / "numerics.tsv").read_text().startswith("update\tloss_fp32\tloss_bf16\n")
     assert (out / "numerics.png").stat().st_size > 0
+
+
+class _Attention(torch.nn.Module):
+    """fairseq's MultiheadAttention as wav2vec2's layers call it, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        from fairseq.modules import MultiheadAttention
+
+        self.mha = MultiheadAttention(16, 4, self_attention=True)
+        self.head = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.mha(x, x, x, need_weights=False)[0])
+
+
+def _criterion(model, sample):
+    loss = (model(sample["x"]) - sample["y"]).pow(2).sum()
+    return loss, sample["y"].numel(), {}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-math", "fp16"])
+def test_make_step_trains_in_every_precision(precision):
+    """The step the pretrain/finetune/numerics steps time (autocast, GradScaler for fp16, SDPA's math
+    kernel for bf16-math, clipping, Adam) lowers the loss on the CPU too."""
+    torch.manual_seed(0)
+    model = _Attention()
+    sample = {"x": torch.randn(6, 3, 16), "y": torch.randn(6, 3, 1)}
+    step = gpu_check.make_step(model, _criterion, torch.optim.Adam(model.parameters(), lr=1e-2), 1.0,
+                               torch.device("cpu"), precision)
+    losses = [step(sample) for _ in range(20)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.9 * losses[0]
