@@ -250,10 +250,13 @@ def attention_ops(ops):
     return sorted(op for op in ops if "attention" in op)
 
 
+NO_KERNEL = "none (no FLOP formula for the CPU kernel: attention FLOPs not in the count)"
+
+
 def attention_line(ops):
     kernels = attention_ops(ops)
     return (f"F.scaled_dot_product_attention called {ops.get('sdpa_calls', 0)} times in one forward+backward; "
-            f"kernels counted: {', '.join(kernels) if kernels else 'none (no FLOP formula for the CPU kernel: attention FLOPs not in the count)'}")
+            f"kernels counted: {', '.join(kernels) if kernels else NO_KERNEL}")
 
 
 def separation_models(local):
@@ -292,7 +295,8 @@ def separation_models(local):
     def demucs_v2_hubert():
         yaml, task = musdb("demucs_v2_hubert_tiny.yaml" if local else "demucs_v2_hubert_base.yaml")
         cfg = OmegaConf.merge(OmegaConf.structured(DemucsV2HubertConfig), yaml.model)
-        return DemucsV2HubertModel(cfg, task["audio_channels"], task["sample_rate"], sources=task["sources"]), yaml, task
+        model = DemucsV2HubertModel(cfg, task["audio_channels"], task["sample_rate"], sources=task["sources"])
+        return model, yaml, task
 
     return {"resunet": resunet, "pahubert_resunet": pahubert_resunet, "demucs_v2_hubert": demucs_v2_hubert}
 
@@ -337,6 +341,7 @@ def cmd_info(args, device):
     for precision in ("fp32", "bf16"):
         peak, source = card_peak(name, precision)
         row[f"peak_{precision}"] = peak
+        row["peak_source"] = source
         print(f"peak {precision}: {fmt(peak and peak / 1e12, '.0f')} TFLOP/s dense ({source})")
     if device.type == "cuda":
         row["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
@@ -371,11 +376,19 @@ def cmd_pretrain(args, device):
         model, criterion, task = build_pretraining(name, device)
         model.train()
         sample = synthetic_pretraining_batch(name, task, bsz, length, device)
-        if flops is None:
-            flops, ops = forward_backward_flops(model, criterion, sample, device)
-            print(f"pahubert {name}: {flops / 1e12:.3f} TFLOP per forward+backward (FlopCounterMode: matmul, "
-                  f"conv, attention; batch {bsz} x {length / task.sample_rate:.2f} s); {attention_line(ops)}",
-                  flush=True)
+        try:
+            if flops is None:  # counted once, before any compilation, under the first variant's autocast
+                flops, ops = forward_backward_flops(model, criterion, sample, device, MATH_PRECISION[precision])
+                print(f"pahubert {name}: {flops / 1e12:.3f} TFLOP per forward+backward (FlopCounterMode: "
+                      f"matmul, conv, attention; batch {bsz} x {length / task.sample_rate:.2f} s); "
+                      f"{attention_line(ops)}", flush=True)
+        except Exception as e:  # noqa: BLE001  (out of memory in fp32, say: the next variant counts)
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"pahubert {name} {precision}: FLOP count failed: {msg[:300]}", flush=True)
+            record(args.out, step="pretrain", model="pahubert", config=name, variant=precision, error=msg[:300])
+            del model, criterion, sample
+            reset_peak(device)
+            continue
         note = ""
         if precision == "bf16-compile":
             try:
@@ -493,8 +506,8 @@ def cmd_finetune(args, device):
                 bsz = args.batch or int(yaml.dataset.batch_size)
                 seconds = args.seconds or float(yaml.task.segment)
                 sample = separation_batch(task, bsz, seconds, device)
-                if flops is None:
-                    flops, _ = forward_backward_flops(model, crit, sample, device)
+                if flops is None:  # once per model, under the first variant's autocast
+                    flops, _ = forward_backward_flops(model, crit, sample, device, precision)
                 optimizer = torch.optim.Adam(model.parameters(), lr=float(yaml.optimization.lr[0]))
                 step = make_step(model, crit, optimizer, float(yaml.optimization.get("clip_norm", 0) or 1e9),
                                  device, precision)
@@ -533,7 +546,7 @@ def separate_chunks(model, mix, segment, overlap=0.25, batch=4):
     out, weight = None, torch.zeros(n, device=mix.device)
     for i in range(0, len(starts), batch):
         group = starts[i:i + batch]
-        chunks = torch.stack([torch.nn.functional.pad(mix[:, s:s + segment], (0, segment - mix[:, s:s + segment].shape[-1]))
+        chunks = torch.stack([torch.nn.functional.pad(mix[:, s:s + segment], (0, s + segment - min(n, s + segment)))
                               for s in group])
         est = model(chunks).float()
         if out is None:
@@ -815,7 +828,8 @@ def cmd_table(args, device):
     info = next((r for r in rows if r["step"] == "info"), {})
     print(f"\n=== gpu_check summary: {info.get('device', '?')}, torch {info.get('torch', '?')} ===")
     print(f"peaks (dense TFLOP/s): bf16/fp16 {fmt(info.get('peak_bf16') and info['peak_bf16'] / 1e12, '.0f')}, "
-          f"fp32 {fmt(info.get('peak_fp32') and info['peak_fp32'] / 1e12, '.0f')}. FLOPs: "
+          f"fp32 {fmt(info.get('peak_fp32') and info['peak_fp32'] / 1e12, '.0f')} ({info.get('peak_source', '?')}). "
+          f"FLOPs: "
           f"torch.utils.flop_counter.FlopCounterMode over one forward+backward (matmul, conv, attention); "
           f"MFU = FLOPs/step x updates/s / peak. Memory: GPU max_memory_allocated, CPU: process peak RSS")
     print("| step | model | variant | params (M) | batch x s | updates/s | audio-s/s | TFLOP/step | TFLOP/s "
@@ -825,11 +839,15 @@ def cmd_table(args, device):
         if r["step"] not in ("pretrain", "finetune"):
             continue
         if "skipped" in r or "error" in r:
-            print(f"| {r['step']} | {r['model']} | {r['variant']} | {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']} |")
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"error: {r['error']}"
+            print(f"| {r['step']} | {r['model']} | {r['variant']} | {why} |")
             continue
-        print(f"| {r['step']} | {r['model']} | {r['variant']} | {r['params'] / 1e6:.1f} | {r['batch']} x {r['seconds']:.2f} "
+        print(f"| {r['step']} | {r['model']} | {r['variant']} | {r['params'] / 1e6:.1f} "
+              f"| {r['batch']} x {r['seconds']:.2f} "
               f"| {r['updates_per_s']:.3f} | {r['audio_s_per_s']:.1f} | {r['flops_per_step'] / 1e12:.3f} "
               f"| {r['achieved_flops'] / 1e12:.3g} | {fmt(r['mfu'], '.1%')} | {r['peak_mem_gib']:.2f} |")
+    att = next((r["attention"] for r in rows if r["step"] == "pretrain" and "attention" in r), None)
+    print(f"\nattention: {info.get('attention', '?')}; {att or 'no pretrain step recorded it'}")
     for r in rows:
         if r["step"] == "maxbatch":
             print(f"\nlargest pretraining batch ({r['variant']}): {r['max_batch']} x {r['seconds']:.2f} s "
