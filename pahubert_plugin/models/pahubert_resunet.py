@@ -13,6 +13,12 @@ bottleneck; the decoder mirrors the stem and takes its skips; the decoupled mask
 * ``encoder_lr_scale``: attached to the encoder's parameters as fairseq ``optim_overrides``;
   it takes effect with ``optimizer=composite`` and ``optimizer.dynamic_groups=true``
   (see recipes/musdb/conf/pahubert_base.yaml); with a plain optimizer it has no effect.
+* ``fuse_pretrained=true``: the separator keeps a whole encoder of its own, randomly initialised and
+  trained (the scratch arm's network exactly), and the pretrained encoder runs beside it, frozen unless
+  ``fused_lr_scale`` > 0; its features (or ``layer_weights``' mix of its layers) are added to the
+  bottleneck map through a zero-initialised projection. At the first update the model computes what the
+  scratch model computes, so the pretrained arm cannot be worse for lack of capacity: the features add
+  to what the labels teach instead of replacing the separator's own spectrogram path.
 * The encoder config is stored in the fine-tuned checkpoint (``model.encoder_cfg``), so
   inference does not need the pretraining checkpoint.
 """
@@ -76,7 +82,16 @@ class PahubertResUNetConfig(PretrainedEncoderConfig):
     layer_weights: bool = field(default=False, metadata={
         "help": "decode a learned softmax-weighted sum of every transformer layer's output (SUPERB "
                 "style) instead of the last layer's, whose features are the most specific to the "
-                "pretraining labels"})
+                "pretraining labels; with fuse_pretrained, the layers of the pretrained encoder"})
+    fuse_pretrained: bool = field(default=False, metadata={
+        "help": "keep a randomly initialised encoder as the separator's own, trained path (the scratch "
+                "network) and add the pretrained encoder's features to its bottleneck map through a "
+                "zero-initialised projection (pretrained features fused with the spectrogram path, "
+                "not replacing it); with no_pretrained_weights=true the side encoder is random too"})
+    fused_lr_scale: float = field(default=0.0, metadata={
+        "help": "with fuse_pretrained: 0 keeps the pretrained encoder frozen (eval mode, no gradient); "
+                "> 0 trains it at this learning-rate multiplier (needs optimizer=composite with "
+                "dynamic_groups=true, as encoder_lr_scale)"})
 
 
 def _pahubert_encoder_cfg(state: dict, path: str):
@@ -121,6 +136,9 @@ class PahubertResUNetModel(SpectralSeparator):
                                       self.mask_head.out_channels, num_skips=cfg.decoder_skips, norm=stem.norm)
         self.layer_weights = (nn.Parameter(torch.zeros(int(enc_cfg.encoder_layers)))
                               if cfg.layer_weights else None)
+        self.fused_encoder, self.fuse_proj, self.fused_frozen = None, None, True
+        if getattr(cfg, "fuse_pretrained", False):  # older fine-tuned checkpoints: off
+            self._build_fused(cfg, enc_cfg)
         self.encoder.mask_prob = float(getattr(cfg, "mask_prob", 0.0))  # older fine-tuned checkpoints: off
         if getattr(cfg, "mask_length", -1) > 0:
             self.encoder.mask_length = int(cfg.mask_length)
@@ -130,6 +148,40 @@ class PahubertResUNetModel(SpectralSeparator):
         if cfg.encoder_lr_scale != 1.0:
             for p in self.encoder.parameters():
                 p.optim_overrides = {"optimizer": {"lr_scale": cfg.encoder_lr_scale}}
+
+    def _build_fused(self, cfg: PahubertResUNetConfig, enc_cfg) -> None:
+        """The side encoder (pretrained weights go here) and its zero-initialised projection."""
+        clashes = [name for name, bad in (("reinit_layers", cfg.reinit_layers > 0),
+                                          ("reinit_pos_conv", cfg.reinit_pos_conv),
+                                          ("freeze_encoder_updates", cfg.freeze_encoder_updates > 0),
+                                          ("encoder_lr_scale", cfg.encoder_lr_scale != 1.0)) if bad]
+        if clashes:
+            raise ValueError(f"model.fuse_pretrained=true keeps the separator's own encoder at random init and "
+                             f"fully trained; model.{', model.'.join(clashes)} would change that path (use "
+                             f"model.fused_lr_scale for the pretrained encoder)")
+        if cfg.fused_lr_scale < 0:
+            raise ValueError(f"model.fused_lr_scale must be >= 0 (0: frozen), got {cfg.fused_lr_scale}")
+        self.fused_encoder = PahubertEncoder(enc_cfg)
+        self.fused_encoder.front_end.keep_skips = False  # only its tokens are used
+        self.fused_encoder.mask_prob = self.fused_encoder.mask_channel_prob = 0.0
+        c_last, f_last = self.encoder.front_end.bottleneck_shape
+        self.fuse_proj = nn.Linear(self.fused_encoder.embed_dim, c_last * f_last)
+        nn.init.zeros_(self.fuse_proj.weight)  # at init: the scratch model's bottleneck map exactly
+        nn.init.zeros_(self.fuse_proj.bias)
+        self.fused_frozen = cfg.fused_lr_scale == 0
+        for p in self.fused_encoder.parameters():
+            if self.fused_frozen:
+                p.requires_grad_(False)
+            elif cfg.fused_lr_scale != 1.0:
+                p.optim_overrides = {"optimizer": {"lr_scale": cfg.fused_lr_scale}}
+        if self.fused_frozen:
+            self.fused_encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.fused_encoder is not None and self.fused_frozen:
+            self.fused_encoder.eval()  # a frozen feature extractor: no dropout, no BatchNorm statistics updates
+        return self
 
     @classmethod
     def build_model(cls, cfg: PahubertResUNetConfig, task=None):
@@ -154,6 +206,11 @@ class PahubertResUNetModel(SpectralSeparator):
         if getattr(cfg, "reinit_pos_conv", False):
             keep["pos_conv"] = self.encoder.transformer.pos_conv
         init = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in keep.items()}
+        if self.fused_encoder is not None:  # the pretrained weights go to the side encoder
+            holder = nn.Module()
+            holder.encoder = self.fused_encoder
+            load_pretrained_weights(holder, state, cfg.pretrained_checkpoint)
+            return
         load_pretrained_weights(self, state, cfg.pretrained_checkpoint)
         for name, module in keep.items():
             module.load_state_dict(init[name])
@@ -164,16 +221,29 @@ class PahubertResUNetModel(SpectralSeparator):
         super().set_num_updates(num_updates)
         self.num_updates = num_updates
 
-    def _bottleneck_map(self, out) -> torch.Tensor:
+    def _layer_mix(self, out) -> torch.Tensor:
+        """An encoder output's features (batch, tokens, D): the last layer's, or ``layer_weights``' mix."""
+        if self.layer_weights is None:
+            return out.features
+        # layer_results: (tokens, batch, D) after each layer -> (layers, batch, tokens, D)
+        stacked = torch.stack([r[0] for r in out.layer_results], dim=0).transpose(1, 2)
+        weights = torch.softmax(self.layer_weights, dim=0).to(stacked.dtype)
+        return (weights[:, None, None, None] * stacked).sum(0)
+
+    def _fused_features(self, padded: torch.Tensor) -> torch.Tensor:
+        """The side encoder's features of ``padded`` (batch, channels, samples) -> (batch, tokens, D)."""
+        with torch.no_grad() if self.fused_frozen else contextlib.nullcontext():
+            return self._layer_mix(self.fused_encoder(padded))
+
+    def _bottleneck_map(self, out, padded: torch.Tensor) -> torch.Tensor:
         """The encoder's output -> the decoder's bottleneck map (batch, C_last, F', tokens)."""
-        feats = out.features  # (batch, tokens, D)
-        if self.layer_weights is not None:  # layer_results: (tokens, batch, D) after each layer
-            stacked = torch.stack([r[0] for r in out.layer_results], dim=0).transpose(1, 2)
-            weights = torch.softmax(self.layer_weights, dim=0).to(stacked.dtype)
-            feats = (weights[:, None, None, None] * stacked).sum(0)
+        if self.fused_encoder is None:
+            x = self.proj(self._layer_mix(out))  # (batch, tokens, C_last * F')
+        else:  # the own encoder's last layer plus the pretrained features
+            x = self.proj(out.features) + self.fuse_proj(self._fused_features(padded))
         c_last, f_last = self.encoder.front_end.bottleneck_shape
         # (batch, tokens, C_last * F') -> (batch, C_last, F', tokens)
-        x = self.proj(feats).view(feats.shape[0], feats.shape[1], c_last, f_last).permute(0, 2, 3, 1)
+        x = x.view(x.shape[0], x.shape[1], c_last, f_last).permute(0, 2, 3, 1)
         return self.bottleneck(x)
 
     def estimate_spec(self, padded: torch.Tensor) -> torch.Tensor:
@@ -183,7 +253,7 @@ class PahubertResUNetModel(SpectralSeparator):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             out = self.encoder(padded, mask=self.training and self.encoder.mask_prob > 0)
         spec, n_frames = out.front.context.spec, out.front.context.num_frames  # complex (B, C, F, frames)
-        raw = self.decoder(self._bottleneck_map(out), out.front.skips, consume=True)[..., :spec.shape[-2], :n_frames]
+        raw = self.decoder(self._bottleneck_map(out, padded), out.front.skips, consume=True)[..., :spec.shape[-2], :n_frames]
         return self.mask_head(raw, spec)
 
     # ---- tiled decoding (inference only): memory of a tile instead of a chunk, same estimates ----------------
@@ -249,7 +319,7 @@ class PahubertResUNetModel(SpectralSeparator):
         finally:
             front.keep_skips, front.tile_frames = True, 0
         spec, n_frames = out.front.context.spec, out.front.context.num_frames
-        x = self._bottleneck_map(out)  # (B, C_last, F', tokens)
+        x = self._bottleneck_map(out, padded)  # (B, C_last, F', tokens)
         (deep,), scale_deep = out.front.skips, encoder_reach(front.stem)[1][-1]
         del out
         stem_in, _ = front.stem_input(padded)  # (B, C, F_pad, frames_pad), frames_pad = tokens x time stride
