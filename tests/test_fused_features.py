@@ -110,7 +110,7 @@ def test_fused_model_finetunes_with_fairseq_and_separates(musdb_root, tmp_path):
     import numpy as np
 
     from pahubert_plugin.checkpoint import load_checkpoint
-    from pahubert_plugin.separate import Separator
+    from pahubert_plugin.separation import Separator
 
     pre_model = make_pretraining_checkpoint(tmp_path / "pre.pt")
     save = tmp_path / "ckpt"
