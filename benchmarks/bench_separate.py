@@ -358,8 +358,8 @@ def main(argv=None) -> int:
     p.add_argument("--path", default="", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", default="", help=argparse.SUPPRESS)
     p.add_argument("--from-built", action="store_true",
-                   help="memory runs use the model built in the measuring process (random weights, as before the "
-                        "tenth session) instead of loading our models from a checkpoint file as pahubert-separate "
+                   help="memory runs use the model built in the measuring process (random weights, the older "
+                        "method) instead of loading our models from a checkpoint file as pahubert-separate "
                         "does (HT-Demucs and UMX-L are always built)")
     args = p.parse_args(argv)
     global DROP_GPU_PAGES

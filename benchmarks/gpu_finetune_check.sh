@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 if [ -z "${LOCAL:-}" ]; then
   PY=${PYTHON:-python3}
-  if [ -d .whl ]; then  # wheels carried to a machine without internet (see README, benchmarks)
+  if [ -d .whl ]; then  # wheels carried to a machine without internet (see benchmarks/gpu_check.sh)
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
   fi

@@ -1,4 +1,4 @@
-"""Would Winograd convolution make the faithful spectral models faster on a CPU? (issue 14; measured: no).
+"""Would Winograd convolution make the faithful spectral models faster on a CPU? (measured: no; docs/PERFORMANCE.md).
 
 The residual units of ``resunet`` and ``pahubert_resunet`` are 3x3 convolutions, stride 1, and
 ``benchmarks/profile_separate.py`` shows them running at dense matrix-product throughput, so the only

@@ -77,7 +77,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads per file (default: torch's thread count divided by --jobs, at least 1; "
                         "every job running torch's full count oversubscribes the cores)")
     p.add_argument("--two-stems", metavar="STEM",
-                   help="write only STEM and no_STEM (the sum of the other sources), e.g. --two-stems vocals")
+                   help="write only STEM and no_STEM (the sum of the other sources), e.g. --two-stems vocals "
+                        "(music) or --two-stems speech (a speech/noise model)")
     # model application
     p.add_argument("--segment", type=float, default=None,
                    help="chunk length in seconds (default: the checkpoint's validation chunk)")
@@ -87,11 +88,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="fp32 (default) or bf16: autocast to bfloat16, several times faster on CPUs with AMX or "
                         "AVX512-BF16 units (elsewhere emulated and slower: a warning says so), estimates about "
-                        "1e-2 of the peak away from fp32 (README: Speed)")
+                        "1e-2 of the peak away from fp32 (docs/PERFORMANCE.md)")
     p.add_argument("--tile", type=float, default=0.0, metavar="SECONDS",
                    help="pahubert_resunet only: decode each chunk in time tiles of about SECONDS, for less memory "
                         "(peak memory follows the tile instead of --segment; the same estimates up to float "
-                        "rounding; most of the stem runs twice: slower, README: Speed and memory). "
+                        "rounding; most of the stem runs twice: slower, docs/PERFORMANCE.md). "
                         "Default 0: whole chunks")
     p.add_argument("--shifts", type=int, default=0,
                    help="average N passes over the input shifted by a random 0-0.5 s (demucs' shift trick; "

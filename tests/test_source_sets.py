@@ -175,6 +175,14 @@ def test_fine_tune_on_speech_noise_selects_on_si_sdr_and_evaluates(speech_noise,
         assert main([str(best), "--root", str(flat), "--out", str(tmp_path / "flat"), "--segment", "1.0"]) == 0
         summary = json.loads((tmp_path / "flat" / "summary.json").read_text())
         assert summary["num_tracks"] == 1 and "SI-SDRi" in summary["sources"]["noise"]
+        # pahubert-separate --two-stems speech: speech and no_speech (here the noise), nothing else
+        from pahubert_plugin.separate import main as separate
+
+        mixture = speech_noise / "test" / "test_00" / "mixture.wav"
+        assert separate([str(best), str(mixture), "-o", str(tmp_path / "sep"), "--two-stems", "speech"]) == 0
+        written = sorted(p.name for p in (tmp_path / "sep" / "mixture").iterdir())
+        assert written == ["no_speech.wav", "speech.wav"], written
+        assert sf.info(tmp_path / "sep" / "mixture" / "speech.wav").frames == sf.info(mixture).frames
 
 
 # ----------------------------------------------------------------------------- evaluate's entry checks

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The diagnosis of issue 10: one fine-tuning setting per tag (examples/demo/diagnose.tsv says what each
+# The diagnosis of why pretraining does not win on music: one fine-tuning setting per tag (examples/demo/diagnose.tsv says what each
 # changes), scratch vs pretrained on the same labelled songs, sharing the demo's corpus and pretraining.
 # Two lanes run side by side (one thread each). Then examples/demo/collect.py prints the table.
 #

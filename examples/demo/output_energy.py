@@ -3,7 +3,7 @@
 The decoupled mask head's magnitude is ``ReLU(|X| sigmoid(m) + q)``: a bin whose argument is
 negative outputs silence and passes no gradient. For each checkpoint this prints, per source,
 the RMS of the estimate over the RMS of the reference on the first test song (8 s), the fraction
-of time-frequency bins whose ReLU is active, and the mean residual ``q``. Used in README's
+of time-frequency bins whose ReLU is active, and the mean residual ``q``. Used in docs/RESULTS.md's
 diagnosis (pretrained arms put out about half the drum energy of scratch arms).
 
     python examples/demo/output_energy.py exp/demo/midi/finetune/s0/{scratch,pretrained}_n2_s1/checkpoints/checkpoint_best.pt

@@ -270,7 +270,7 @@ evaluate() {  # ARM N SEED
 if [ $stage -le 4 ]; then
   step 4 "fine-tuning pahubert_resunet ($tag): scratch vs pretrained, labelled $items {$train_tracks}, $seeds seed(s)"
   # the two arms of a setting train side by side, one thread each (on 2 cores that is faster than
-  # one after the other with 2 threads, and it is how the README's figures were measured)
+  # one after the other with 2 threads, and it is how docs/RESULTS.md's figures were measured)
   for n in ${train_tracks//,/ }; do for seed in $(seq 1 $seeds); do
     if [ -n "$reuse_scratch" ]; then
       finetune scratch $n $seed; OMP_NUM_THREADS=1 finetune pretrained $n $seed

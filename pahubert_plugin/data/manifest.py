@@ -323,7 +323,7 @@ def main(argv=None) -> int:
         logger.error("no usable audio in %s: all %d files were skipped (reasons in %s)",
                      args.audio_dir, len(skipped), skipped_tsv)
         return 2
-    if skipped:  # README's rule for bulk jobs: log, count, exit non-zero at the end
+    if skipped:  # the rule for bulk jobs (README, Guarantees): log, count, exit non-zero at the end
         logger.error("%d file(s) skipped (reasons in %s); the manifests hold the other %d",
                      len(skipped), skipped_tsv, len(train) + len(valid))
         return 1

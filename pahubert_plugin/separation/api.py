@@ -61,8 +61,7 @@ def build_from_state(state: dict):
     mapped file, so the weights are resident once (as file pages, touched when used), not twice: fairseq's
     ``load_state_dict`` copies them into the freshly initialised model, and for a moment (up to the end of
     loading) both the model's copy and the file pages it was read from count in the process's RSS; for
-    ``demucs_v2`` base (1013 MiB of weights) that was the peak of a whole separation (README, "Speed and
-    memory"). A tensor whose dtype differs from the model's (a half-precision checkpoint) is converted, as
+    ``demucs_v2`` base (1013 MiB of weights) that was the peak of a whole separation (docs/PERFORMANCE.md). A tensor whose dtype differs from the model's (a half-precision checkpoint) is converted, as
     a copy would."""
     import gc
     import inspect
@@ -172,7 +171,7 @@ class Separator:
         model, cfg = load_separation_model(path, device)
         if optimize:
             model = optimize_for_inference(model)
-            drop_file_pages(path)  # the file pages of the weights it replaced (README: Speed and memory)
+            drop_file_pages(path)  # the file pages of the weights it replaced (docs/PERFORMANCE.md)
         if segment is None:
             segment = float(cfg.task.get("valid_segment", 0) or cfg.task.get("segment", 10.0))
         return cls(model, segment, overlap, batch_size, device, shifts, precision=precision, tile=tile)

@@ -25,7 +25,7 @@ def check_precision(precision: str) -> None:
 
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bfloat16 on this CPU's own units (AVX512-BF16 or AMX); without them it emulates
-    bfloat16, which was 10x slower than fp32 for a convolution on an AVX2 CPU (README: Speed and memory)."""
+    bfloat16, which was 10x slower than fp32 for a convolution on an AVX2 CPU (docs/PERFORMANCE.md)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

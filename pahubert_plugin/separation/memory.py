@@ -26,7 +26,7 @@ def return_freed_memory() -> bool:
     few MiB to 32 MiB then live in the heap, where fragmentation keeps freed memory resident, and a
     process's RSS climbs with every chunk or tile of a different size. ``mallopt(M_MMAP_THRESHOLD, 1 MiB)``
     fixes the threshold: every block of 1 MiB or more is its own mapping, unmapped when freed. Process-wide;
-    ``pahubert-separate`` and ``Separator(tile=...)`` call it (README: Speed and memory)."""
+    ``pahubert-separate`` and ``Separator(tile=...)`` call it (docs/PERFORMANCE.md)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt): nothing to do
@@ -49,7 +49,7 @@ def drop_gpu_library_pages() -> float:
     whole life. Only clean pages are dropped: read-only file mappings that hold no private (copy-on-write)
     page, i.e. exactly what the kernel may reclaim on its own under memory pressure; a page touched again is
     read back from the file, so nothing a program computes can change. Call it once the model is built, for
-    runs on the CPU (``pahubert-separate`` does; README: Speed and memory)."""
+    runs on the CPU (``pahubert-separate`` does; docs/PERFORMANCE.md)."""
     return _drop_clean_pages(lambda m: "w" not in m["perms"] and GPU_LIBRARIES.search(m["path"]))
 
 
