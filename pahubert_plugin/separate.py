@@ -155,12 +155,18 @@ def _resolve_device(device: Optional[str]) -> str:
 
 
 def _check_paths(args, names: List[str], stems: List[str]) -> None:
-    """A ValueError when --filename would write two stems (or two files) to one path."""
+    """A ValueError when --filename would write two stems (or two files) to one path, or an output
+    path is (through symlinks too) one of the input files."""
     seen = {}
+    inputs = {os.path.realpath(p): p for p in args.audio}
     for path, track in zip(args.audio, names):
         ext = os.path.splitext(path)[1].lstrip(".")
         for stem in stems:
             out = os.path.normpath(stem_path(args.out, args.filename, track, stem, args.format, ext))
+            real = os.path.realpath(out)
+            if real in inputs:
+                raise ValueError(f"the output {out} is the input {inputs[real]}: it would be overwritten; "
+                                 f"choose another -o or --filename")
             if out in seen:
                 raise ValueError(f"--filename {args.filename!r} writes both {seen[out]} and {path}:{stem} to {out}; "
                                  f"include {{track}} and {{stem}} in it")

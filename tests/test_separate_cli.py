@@ -207,3 +207,33 @@ def test_read_and_write_errors_are_reported_per_file(toy, tmp_path, caplog):
     assert "could not write the stems of" in caplog.text and "blocked.wav" in caplog.text
     assert "2 file(s) could not be separated" in caplog.text
     assert all((tmp_path / "out" / "good" / f"{s}.wav").is_file() for s in SOURCES)
+
+
+def test_outputs_never_overwrite_an_input(toy, tmp_path, caplog):
+    (tmp_path / "song").mkdir()
+    vocals, wav = song(tmp_path / "song" / "vocals.wav")
+    (tmp_path / "out" / "bass").mkdir(parents=True)
+    bass, _ = song(tmp_path / "out" / "bass" / "bass.wav", seed=1)
+    (tmp_path / "link").mkdir()
+    linked, _ = song(tmp_path / "linked.wav", seed=2)
+    (tmp_path / "link" / "drums.wav").symlink_to(linked)  # an output path that is a link to an input
+    before = {p: p.read_bytes() for p in (vocals, bass, linked)}
+    cases = ((vocals, ["-o", str(tmp_path / "song"), "--filename", "{stem}.{ext}"]),
+             (bass, ["-o", str(tmp_path / "out")]),
+             (linked, ["-o", str(tmp_path / "link"), "--filename", "{stem}.{ext}"]))
+    for path, args in cases:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert separate.main(["ckpt.pt", str(path), *args]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and str(path) in errors[0] and "is the input" in errors[0], errors
+    assert {p: p.read_bytes() for p in (vocals, bass, linked)} == before
+
+
+@pytest.mark.parametrize("template", ["../{track}/{stem}.{ext}", "{track}/../../{stem}.{ext}", "/tmp/{stem}.{ext}"])
+def test_filename_may_not_leave_the_output_folder(tmp_path, capsys, template):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--filename", template)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "leaves the output folder" in err and "Traceback" not in err, err
+    assert not list(tmp_path.rglob("vocals.wav"))

@@ -168,6 +168,10 @@ def stem_path(out_dir: str, filename: str, track: str, stem: str, ext: str, trac
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(f"--filename {filename!r}: unknown or bad field ({e}); use {{track}}, {{trackext}}, "
                          f"{{stem}} and {{ext}}, e.g. {DEFAULT_FILENAME!r}") from None
+    norm = os.path.normpath(rel)
+    if os.path.isabs(rel) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise ValueError(f"--filename {filename!r} gives {rel!r}, which leaves the output folder {out_dir}; "
+                         f"use a relative path without '..', e.g. {DEFAULT_FILENAME!r}")
     return os.path.join(out_dir, rel)
 
 
