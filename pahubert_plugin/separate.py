@@ -174,6 +174,15 @@ def _check_paths(args, names: List[str], stems: List[str]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``pahubert-separate``; exit status 0, 1 (some files failed), 2 (bad command) or 130 (Ctrl-C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        logger.error("interrupted before any stem was written; nothing to clean up")
+        return 130
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -214,6 +223,7 @@ def _separate_all(args, sep: Separator, names: List[str]) -> int:
 
     slots = list(range(args.jobs))  # tqdm bar positions, one per running file
     lock = threading.Lock()
+    stop = threading.Event()  # set on Ctrl-C: the running files stop at their next block
 
     def one(path: str, track: str) -> Optional[str]:
         with lock:
@@ -222,7 +232,7 @@ def _separate_all(args, sep: Separator, names: List[str]) -> int:
             sep.separate_to_files(path, args.out, track, args.two_stems, args.filename, args.format,
                                   24 if args.int24 else 16, args.float32, args.clip_mode, args.mp3_bitrate,
                                   trackext=os.path.splitext(path)[1].lstrip("."), progress=True,
-                                  position=slot if args.jobs > 1 else None)
+                                  position=slot if args.jobs > 1 else None, cancel=stop)
         except AudioError as e:
             return f"skipping {path}: {e.reason}"
         except ValueError as e:  # e.g. more channels than the model takes
@@ -234,8 +244,24 @@ def _separate_all(args, sep: Separator, names: List[str]) -> int:
                 slots.append(slot)
         return None
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        errors = list(pool.map(one, args.audio, names))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+    futures = [pool.submit(one, path, track) for path, track in zip(args.audio, names)]
+    try:
+        errors = [f.result() for f in futures]
+    except KeyboardInterrupt:
+        stop.set()  # the files in progress stop at their next block and remove their .part files
+        while True:
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C: the running files are already stopping
+                continue
+        done = sum(1 for f in futures if f.done() and not f.cancelled() and f.exception() is None
+                   and f.result() is None)
+        logger.error(f"interrupted: {done} of {len(args.audio)} files separated into {args.out}; "
+                     f"the stems in progress were removed")
+        return 130
+    pool.shutdown(wait=True)
     failed = [p for p, e in zip(args.audio, errors) if e]
     for e in filter(None, errors):
         logger.error(e)

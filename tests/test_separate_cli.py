@@ -237,3 +237,51 @@ def test_filename_may_not_leave_the_output_folder(tmp_path, capsys, template):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "leaves the output folder" in err and "Traceback" not in err, err
     assert not list(tmp_path.rglob("vocals.wav"))
+
+
+SLOW_CLI = """
+import sys, time
+import torch
+from omegaconf import OmegaConf
+from pahubert_plugin import separate
+from pahubert_plugin.separation import api
+
+class Slow(torch.nn.Module):  # a tiny 'separator' that takes its time per chunk
+    sources, sample_rate, audio_channels = {sources!r}, {sr}, 2
+    def forward(self, x):
+        time.sleep(0.05)
+        return x[:, None] * torch.full((1, 4, 1, 1), 0.25)
+
+api.load_separation_model = lambda path, device="cpu": (Slow(), OmegaConf.create({{"task": {{"valid_segment": 0.25}}}}))
+sys.exit(separate.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_promptly_and_removes_partial_stems(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    path, _ = song(tmp_path / "long.wav", seconds=120)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI.format(sources=list(SOURCES), sr=SR), "c.pt", str(path),
+                             "-o", str(out), "--clip-mode", "clamp"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    deadline = time.time() + 120
+    while not list(out.rglob(".*.wav.part")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert time.time() - sent < 10  # stops at the next block, not at the end of the 2-minute track
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert len([line for line in err.splitlines() if "interrupted" in line]) == 1, err[-2000:]
+    assert not list(out.rglob("*.part")) and not list(out.rglob("*.wav"))

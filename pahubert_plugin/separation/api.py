@@ -280,14 +280,16 @@ class Separator:
     def separate_to_files(self, path: str, out_dir: str, track: str, two_stems: Optional[str] = None,
                           filename: str = DEFAULT_FILENAME, fmt: str = "wav", bits: int = 16,
                           as_float: bool = False, clip_mode: str = "rescale", mp3_bitrate: int = 320,
-                          trackext: str = "", progress: bool = False, position: Optional[int] = None) -> List[str]:
+                          trackext: str = "", progress: bool = False, position: Optional[int] = None,
+                          cancel=None) -> List[str]:
         """:meth:`separate_file` then :func:`save_stems` (same arguments, same files) in bounded memory.
 
         The file is read, resampled, separated, resampled back and written block by block, so
         memory does not grow with the track.  Returns the paths written.  A read error raises
         :class:`~pahubert_plugin.data.audio.AudioError`, a write error
         :class:`~pahubert_plugin.separation.writing.StemWriteError` (an OSError); either way no stem of the
-        file is left half-written."""
+        file is left half-written.  ``cancel`` (a ``threading.Event``): once set, the next block raises
+        KeyboardInterrupt and the stems in progress are removed (how the command line stops on Ctrl-C)."""
         import torch
 
         from ..data.audio import audio_info
@@ -313,6 +315,8 @@ class Separator:
                 writers.append(StemWriter(stem_path(out_dir, filename, track, name, fmt, trackext), rate,
                                           info.channels, fmt, subtype, clip_mode, level))
             for block in est:
+                if cancel is not None and cancel.is_set():
+                    raise KeyboardInterrupt(path)
                 stems = dict(zip(self.sources, self._to_input_channels(block, info.channels)))
                 stems = split_two_stems(stems, two_stems) if two_stems else stems
                 for name, writer in zip(names, writers):
