@@ -221,6 +221,12 @@ def _separate_all(args, sep: Separator, names: List[str]) -> int:
     from .data.audio import AudioError
     from .separation.writing import StemWriteError
 
+    from .separation.writing import remove_stale_parts
+
+    stale = remove_stale_parts(args.out)  # a killed earlier run's half-written stems
+    if stale:
+        logger.warning(f"removed {len(stale)} unfinished stem file(s) of an earlier run under {args.out}, "
+                       f"e.g. {stale[0]}")
     slots = list(range(args.jobs))  # tqdm bar positions, one per running file
     lock = threading.Lock()
     stop = threading.Event()  # set on Ctrl-C: the running files stop at their next block

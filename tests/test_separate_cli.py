@@ -285,3 +285,18 @@ def test_ctrl_c_stops_promptly_and_removes_partial_stems(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert len([line for line in err.splitlines() if "interrupted" in line]) == 1, err[-2000:]
     assert not list(out.rglob("*.part")) and not list(out.rglob("*.wav"))
+
+
+def test_stale_part_files_of_a_killed_run_are_removed(toy, tmp_path, caplog):
+    path, _ = song(tmp_path / "song.wav")
+    out = tmp_path / "out"
+    stale = [out / "song" / ".vocals.wav.part", out / "older" / ".bass.flac.part", out / ".drums.mp3.part"]
+    kept = [out / "song" / "notes.part", out / "older" / ".mine.txt.part", out / "older" / "vocals.wav.part"]
+    for p in stale + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a stem")
+    with caplog.at_level(logging.WARNING):
+        assert run(tmp_path, inputs=[path]) == 0
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert "removed 3 unfinished stem file(s)" in caplog.text
+    assert all((out / "song" / f"{s}.wav").is_file() for s in SOURCES)
