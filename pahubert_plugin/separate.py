@@ -7,7 +7,8 @@ Command line (the options of ``demucs``)::
         [--filename "{track}/{stem}.{ext}"] [-d cuda] [-j 2]
 
 writes ``separated/<file name>/<source>.wav`` at the input's sample rate, length and
-channel count.  Any format soundfile reads works (wav, flac, ogg, mp3), at any sample rate
+channel count; a folder stands for every audio file under it (``separated/<path under the folder>/<source>.wav``).
+Any format soundfile reads works (wav, flac, ogg, mp3), at any sample rate
 (resampled to the model's rate and back), mono or stereo.  A file that cannot be read or
 written is reported by name and skipped; the others are still separated and the exit status is 1.
 The command line streams (:meth:`Separator.separate_to_files
@@ -23,7 +24,7 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from .separation.api import check_options
 from .separation.writing import CLIP_MODES, DEFAULT_FILENAME, _mp3_level, check_mp3_writer, stem_path, subtype_for
@@ -34,9 +35,43 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pahubert_plugin.separate")
 
 
-def output_names(paths: Sequence[str]) -> List[str]:
-    """Track name per input (the file name without extension); a ValueError on clashes."""
-    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+def collect_inputs(audio: Sequence[str], out_dir: Optional[str] = None) -> Tuple[List[str], List[str]]:
+    """The command line's inputs as ``(files, track names)``: a file stands for itself (track: its name
+    without extension); a folder for every audio file under it (wav, flac, mp3, ogg; recursively,
+    sorted; track: the path under the folder without extension), files under ``out_dir`` left out.
+    Other files in a folder are counted and logged; a folder without audio is a ValueError."""
+    from .data.audio import AUDIO_EXTENSIONS
+
+    out_real = os.path.realpath(out_dir) if out_dir is not None else None
+    files, tracks = [], []
+    for arg in audio:
+        if not os.path.isdir(arg):
+            files.append(arg)
+            tracks.append(os.path.splitext(os.path.basename(arg))[0])
+            continue
+        found, other = [], 0
+        for root, dirs, names in os.walk(arg, followlinks=True):
+            if out_real is not None and (os.path.realpath(root) + os.sep).startswith(out_real + os.sep):
+                dirs[:] = []  # our own output folder: stems are no input
+                continue
+            dirs.sort()
+            for name in sorted(names):
+                if os.path.splitext(name)[1].lstrip(".").lower() in AUDIO_EXTENSIONS:
+                    found.append(os.path.join(root, name))
+                else:
+                    other += 1
+        if not found:
+            raise ValueError(f"{arg}: a folder without audio files ({', '.join(AUDIO_EXTENSIONS)}) in it or below")
+        if other:
+            logger.info(f"{arg}: {len(found)} audio file(s); skipped {other} other file(s)")
+        files += found
+        tracks += [os.path.splitext(os.path.relpath(f, arg))[0] for f in found]
+    return files, tracks
+
+
+def output_names(paths: Sequence[str], tracks: Optional[Sequence[str]] = None) -> List[str]:
+    """Track name per input (the file name without extension, or ``tracks``); a ValueError on clashes."""
+    names = list(tracks) if tracks is not None else [os.path.splitext(os.path.basename(p))[0] for p in paths]
     seen = {}
     for p, n in zip(paths, names):
         if n in seen:
@@ -65,7 +100,9 @@ def get_parser() -> argparse.ArgumentParser:
                     "(e.g. drums, bass, other, vocals). Writes OUTDIR/<name>/<source>.wav at the "
                     "input's sample rate, length and channel count. Options follow demucs.")
     p.add_argument("checkpoint", help="fine-tuned checkpoint (task=music_separation)")
-    p.add_argument("audio", nargs="+", help="input files: any format soundfile reads (wav, flac, ogg, mp3)")
+    p.add_argument("audio", nargs="+",
+                   help="input files (any format soundfile reads: wav, flac, ogg, mp3) or folders: every wav, flac, "
+                        "mp3 and ogg file under a folder, its path under the folder as the track name")
     p.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
     p.add_argument("--filename", default=DEFAULT_FILENAME,
                    help="output path under OUTDIR, with fields {track} (file name without extension), "
@@ -124,7 +161,8 @@ def _check_args(args) -> None:
         _mp3_level(args.mp3_bitrate)
         check_mp3_writer()
     stem_path(args.out, args.filename, "track", "stem", args.format)
-    output_names(args.audio)
+    args.audio, args.tracks = collect_inputs(args.audio, args.out)
+    output_names(args.audio, args.tracks)
     check_out_dir(args.out)
 
 
@@ -196,7 +234,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     return_freed_memory()  # a long file's chunks must not pile up in the heap
     try:
         device = _resolve_device(args.device)
-        names = output_names(args.audio)
+        names = output_names(args.audio, args.tracks)
         sep = Separator.from_checkpoint(args.checkpoint, device, args.segment, args.overlap, args.batch_size,
                                         args.shifts, precision=args.precision, tile=args.tile)
         if args.two_stems is not None and args.two_stems not in sep.sources:

@@ -300,3 +300,29 @@ def test_stale_part_files_of_a_killed_run_are_removed(toy, tmp_path, caplog):
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert "removed 3 unfinished stem file(s)" in caplog.text
     assert all((out / "song" / f"{s}.wav").is_file() for s in SOURCES)
+
+
+def test_a_folder_is_every_audio_file_under_it(toy, tmp_path, caplog):
+    music = tmp_path / "music"
+    (music / "album" / "cd2").mkdir(parents=True)
+    _, a = song(music / "a.wav")
+    _, b = song(tmp_path / "b.wav", seed=1)
+    sf.write(music / "album" / "b.flac", b, SR, subtype="PCM_24")
+    song(music / "album" / "cd2" / "b.wav", seed=2)  # the same name elsewhere: its own track
+    (music / "album" / "cover.jpg").write_bytes(b"jpeg")
+    (music / "notes.txt").write_text("liner notes")
+    with caplog.at_level(logging.INFO):
+        assert separate.main(["c.pt", str(music), "-o", str(music / "out"), "--float32", "--clip-mode", "none"]) == 0
+    assert "skipped 2 other file(s)" in caplog.text and "separated 3 of 3 files" in caplog.text
+    got = sorted(p.relative_to(music / "out").as_posix() for p in (music / "out").rglob("*.wav"))
+    assert got == sorted(f"{t}/{s}.wav" for t in ("a", "album/b", "album/cd2/b") for s in SOURCES)
+    np.testing.assert_allclose(sf.read(music / "out" / "album" / "b" / "vocals.wav")[0], 0.4 * b, atol=1e-5)
+    caplog.clear()  # again: the stems under -o inside the folder are no input
+    with caplog.at_level(logging.INFO):
+        assert separate.main(["c.pt", str(music), "-o", str(music / "out")]) == 0
+    assert "separated 3 of 3 files" in caplog.text
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        separate.main(["c.pt", str(tmp_path / "empty"), "-o", str(tmp_path / "o2")])
+    assert e.value.code == 2
