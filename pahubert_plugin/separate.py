@@ -26,7 +26,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
-from .separation.api import check_options
+from .separation.api import WARN_OVERLAP, check_options
 from .separation.writing import CLIP_MODES, DEFAULT_FILENAME, _mp3_level, check_mp3_writer, stem_path, subtype_for
 
 if TYPE_CHECKING:
@@ -120,7 +120,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=float, default=None,
                    help="chunk length in seconds (default: the checkpoint's validation chunk)")
     p.add_argument("--overlap", type=float, default=0.25,
-                   help="overlap between chunks, a fraction in [0, 1) (default 0.25)")
+                   help="overlap between chunks, a fraction in [0, 0.99]; the model runs 1/(1-overlap) times per "
+                        "segment of audio (a warning above 0.9) (default 0.25)")
     p.add_argument("--batch-size", type=int, default=1, help="chunks per forward pass, >= 1 (default 1)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="fp32 (default) or bf16: autocast to bfloat16, several times faster on CPUs with AMX or "
@@ -133,7 +134,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "Default 0: whole chunks")
     p.add_argument("--shifts", type=int, default=0,
                    help="average N passes over the input shifted by a random 0-0.5 s (demucs' shift trick; "
-                        "N times slower; default 0 = one unshifted pass)")
+                        "N times slower, N <= 20; default 0 = one unshifted pass)")
     # output format
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--mp3", action="store_const", const="mp3", dest="format", help="write mp3 (default wav)")
@@ -151,6 +152,9 @@ def get_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> None:
     """Every check that needs neither the model nor torch, so a bad command fails at once."""
     check_options(args.segment, args.overlap, args.batch_size, args.shifts, args.tile)
+    if args.overlap > WARN_OVERLAP:
+        logger.warning(f"--overlap {args.overlap:g}: the model runs {1 / (1 - args.overlap):.0f} times per segment "
+                       f"of audio, {(1 - 0.25) / (1 - args.overlap):.0f}x the work of the default 0.25")
     if args.jobs < 1:
         raise ValueError(f"-j/--jobs must be >= 1, got {args.jobs}")
     if args.threads is not None and args.threads < 1:

@@ -103,8 +103,10 @@ def test_mp3_bitrate(toy, tmp_path):
     (("--flac", "--float32"), "FLAC stores integers only"),
     (("--mp3", "--int24"), "mp3 output has no bit depth"),
     (("--mp3", "--mp3-bitrate", "500"), "32-320 kbit/s"),
-    (("--overlap", "1.0"), r"overlap must be in \[0, 1\)"),
-    (("--overlap", "-0.1"), r"overlap must be in \[0, 1\)"),
+    (("--overlap", "1.0"), r"overlap must be in \[0, 0.99\]"),
+    (("--overlap", "-0.1"), r"overlap must be in \[0, 0.99\]"),
+    (("--overlap", "0.999"), r"overlap must be in \[0, 0.99\] .*got 0.999"),
+    (("--shifts", "1000"), r"shifts must be <= 20 .*got 1000"),
     (("--batch-size", "0"), "batch size must be >= 1"),
     (("--shifts", "-1"), "shifts must be >= 0"),
     (("--tile", "-1"), r"tile must be >= 0 seconds"),
@@ -326,3 +328,13 @@ def test_a_folder_is_every_audio_file_under_it(toy, tmp_path, caplog):
     with pytest.raises(SystemExit) as e:
         separate.main(["c.pt", str(tmp_path / "empty"), "-o", str(tmp_path / "o2")])
     assert e.value.code == 2
+
+
+def test_high_overlap_warns_of_its_cost(toy, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert run(tmp_path, "--overlap", "0.95") == 0
+    assert "--overlap 0.95: the model runs 20 times per segment of audio, 15x the work" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run(tmp_path, "--overlap", "0.5", "--shifts", "20") == 0
+    assert "--overlap" not in caplog.text

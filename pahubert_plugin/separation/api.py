@@ -21,6 +21,9 @@ from typing import Dict, List, Optional, Tuple
 from .writing import DEFAULT_FILENAME, StemWriter, _mp3_level, check_mp3_writer, stem_path, subtype_for
 
 MAX_SHIFT_SECONDS = 0.5  # demucs' random time shift range
+MAX_SHIFTS = 20  # streamed passes run in lockstep, each holding its own chunk state: memory grows with shifts
+MAX_OVERLAP = 0.99  # the model runs 1 / (1 - overlap) times per segment of audio
+WARN_OVERLAP = 0.9
 
 
 def load_separation_model(path: str, device="cpu"):
@@ -105,12 +108,16 @@ def check_options(segment: Optional[float] = None, overlap: float = 0.25, batch_
         raise ValueError(f"tile must be >= 0 seconds (0: whole chunks), got {tile}")
     if segment is not None and not segment > 0:
         raise ValueError(f"segment must be > 0 seconds, got {segment}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1) (a fraction of the segment), got {overlap}")
+    if not 0 <= overlap <= MAX_OVERLAP:
+        raise ValueError(f"overlap must be in [0, {MAX_OVERLAP}] (a fraction of the segment; the model runs "
+                         f"1 / (1 - overlap) times per segment of audio), got {overlap}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1 chunk, got {batch_size}")
     if shifts < 0:
         raise ValueError(f"shifts must be >= 0 (0 = no random shift), got {shifts}")
+    if shifts > MAX_SHIFTS:
+        raise ValueError(f"shifts must be <= {MAX_SHIFTS} (each shift is one more full pass, and a streamed run "
+                         f"holds every pass's chunks in memory at once), got {shifts}")
 
 
 def split_two_stems(stems: Dict, stem: str) -> Dict:
