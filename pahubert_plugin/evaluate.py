@@ -46,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data.audio import AudioError, write_audio
-from .fileio import atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text
 from .separation.memory import die_with_parent
 
 if TYPE_CHECKING:  # torch, fairseq (stems_dataset) and metrics load after parsing: --help is instant
@@ -136,13 +136,24 @@ def track_record(track: StemTrack, estimates: Dict[str, np.ndarray], mixture: np
     return record
 
 
+def read_json(path: str, then: str):
+    """The JSON in ``path``; None when there is none, or (with a warning naming the file and ``then``,
+    what happens instead) when it is damaged, e.g. empty after a full disk."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logger.warning(f"{path}: unreadable ({e}); {then}")
+        return None
+
+
 def has_scores(json_path: str, metric_names: Sequence[str]) -> bool:
     """Whether ``json_path`` holds the scores of every metric in ``metric_names`` (a JSON written
     before ``metrics`` was recorded holds museval's ``sdr`` only)."""
-    try:
-        with open(json_path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
+    record = read_json(json_path, "rescoring the track")
+    if not isinstance(record, dict):
         return False
     have = record.get("metrics", ["sdr"] if "targets" in record else [])
     return set(metric_names) <= set(have)
@@ -341,20 +352,21 @@ def check_provenance(args) -> None:
         want["precision"] = args.precision
     path = os.path.join(args.out, f"{args.subset}.provenance.json")
     folder = os.path.join(args.out, args.subset)
+    clear = args.force
     if os.path.isfile(path):
-        with open(path) as f:
-            have = json.load(f)
-        if have != want:
+        have = read_json(path, "what made the scores there is unknown: rescoring every track")
+        if have is None:
+            clear = True
+        elif have != want:
             if not args.force:
                 raise ValueError(f"{args.out} holds scores made with {have}, not {want}: use another --out, "
                                  f"or --force to rescore every track")
-    if args.force and os.path.isdir(folder):
+    if clear and os.path.isdir(folder):
         for name in os.listdir(folder):
             if name.endswith(".json"):
                 os.remove(os.path.join(folder, name))
     os.makedirs(args.out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(want, f, indent=1)
+    atomic_write_json(path, want, sort_keys=False)
 
 
 def summarize(out: str, subset: str, names: List[str], sources: List[str],
@@ -365,13 +377,12 @@ def summarize(out: str, subset: str, names: List[str], sources: List[str],
     tracks = {}
     for name in names:
         path = os.path.join(out, subset, f"{name}.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                tracks[name] = json.load(f)
+        record = read_json(path, "left out of the summary")
+        if isinstance(record, dict):
+            tracks[name] = record
     summary = metrics.summarize_tracks(tracks, sources, metric_names)
     summary["subset"] = subset
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, allow_nan=True)
+    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1, allow_nan=True))
     how = []
     if "sdr" in metric_names:
         how.append("SDR/SIR/ISR/SAR: museval BSSEval v4, median over 1 s frames, then over tracks")
@@ -379,10 +390,10 @@ def summarize(out: str, subset: str, names: List[str], sources: List[str],
         how.append("SI-SDR (dB), SI-SDRi (dB, over the mixture), PESQ (wide band), STOI: whole tracks, "
                    "mean over tracks; 'mixture' rows: the mixture as every source's estimate")
     verdicts = metrics.verdict_lines(summary)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(f"{subset}, {summary['num_tracks']} tracks. " + "; ".join(how) + ".\n\n"
+    atomic_write_text(os.path.join(out, "summary.md"),
+                      (f"{subset}, {summary['num_tracks']} tracks. " + "; ".join(how) + ".\n\n"
                 + metrics.markdown_table(summary, sources)
-                + ("\n" + "\n".join(verdicts) + "\n" if verdicts else ""))
+                + ("\n" + "\n".join(verdicts) + "\n" if verdicts else "")))
     return summary
 
 

@@ -7,7 +7,8 @@ Command line (the options of ``demucs``)::
         [--filename "{track}/{stem}.{ext}"] [-d cuda] [-j 2]
 
 writes ``separated/<file name>/<source>.wav`` at the input's sample rate, length and
-channel count.  Any format soundfile reads works (wav, flac, ogg, mp3), at any sample rate
+channel count; a folder stands for every audio file under it (``separated/<path under the folder>/<source>.wav``).
+Any format soundfile reads works (wav, flac, ogg, mp3), at any sample rate
 (resampled to the model's rate and back), mono or stereo.  A file that cannot be read or
 written is reported by name and skipped; the others are still separated and the exit status is 1.
 The command line streams (:meth:`Separator.separate_to_files
@@ -23,9 +24,9 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
-from .separation.api import check_options
+from .separation.api import WARN_OVERLAP, check_options
 from .separation.writing import CLIP_MODES, DEFAULT_FILENAME, _mp3_level, check_mp3_writer, stem_path, subtype_for
 
 if TYPE_CHECKING:
@@ -34,9 +35,43 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pahubert_plugin.separate")
 
 
-def output_names(paths: Sequence[str]) -> List[str]:
-    """Track name per input (the file name without extension); a ValueError on clashes."""
-    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+def collect_inputs(audio: Sequence[str], out_dir: Optional[str] = None) -> Tuple[List[str], List[str]]:
+    """The command line's inputs as ``(files, track names)``: a file stands for itself (track: its name
+    without extension); a folder for every audio file under it (wav, flac, mp3, ogg; recursively,
+    sorted; track: the path under the folder without extension), files under ``out_dir`` left out.
+    Other files in a folder are counted and logged; a folder without audio is a ValueError."""
+    from .data.audio import AUDIO_EXTENSIONS
+
+    out_real = os.path.realpath(out_dir) if out_dir is not None else None
+    files, tracks = [], []
+    for arg in audio:
+        if not os.path.isdir(arg):
+            files.append(arg)
+            tracks.append(os.path.splitext(os.path.basename(arg))[0])
+            continue
+        found, other = [], 0
+        for root, dirs, names in os.walk(arg, followlinks=True):
+            if out_real is not None and (os.path.realpath(root) + os.sep).startswith(out_real + os.sep):
+                dirs[:] = []  # our own output folder: stems are no input
+                continue
+            dirs.sort()
+            for name in sorted(names):
+                if os.path.splitext(name)[1].lstrip(".").lower() in AUDIO_EXTENSIONS:
+                    found.append(os.path.join(root, name))
+                else:
+                    other += 1
+        if not found:
+            raise ValueError(f"{arg}: a folder without audio files ({', '.join(AUDIO_EXTENSIONS)}) in it or below")
+        if other:
+            logger.info(f"{arg}: {len(found)} audio file(s); skipped {other} other file(s)")
+        files += found
+        tracks += [os.path.splitext(os.path.relpath(f, arg))[0] for f in found]
+    return files, tracks
+
+
+def output_names(paths: Sequence[str], tracks: Optional[Sequence[str]] = None) -> List[str]:
+    """Track name per input (the file name without extension, or ``tracks``); a ValueError on clashes."""
+    names = list(tracks) if tracks is not None else [os.path.splitext(os.path.basename(p))[0] for p in paths]
     seen = {}
     for p, n in zip(paths, names):
         if n in seen:
@@ -65,7 +100,9 @@ def get_parser() -> argparse.ArgumentParser:
                     "(e.g. drums, bass, other, vocals). Writes OUTDIR/<name>/<source>.wav at the "
                     "input's sample rate, length and channel count. Options follow demucs.")
     p.add_argument("checkpoint", help="fine-tuned checkpoint (task=music_separation)")
-    p.add_argument("audio", nargs="+", help="input files: any format soundfile reads (wav, flac, ogg, mp3)")
+    p.add_argument("audio", nargs="+",
+                   help="input files (any format soundfile reads: wav, flac, ogg, mp3) or folders: every wav, flac, "
+                        "mp3 and ogg file under a folder, its path under the folder as the track name")
     p.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
     p.add_argument("--filename", default=DEFAULT_FILENAME,
                    help="output path under OUTDIR, with fields {track} (file name without extension), "
@@ -83,7 +120,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=float, default=None,
                    help="chunk length in seconds (default: the checkpoint's validation chunk)")
     p.add_argument("--overlap", type=float, default=0.25,
-                   help="overlap between chunks, a fraction in [0, 1) (default 0.25)")
+                   help="overlap between chunks, a fraction in [0, 0.99]; the model runs 1/(1-overlap) times per "
+                        "segment of audio (a warning above 0.9) (default 0.25)")
     p.add_argument("--batch-size", type=int, default=1, help="chunks per forward pass, >= 1 (default 1)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="fp32 (default) or bf16: autocast to bfloat16, several times faster on CPUs with AMX or "
@@ -96,7 +134,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "Default 0: whole chunks")
     p.add_argument("--shifts", type=int, default=0,
                    help="average N passes over the input shifted by a random 0-0.5 s (demucs' shift trick; "
-                        "N times slower; default 0 = one unshifted pass)")
+                        "N times slower, N <= 20; default 0 = one unshifted pass)")
     # output format
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--mp3", action="store_const", const="mp3", dest="format", help="write mp3 (default wav)")
@@ -114,6 +152,9 @@ def get_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> None:
     """Every check that needs neither the model nor torch, so a bad command fails at once."""
     check_options(args.segment, args.overlap, args.batch_size, args.shifts, args.tile)
+    if args.overlap > WARN_OVERLAP:
+        logger.warning(f"--overlap {args.overlap:g}: the model runs {1 / (1 - args.overlap):.0f} times per segment "
+                       f"of audio, {(1 - 0.25) / (1 - args.overlap):.0f}x the work of the default 0.25")
     if args.jobs < 1:
         raise ValueError(f"-j/--jobs must be >= 1, got {args.jobs}")
     if args.threads is not None and args.threads < 1:
@@ -124,7 +165,8 @@ def _check_args(args) -> None:
         _mp3_level(args.mp3_bitrate)
         check_mp3_writer()
     stem_path(args.out, args.filename, "track", "stem", args.format)
-    output_names(args.audio)
+    args.audio, args.tracks = collect_inputs(args.audio, args.out)
+    output_names(args.audio, args.tracks)
     check_out_dir(args.out)
 
 
@@ -155,12 +197,18 @@ def _resolve_device(device: Optional[str]) -> str:
 
 
 def _check_paths(args, names: List[str], stems: List[str]) -> None:
-    """A ValueError when --filename would write two stems (or two files) to one path."""
+    """A ValueError when --filename would write two stems (or two files) to one path, or an output
+    path is (through symlinks too) one of the input files."""
     seen = {}
+    inputs = {os.path.realpath(p): p for p in args.audio}
     for path, track in zip(args.audio, names):
         ext = os.path.splitext(path)[1].lstrip(".")
         for stem in stems:
             out = os.path.normpath(stem_path(args.out, args.filename, track, stem, args.format, ext))
+            real = os.path.realpath(out)
+            if real in inputs:
+                raise ValueError(f"the output {out} is the input {inputs[real]}: it would be overwritten; "
+                                 f"choose another -o or --filename")
             if out in seen:
                 raise ValueError(f"--filename {args.filename!r} writes both {seen[out]} and {path}:{stem} to {out}; "
                                  f"include {{track}} and {{stem}} in it")
@@ -168,6 +216,15 @@ def _check_paths(args, names: List[str], stems: List[str]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``pahubert-separate``; exit status 0, 1 (some files failed), 2 (bad command) or 130 (Ctrl-C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        logger.error("interrupted before any stem was written; nothing to clean up")
+        return 130
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -181,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return_freed_memory()  # a long file's chunks must not pile up in the heap
     try:
         device = _resolve_device(args.device)
-        names = output_names(args.audio)
+        names = output_names(args.audio, args.tracks)
         sep = Separator.from_checkpoint(args.checkpoint, device, args.segment, args.overlap, args.batch_size,
                                         args.shifts, precision=args.precision, tile=args.tile)
         if args.two_stems is not None and args.two_stems not in sep.sources:
@@ -206,8 +263,15 @@ def _separate_all(args, sep: Separator, names: List[str]) -> int:
     from .data.audio import AudioError
     from .separation.writing import StemWriteError
 
+    from .separation.writing import remove_stale_parts
+
+    stale = remove_stale_parts(args.out)  # a killed earlier run's half-written stems
+    if stale:
+        logger.warning(f"removed {len(stale)} unfinished stem file(s) of an earlier run under {args.out}, "
+                       f"e.g. {stale[0]}")
     slots = list(range(args.jobs))  # tqdm bar positions, one per running file
     lock = threading.Lock()
+    stop = threading.Event()  # set on Ctrl-C: the running files stop at their next block
 
     def one(path: str, track: str) -> Optional[str]:
         with lock:
@@ -216,7 +280,7 @@ def _separate_all(args, sep: Separator, names: List[str]) -> int:
             sep.separate_to_files(path, args.out, track, args.two_stems, args.filename, args.format,
                                   24 if args.int24 else 16, args.float32, args.clip_mode, args.mp3_bitrate,
                                   trackext=os.path.splitext(path)[1].lstrip("."), progress=True,
-                                  position=slot if args.jobs > 1 else None)
+                                  position=slot if args.jobs > 1 else None, cancel=stop)
         except AudioError as e:
             return f"skipping {path}: {e.reason}"
         except ValueError as e:  # e.g. more channels than the model takes
@@ -228,8 +292,24 @@ def _separate_all(args, sep: Separator, names: List[str]) -> int:
                 slots.append(slot)
         return None
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        errors = list(pool.map(one, args.audio, names))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+    futures = [pool.submit(one, path, track) for path, track in zip(args.audio, names)]
+    try:
+        errors = [f.result() for f in futures]
+    except KeyboardInterrupt:
+        stop.set()  # the files in progress stop at their next block and remove their .part files
+        while True:
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C: the running files are already stopping
+                continue
+        done = sum(1 for f in futures if f.done() and not f.cancelled() and f.exception() is None
+                   and f.result() is None)
+        logger.error(f"interrupted: {done} of {len(args.audio)} files separated into {args.out}; "
+                     f"the stems in progress were removed")
+        return 130
+    pool.shutdown(wait=True)
     failed = [p for p, e in zip(args.audio, errors) if e]
     for e in filter(None, errors):
         logger.error(e)

@@ -45,6 +45,31 @@ def test_every_script_answers_help_without_noise(name, module, func):
     assert "tensorboardX" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_scripts_exit_zero_on_success(tmp_path):
+    """The console scripts that finish quickly on tiny input exit 0 on success (a main that returns
+    a dict makes the installed script exit 1 and print the dict on stderr)."""
+    import os
+    import shutil
+    from pahubert_plugin.corpora import speech_noise as sn
+    from pahubert_plugin.corpora.midi import DEFAULT_SOUNDFONT
+    scripts = {name: (module, func) for name, module, func in SCRIPTS}
+    toy = tmp_path / "toy"
+    tiny = ["--train", "0", "--test", "0", "--seconds", "1", "--sample-rate", "8000"]
+    runs = [("pahubert-toy-corpus", [str(toy), "--unlabelled", "2"] + tiny),
+            ("pahubert-manifest", [str(toy / "unlabelled"), str(tmp_path / "manifest"), "--sample-rate", "8000",
+                                   "--valid-percent", "0", "--min-seconds", "0.5", "--jobs", "1"])]
+    if shutil.which("fluidsynth") and os.path.isfile(DEFAULT_SOUNDFONT):
+        runs.append(("pahubert-midi-corpus", [str(tmp_path / "midi"), "--unlabelled", "1", "--no-progress"] + tiny))
+    if shutil.which("flite") and shutil.which("ffmpeg") and os.path.exists(f"{sn.ASTERISK_ROOT}/en"):
+        runs.append(("pahubert-speech-corpus", [str(tmp_path / "speech"), "--train-clips", "1", "--valid-clips", "1",
+                                                "--test-clips", "1", "--unlabelled-minutes", "0.05",
+                                                "--clip-seconds", "1", "--no-progress"]))
+    for name, args in runs:
+        proc = run_script(name, *scripts[name], args)
+        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_plugin_import_is_quiet_and_registers():
     proc = subprocess.run([sys.executable, "-c", "import pahubert_plugin, fairseq.models as m; "
                            "print('pahubert' in m.MODEL_REGISTRY)"], capture_output=True, text=True, timeout=300)

@@ -193,3 +193,39 @@ def test_evaluate_skips_a_broken_stem_mp4_and_lists_the_rest(tmp_path):
     assert [t.name for t in tracks] == ["good"]
     assert list(skipped) == ["bad"] and "bad.stem.mp4" in skipped["bad"], skipped
     assert abs(tracks[0].num_samples - 44100) < 2048  # aac padding
+
+
+# ---- damaged provenance or per-track JSON: named in a warning, treated as absent ------------------
+
+def test_damaged_provenance_and_track_json_are_named_and_redone(tmp_path):
+    root = tmp_path / "musdb"
+    for i in range(2):
+        for stem in ("mixture", "drums", "bass", "other", "vocals"):
+            write_tone(root / "test" / f"t{i}" / f"{stem}.wav", seconds=0.5, channels=2)
+    (tmp_path / "driver.py").write_text(_DRIVER)
+    (tmp_path / "model.pt").write_bytes(b"stand-in")
+    (tmp_path / "pids").mkdir()
+    env = dict(ENV, SLEEP="0", PID_DIR=str(tmp_path / "pids"))
+    out = tmp_path / "eval"
+    cmd = [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "model.pt"), "--musdb-root", str(root),
+           "--is-wav", "--out", str(out), "--jobs", "1"]
+
+    def run():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+        assert json.loads((out / "summary.json").read_text())["num_tracks"] == 2
+        return proc.stdout + proc.stderr
+
+    run()
+    provenance = out / "test.provenance.json"
+    want = json.loads(provenance.read_text())
+    (out / "test" / "t1.json").write_text("")  # a full disk's leftovers
+    log = run()
+    assert f"{out / 'test' / 't1.json'}: unreadable" in log and "rescoring the track" in log, log
+    assert json.loads((out / "test" / "t1.json").read_text())["targets"]
+    provenance.write_text("")
+    (out / "test" / "t0.json").write_text('{"targets": [')
+    log = run()
+    assert f"{provenance}: unreadable" in log and "rescoring every track" in log, log
+    assert json.loads(provenance.read_text()) == want
+    assert all(json.loads((out / "test" / f"t{i}.json").read_text())["targets"] for i in range(2))

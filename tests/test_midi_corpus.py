@@ -26,7 +26,7 @@ ARGS = ["--unlabelled", "2", "--train", "2", "--test", "2", "--seconds", str(SEC
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("midi") / "corpus"
-    meta = midi_corpus.main([str(out)] + ARGS + ["--jobs", "2"])
+    meta = midi_corpus.run([str(out)] + ARGS + ["--jobs", "2"])
     assert meta["rendered"] == 6
     return out
 
@@ -104,7 +104,7 @@ def test_stem_character(corpus):
 
 def test_deterministic_whatever_jobs(corpus, tmp_path):
     again = tmp_path / "again"
-    midi_corpus.main([str(again)] + ARGS + ["--jobs", "1"])
+    midi_corpus.run([str(again)] + ARGS + ["--jobs", "1"])
     files = sorted(p.relative_to(corpus) for p in corpus.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     for rel in files:
@@ -115,19 +115,19 @@ def test_reuse_cache_and_resume(corpus, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(corpus, copy)
     mtimes = {p: p.stat().st_mtime_ns for p in copy.rglob("*.wav")}
-    assert midi_corpus.main([str(copy)] + ARGS)["rendered"] == 0
+    assert midi_corpus.run([str(copy)] + ARGS)["rendered"] == 0
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("*.wav")} == mtimes
     # a song without its song.json (as after a kill mid-song) is redone, and only that one
     (copy / "midi" / "test" / "test_001" / "song.json").unlink()
     (copy / "musdb" / "test" / "test_001" / "vocals.wav").unlink()
-    assert midi_corpus.main([str(copy)] + ARGS)["rendered"] == 1
+    assert midi_corpus.run([str(copy)] + ARGS)["rendered"] == 1
     for rel in ("musdb/test/test_001/vocals.wav", "musdb/test/test_001/mixture.wav"):
         assert filecmp.cmp(corpus / rel, copy / rel, shallow=False)
     # another corpus in the same folder is refused without --overwrite
     other = ["--unlabelled", "1", "--train", "0", "--test", "0", "--seconds", "3", "--no-progress"]
     with pytest.raises(SystemExit, match="other parameters"):
-        midi_corpus.main([str(copy)] + other)
-    meta = midi_corpus.main([str(copy)] + other + ["--overwrite"])
+        midi_corpus.run([str(copy)] + other)
+    meta = midi_corpus.run([str(copy)] + other + ["--overwrite"])
     assert meta["rendered"] == 1 and not (copy / "musdb").exists()
 
 
@@ -145,37 +145,37 @@ def test_unlabelled_hours_and_44k(tmp_path):
     assert midi_corpus.unlabelled_count(1.0, 20.0) == 180
     assert midi_corpus.unlabelled_count(0.001, 3.0) == 2  # 3.6 s of audio -> 2 songs of 3 s
     out = tmp_path / "hours"
-    meta = midi_corpus.main([str(out), "--unlabelled-hours", "0.001", "--train", "0", "--test", "0",
+    meta = midi_corpus.run([str(out), "--unlabelled-hours", "0.001", "--train", "0", "--test", "0",
                              "--seconds", "3", "--sample-rate", "44100", "--no-progress"])
     assert meta["params"]["unlabelled"] == 2 and meta["rendered"] == 2
     for path in sorted((out / "unlabelled").iterdir()):
         info = sf.info(str(path))
         assert (info.samplerate, info.frames, info.subtype) == (44100, 3 * 44100, "PCM_16")
     with pytest.raises(SystemExit):  # --unlabelled and --unlabelled-hours exclude each other
-        midi_corpus.main([str(out), "--unlabelled", "2", "--unlabelled-hours", "1"])
+        midi_corpus.run([str(out), "--unlabelled", "2", "--unlabelled-hours", "1"])
 
 
 def test_clear_errors(tmp_path, capsys):
     out = str(tmp_path / "c")
     with pytest.raises(SystemExit, match="apt-get install fluidsynth"):
-        midi_corpus.main([out, "--fluidsynth", str(tmp_path / "no-such-fluidsynth")])
+        midi_corpus.run([out, "--fluidsynth", str(tmp_path / "no-such-fluidsynth")])
     missing = str(tmp_path / "missing.sf2")
     with pytest.raises(SystemExit, match="missing.sf2 not found.*timgm6mb-soundfont"):
-        midi_corpus.main([out, "--soundfont", missing])
+        midi_corpus.run([out, "--soundfont", missing])
     with pytest.raises(SystemExit, match="FluidR3"):
-        midi_corpus.main([out, "--soundfont", "/usr/share/sounds/sf2/FluidR3_GM.sf2"])
+        midi_corpus.run([out, "--soundfont", "/usr/share/sounds/sf2/FluidR3_GM.sf2"])
     with pytest.raises(SystemExit, match="multiple of 100"):
-        midi_corpus.main([out, "--sample-rate", "22050"])
+        midi_corpus.run([out, "--sample-rate", "22050"])
     for bad in ("0", "inf", "nan", "-1"):
         with pytest.raises(SystemExit, match="finite and > 0"):
-            midi_corpus.main([out, "--seconds", bad])
+            midi_corpus.run([out, "--seconds", bad])
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match="is a file"):
-        midi_corpus.main([str(tmp_path / "file")])
+        midi_corpus.run([str(tmp_path / "file")])
     fake = tmp_path / "fluidsynth"  # a FluidSynth that fails: the message names the file and stderr
     fake.write_text("#!/bin/sh\necho 'boom: cannot render' >&2\nexit 3\n")
     fake.chmod(0o755)
     with pytest.raises(SystemExit, match=r"fluidsynth failed on .*\.mid \(exit 3\): boom"):
-        midi_corpus.main([out, "--fluidsynth", str(fake), "--unlabelled", "1", "--train", "0",
+        midi_corpus.run([out, "--fluidsynth", str(fake), "--unlabelled", "1", "--train", "0",
                           "--test", "0", "--seconds", "2", "--no-progress"])
     assert not list((tmp_path / "c").rglob("*.wav"))

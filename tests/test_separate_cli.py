@@ -103,8 +103,10 @@ def test_mp3_bitrate(toy, tmp_path):
     (("--flac", "--float32"), "FLAC stores integers only"),
     (("--mp3", "--int24"), "mp3 output has no bit depth"),
     (("--mp3", "--mp3-bitrate", "500"), "32-320 kbit/s"),
-    (("--overlap", "1.0"), r"overlap must be in \[0, 1\)"),
-    (("--overlap", "-0.1"), r"overlap must be in \[0, 1\)"),
+    (("--overlap", "1.0"), r"overlap must be in \[0, 0.99\]"),
+    (("--overlap", "-0.1"), r"overlap must be in \[0, 0.99\]"),
+    (("--overlap", "0.999"), r"overlap must be in \[0, 0.99\] .*got 0.999"),
+    (("--shifts", "1000"), r"shifts must be <= 20 .*got 1000"),
     (("--batch-size", "0"), "batch size must be >= 1"),
     (("--shifts", "-1"), "shifts must be >= 0"),
     (("--tile", "-1"), r"tile must be >= 0 seconds"),
@@ -207,3 +209,132 @@ def test_read_and_write_errors_are_reported_per_file(toy, tmp_path, caplog):
     assert "could not write the stems of" in caplog.text and "blocked.wav" in caplog.text
     assert "2 file(s) could not be separated" in caplog.text
     assert all((tmp_path / "out" / "good" / f"{s}.wav").is_file() for s in SOURCES)
+
+
+def test_outputs_never_overwrite_an_input(toy, tmp_path, caplog):
+    (tmp_path / "song").mkdir()
+    vocals, wav = song(tmp_path / "song" / "vocals.wav")
+    (tmp_path / "out" / "bass").mkdir(parents=True)
+    bass, _ = song(tmp_path / "out" / "bass" / "bass.wav", seed=1)
+    (tmp_path / "link").mkdir()
+    linked, _ = song(tmp_path / "linked.wav", seed=2)
+    (tmp_path / "link" / "drums.wav").symlink_to(linked)  # an output path that is a link to an input
+    before = {p: p.read_bytes() for p in (vocals, bass, linked)}
+    cases = ((vocals, ["-o", str(tmp_path / "song"), "--filename", "{stem}.{ext}"]),
+             (bass, ["-o", str(tmp_path / "out")]),
+             (linked, ["-o", str(tmp_path / "link"), "--filename", "{stem}.{ext}"]))
+    for path, args in cases:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert separate.main(["ckpt.pt", str(path), *args]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and str(path) in errors[0] and "is the input" in errors[0], errors
+    assert {p: p.read_bytes() for p in (vocals, bass, linked)} == before
+
+
+@pytest.mark.parametrize("template", ["../{track}/{stem}.{ext}", "{track}/../../{stem}.{ext}", "/tmp/{stem}.{ext}"])
+def test_filename_may_not_leave_the_output_folder(tmp_path, capsys, template):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--filename", template)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "leaves the output folder" in err and "Traceback" not in err, err
+    assert not list(tmp_path.rglob("vocals.wav"))
+
+
+SLOW_CLI = """
+import sys, time
+import torch
+from omegaconf import OmegaConf
+from pahubert_plugin import separate
+from pahubert_plugin.separation import api
+
+class Slow(torch.nn.Module):  # a tiny 'separator' that takes its time per chunk
+    sources, sample_rate, audio_channels = {sources!r}, {sr}, 2
+    def forward(self, x):
+        time.sleep(0.05)
+        return x[:, None] * torch.full((1, 4, 1, 1), 0.25)
+
+api.load_separation_model = lambda path, device="cpu": (Slow(), OmegaConf.create({{"task": {{"valid_segment": 0.25}}}}))
+sys.exit(separate.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_promptly_and_removes_partial_stems(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    path, _ = song(tmp_path / "long.wav", seconds=120)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI.format(sources=list(SOURCES), sr=SR), "c.pt", str(path),
+                             "-o", str(out), "--clip-mode", "clamp"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    deadline = time.time() + 120
+    while not list(out.rglob(".*.wav.part")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert time.time() - sent < 10  # stops at the next block, not at the end of the 2-minute track
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert len([line for line in err.splitlines() if "interrupted" in line]) == 1, err[-2000:]
+    assert not list(out.rglob("*.part")) and not list(out.rglob("*.wav"))
+
+
+def test_stale_part_files_of_a_killed_run_are_removed(toy, tmp_path, caplog):
+    path, _ = song(tmp_path / "song.wav")
+    out = tmp_path / "out"
+    stale = [out / "song" / ".vocals.wav.part", out / "older" / ".bass.flac.part", out / ".drums.mp3.part"]
+    kept = [out / "song" / "notes.part", out / "older" / ".mine.txt.part", out / "older" / "vocals.wav.part"]
+    for p in stale + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a stem")
+    with caplog.at_level(logging.WARNING):
+        assert run(tmp_path, inputs=[path]) == 0
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert "removed 3 unfinished stem file(s)" in caplog.text
+    assert all((out / "song" / f"{s}.wav").is_file() for s in SOURCES)
+
+
+def test_a_folder_is_every_audio_file_under_it(toy, tmp_path, caplog):
+    music = tmp_path / "music"
+    (music / "album" / "cd2").mkdir(parents=True)
+    _, a = song(music / "a.wav")
+    _, b = song(tmp_path / "b.wav", seed=1)
+    sf.write(music / "album" / "b.flac", b, SR, subtype="PCM_24")
+    song(music / "album" / "cd2" / "b.wav", seed=2)  # the same name elsewhere: its own track
+    (music / "album" / "cover.jpg").write_bytes(b"jpeg")
+    (music / "notes.txt").write_text("liner notes")
+    with caplog.at_level(logging.INFO):
+        assert separate.main(["c.pt", str(music), "-o", str(music / "out"), "--float32", "--clip-mode", "none"]) == 0
+    assert "skipped 2 other file(s)" in caplog.text and "separated 3 of 3 files" in caplog.text
+    got = sorted(p.relative_to(music / "out").as_posix() for p in (music / "out").rglob("*.wav"))
+    assert got == sorted(f"{t}/{s}.wav" for t in ("a", "album/b", "album/cd2/b") for s in SOURCES)
+    np.testing.assert_allclose(sf.read(music / "out" / "album" / "b" / "vocals.wav")[0], 0.4 * b, atol=1e-5)
+    caplog.clear()  # again: the stems under -o inside the folder are no input
+    with caplog.at_level(logging.INFO):
+        assert separate.main(["c.pt", str(music), "-o", str(music / "out")]) == 0
+    assert "separated 3 of 3 files" in caplog.text
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        separate.main(["c.pt", str(tmp_path / "empty"), "-o", str(tmp_path / "o2")])
+    assert e.value.code == 2
+
+
+def test_high_overlap_warns_of_its_cost(toy, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert run(tmp_path, "--overlap", "0.95") == 0
+    assert "--overlap 0.95: the model runs 20 times per segment of audio, 15x the work" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run(tmp_path, "--overlap", "0.5", "--shifts", "20") == 0
+    assert "--overlap" not in caplog.text

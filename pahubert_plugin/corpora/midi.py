@@ -73,6 +73,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -1118,7 +1119,9 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def run(argv: Optional[List[str]] = None) -> dict:
+    """The command line's work: parse ``argv``, write the corpus, print one summary line and return
+    its metadata dict (:func:`main` is the console script and returns the exit status)."""
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -1136,5 +1139,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     return meta
 
 
+def main(argv: Optional[List[str]] = None) -> int:
+    """``pahubert-midi-corpus``: exit status 0 on success (errors raise SystemExit with one line)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -669,7 +670,7 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -680,7 +681,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     counts = {k: len(v) for k, v in meta["songs"].items()}
     print(f"toy corpus in {args.out}: {counts['train']} train, {counts['test']} test, "
           f"{counts['unlabelled']} unlabelled songs of {args.seconds:g} s at {args.sample_rate} Hz")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,9 @@ from typing import Dict, List, Optional, Tuple
 from .writing import DEFAULT_FILENAME, StemWriter, _mp3_level, check_mp3_writer, stem_path, subtype_for
 
 MAX_SHIFT_SECONDS = 0.5  # demucs' random time shift range
+MAX_SHIFTS = 20  # streamed passes run in lockstep, each holding its own chunk state: memory grows with shifts
+MAX_OVERLAP = 0.99  # the model runs 1 / (1 - overlap) times per segment of audio
+WARN_OVERLAP = 0.9
 
 
 def load_separation_model(path: str, device="cpu"):
@@ -105,12 +108,16 @@ def check_options(segment: Optional[float] = None, overlap: float = 0.25, batch_
         raise ValueError(f"tile must be >= 0 seconds (0: whole chunks), got {tile}")
     if segment is not None and not segment > 0:
         raise ValueError(f"segment must be > 0 seconds, got {segment}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1) (a fraction of the segment), got {overlap}")
+    if not 0 <= overlap <= MAX_OVERLAP:
+        raise ValueError(f"overlap must be in [0, {MAX_OVERLAP}] (a fraction of the segment; the model runs "
+                         f"1 / (1 - overlap) times per segment of audio), got {overlap}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1 chunk, got {batch_size}")
     if shifts < 0:
         raise ValueError(f"shifts must be >= 0 (0 = no random shift), got {shifts}")
+    if shifts > MAX_SHIFTS:
+        raise ValueError(f"shifts must be <= {MAX_SHIFTS} (each shift is one more full pass, and a streamed run "
+                         f"holds every pass's chunks in memory at once), got {shifts}")
 
 
 def split_two_stems(stems: Dict, stem: str) -> Dict:
@@ -280,14 +287,16 @@ class Separator:
     def separate_to_files(self, path: str, out_dir: str, track: str, two_stems: Optional[str] = None,
                           filename: str = DEFAULT_FILENAME, fmt: str = "wav", bits: int = 16,
                           as_float: bool = False, clip_mode: str = "rescale", mp3_bitrate: int = 320,
-                          trackext: str = "", progress: bool = False, position: Optional[int] = None) -> List[str]:
+                          trackext: str = "", progress: bool = False, position: Optional[int] = None,
+                          cancel=None) -> List[str]:
         """:meth:`separate_file` then :func:`save_stems` (same arguments, same files) in bounded memory.
 
         The file is read, resampled, separated, resampled back and written block by block, so
         memory does not grow with the track.  Returns the paths written.  A read error raises
         :class:`~pahubert_plugin.data.audio.AudioError`, a write error
         :class:`~pahubert_plugin.separation.writing.StemWriteError` (an OSError); either way no stem of the
-        file is left half-written."""
+        file is left half-written.  ``cancel`` (a ``threading.Event``): once set, the next block raises
+        KeyboardInterrupt and the stems in progress are removed (how the command line stops on Ctrl-C)."""
         import torch
 
         from ..data.audio import audio_info
@@ -313,6 +322,8 @@ class Separator:
                 writers.append(StemWriter(stem_path(out_dir, filename, track, name, fmt, trackext), rate,
                                           info.channels, fmt, subtype, clip_mode, level))
             for block in est:
+                if cancel is not None and cancel.is_set():
+                    raise KeyboardInterrupt(path)
                 stems = dict(zip(self.sources, self._to_input_channels(block, info.channels)))
                 stems = split_two_stems(stems, two_stems) if two_stems else stems
                 for name, writer in zip(names, writers):

@@ -14,6 +14,7 @@ parser can use its constants and answer ``--help`` at once.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import TYPE_CHECKING, Dict, List
 
@@ -29,6 +30,31 @@ FORMATS = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}
 CLIP_MODES = ("rescale", "clamp", "none")
 DEFAULT_FILENAME = "{track}/{stem}.{ext}"
 SPOOL_FRAMES = 1 << 16  # frames per write when rescaling a spooled stem
+
+
+PART_NAME = re.compile(r"^\.(?P<name>.+\.(?:%s))\.part$" % "|".join(FORMATS))  # what StemWriter writes first
+
+
+def part_path(path: str) -> str:
+    """The hidden file a stem is written to before it appears as ``path``: ``.<name>.part`` beside it."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.part")
+
+
+def remove_stale_parts(out_dir: str) -> List[str]:
+    """Remove the ``.<stem>.<ext>.part`` files under ``out_dir`` that an earlier run left behind when it
+    was killed (only files of :class:`StemWriter`'s naming, wav/flac/mp3); returns their paths."""
+    removed = []
+    for root, _, files in os.walk(out_dir):
+        for name in sorted(files):
+            if PART_NAME.match(name):
+                path = os.path.join(root, name)
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(path)
+    return removed
 
 
 class StemWriteError(OSError):
@@ -56,7 +82,7 @@ class StemWriter:
         self.path, self.clip_mode, self.channels = path, clip_mode, channels
         self.peak = 0.0
         folder = os.path.dirname(os.path.abspath(path))
-        self.part = os.path.join(folder, f".{os.path.basename(path)}.part")
+        self.part = part_path(path)
         self.file = self.spool = None
         try:
             os.makedirs(folder, exist_ok=True)
@@ -168,6 +194,10 @@ def stem_path(out_dir: str, filename: str, track: str, stem: str, ext: str, trac
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(f"--filename {filename!r}: unknown or bad field ({e}); use {{track}}, {{trackext}}, "
                          f"{{stem}} and {{ext}}, e.g. {DEFAULT_FILENAME!r}") from None
+    norm = os.path.normpath(rel)
+    if os.path.isabs(rel) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise ValueError(f"--filename {filename!r} gives {rel!r}, which leaves the output folder {out_dir}; "
+                         f"use a relative path without '..', e.g. {DEFAULT_FILENAME!r}")
     return os.path.join(out_dir, rel)
 
 
