@@ -95,7 +95,7 @@ def test_same_seed_same_losses_and_weights(corpora, tmp_path):
     if not _masks_follow_torch_seed():
         pytest.skip("PahubertEncoder.apply_mask is fairseq's HubertModel.apply_mask, whose "
                     "compute_mask_indices draws from fresh OS entropy: the model must pass it "
-                    "seed/epoch/indices drawn from torch's generator (issue 11, item 15)")
+                    "seed/epoch/indices drawn from torch's generator")
     data = corpora.write_corpus(tmp_path / "data", n_train=8, n_valid=1)
     losses_a, state_a = _run(tmp_path, data, "a")
     losses_b, state_b = _run(tmp_path, data, "b")
