@@ -96,6 +96,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..fileio import atomic_write_bytes, atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 PROG = "pahubert-speech-corpus"
@@ -147,18 +149,6 @@ class SpeechCorpusError(RuntimeError):
 
 # --------------------------------------------------------------------------- files
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: str, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
 def wav_float32_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
     """A mono IEEE-float WAV file (fmt, fact and data chunks) holding exactly ``audio`` as float32.
 
@@ -173,7 +163,7 @@ def wav_float32_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
 
 
 def _write_wav(path: str, audio: np.ndarray) -> None:
-    _atomic_write_bytes(path, wav_float32_bytes(audio, SAMPLE_RATE))
+    atomic_write_bytes(path, wav_float32_bytes(audio, SAMPLE_RATE))
 
 
 def clip_names(train: int, valid: int, test: int, unlabelled: int) -> Dict[str, List[str]]:
@@ -922,7 +912,7 @@ def make_clip(job) -> Tuple[str, str, Optional[dict], bool, Optional[str]]:
         paths = clip_paths(out, split, name)
         for path, audio in zip(paths, (m32, s32, n32)):
             _write_wav(path, audio)
-        _atomic_write_json(meta_path, {"hash": digest, "info": info})  # last: marks the clip done
+        atomic_write_json(meta_path, {"hash": digest, "info": info})  # last: marks the clip done
         return split, name, info, True, None
     except Exception as e:  # noqa: BLE001 -- counted and reported by the caller
         return split, name, None, False, f"{type(e).__name__}: {e}"
@@ -1066,7 +1056,7 @@ def generate_corpus(out, train_clips: int = 200, valid_clips: int = 20, test_cli
     }
     if failed:
         meta["failed"] = failed
-    _atomic_write_json(meta_path, meta)
+    atomic_write_json(meta_path, meta)
     meta["rendered"], meta["failed"], meta["removed"] = rendered, failed, removed
     meta["seconds"] = round(time.time() - t0, 2)
     logger.info("rendered %d of %d clips (%d cached, %d failed) in %.1f s", rendered, len(jobs_list),
