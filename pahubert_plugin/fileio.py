@@ -14,7 +14,7 @@ import os
 from typing import Callable
 
 
-def _atomic(path, write: Callable[[str], None]) -> None:
+def atomic_write(path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a temporary file next to ``path``, which then replaces ``path``."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -38,7 +38,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -72,5 +72,5 @@ def atomic_write_wav(path, data, sample_rate: int, subtype: str = "PCM_16") -> N
                 _snd.sf_command(f._file, _SFC_SET_ADD_PEAK_CHUNK, _ffi.NULL, 0)
             f.write(data)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 

@@ -29,6 +29,8 @@ import tempfile
 
 import numpy as np
 
+from ..fileio import atomic_write
+
 logger = logging.getLogger("pahubert.kmeans")
 
 #: (module, name) pairs a joblib-saved KMeans / MiniBatchKMeans may reference. Nothing here runs
@@ -116,26 +118,15 @@ def load_kmeans(path):
 
 
 def atomic_dump(model, path) -> None:
-    """``joblib.dump(model, path)`` through a temporary file in the same folder, fsynced and renamed over
-    ``path``: readers see the old file or the complete new one, never a part."""
+    """``joblib.dump(model, path)`` through :func:`pahubert_plugin.fileio.atomic_write` (a temporary file in
+    the same folder, fsynced and renamed over ``path``): readers see the old file or the complete new one."""
     import joblib
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:
             joblib.dump(model, f)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 class _AtomicJoblib:
