@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from typing import Optional
 
+from .fileio import write_error
+
 _REGISTERED = False
 
 
@@ -482,6 +484,10 @@ class _WeightsOnlyTorch:
 _CHECKPOINT_NAME = re.compile(r"^checkpoint(_\d+_\d+|\d+|_best|_last)\.pt$")
 
 
+class CheckpointNotWritten(SystemExit):
+    """A checkpoint could not be written or copied (a full disk): one line naming the file, exit status 1."""
+
+
 def atomic_copy(src: str, dst: str) -> bool:
     """Copy ``src`` to ``dst`` through a temporary file and ``os.replace`` (never a partial ``dst``)."""
     folder = os.path.dirname(os.path.abspath(dst))
@@ -576,7 +582,10 @@ def install_fairseq_patches() -> None:
             return original_copy(src_path, dst_path, overwrite)
         if not overwrite and os.path.exists(dst_path):
             return False
-        return atomic_copy(src_path, dst_path)
+        try:
+            return atomic_copy(src_path, dst_path)
+        except OSError as e:  # a full disk: one line naming the file, not a traceback
+            raise CheckpointNotWritten(write_error(dst_path, e, f"copy {os.path.basename(src_path)} to")) from None
 
     copy.__doc__ = "fairseq's PathManager.copy, atomic for local files (pahubert_plugin.checkpoint)."
     PathManager.copy = staticmethod(copy)

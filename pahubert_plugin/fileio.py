@@ -9,9 +9,10 @@ Used by the corpus generators (songs, ``song.json``, ``corpus.json``) and ``pahu
 (per-track scores), whose re-runs trust that a file that exists is whole. Standard library,
 numpy and soundfile only.
 """
+import errno
 import json
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 
 def atomic_write(path, write: Callable[[str], None]) -> None:
@@ -30,6 +31,35 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
         except OSError:
             pass
         raise
+
+
+def write_error(path, error: BaseException, what: str = "write") -> Optional[str]:
+    """One line for an ``OSError`` met while writing ``path`` (``None`` for any other error): the file meant
+    (not the temporary the error may name), the system's reason and, for a full disk or quota, what to do; e.g. ``cannot write ckpt/x.pt: No space left
+    on device (free space in ckpt, or give another folder, then rerun: finished work is kept)``."""
+    if not isinstance(error, OSError):
+        return None
+    folder = os.path.dirname(os.path.abspath(os.fspath(path))) or "."
+    reason = error.strerror or str(error)
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if error.errno is None and _free_bytes(folder) < 1 << 20:  # a short write (numpy's tofile) on a full disk
+        full, reason = True, f"No space left on device ({reason})"
+    line = f"cannot {what} {os.fspath(path)}: {reason}"
+    if full:
+        line += f" (free space in {folder}, or give another folder, then rerun: finished work is kept)"
+    return line
+
+
+def _free_bytes(folder: str) -> int:
+    """Free bytes of the file system holding ``folder`` (or its nearest existing parent)."""
+    import shutil
+
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

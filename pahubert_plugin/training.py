@@ -8,7 +8,8 @@ plugin wraps it (:func:`install_training_guard`, after :func:`checkpoint.install
   naming the holder's PID. The kernel drops the lock with the process, even on SIGKILL;
 * **stale temporaries go**: under that lock, ``checkpoint*.pt.tmp`` (fairseq's atomic save) and
   ``checkpoint*.pt.*.tmp`` (the plugin's atomic copy) left by a killed or crashed run are removed; a save
-  that fails (a full disk) removes its own temporary before the error propagates;
+  or copy that fails removes its own temporary, and a full disk ends the run with one line naming the
+  checkpoint (exit status 1; a rerun resumes from the last intact checkpoint);
 * **resume from the newest intact checkpoint**: when ``checkpoint_last.pt`` is missing but the folder holds
   other checkpoints of this run (a kill, or a full disk, between fairseq writing ``checkpoint_N_M.pt`` and
   copying it to ``checkpoint_last.pt``), training resumes from the one with the most updates instead of
@@ -152,6 +153,52 @@ def warn_schedule_changes(source: str, cfg) -> None:
             f"fix the schedule's length from its start (e.g. ++lr_scheduler.total_num_update=N for polynomial_decay)")
 
 
+class _RecordingWriter:
+    """A file object for ``torch.save`` that keeps the ``OSError`` its writes met: torch reports a failed
+    write as ``RuntimeError: ... unexpected pos``, which names neither the file nor the reason."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def save_checkpoint_file(obj, filename: str) -> None:
+    """fairseq's atomic local save (``filename.tmp``, then a rename), flushed to disk; on a failure the
+    temporary is removed and an ``OSError`` (a full disk) ends the run with one line naming the file
+    (:class:`CheckpointNotWritten`) instead of fairseq's logged traceback and retries."""
+    import torch
+
+    from .checkpoint import CheckpointNotWritten
+    from .fileio import write_error
+
+    tmp = filename + ".tmp"
+    writer = None
+    try:
+        with open(tmp, "wb") as f:
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filename)
+    except BaseException as e:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        cause = writer.error if writer is not None and writer.error is not None else e
+        line = write_error(filename, cause, "write checkpoint")
+        if line is None:
+            raise
+        raise CheckpointNotWritten(line) from None
+
+
 def _is_first_rank(trainer) -> bool:
     from fairseq.distributed import utils as distributed_utils
 
@@ -207,12 +254,9 @@ def install_training_guard() -> None:
     inner_save = checkpoint_utils.torch_persistent_save
 
     def torch_persistent_save(obj, filename, async_write: bool = False):
-        try:
-            return inner_save(obj, filename, async_write)
-        except BaseException:
-            if isinstance(filename, str) and "://" not in filename and os.path.isfile(filename + ".tmp"):
-                os.remove(filename + ".tmp")
-            raise
+        if async_write or not isinstance(filename, str) or "://" in filename:
+            return inner_save(obj, filename, async_write)  # remote or asynchronous: fairseq's own save
+        save_checkpoint_file(obj, filename)
 
     torch_persistent_save.__wrapped__ = inner_save
     checkpoint_utils.torch_persistent_save = torch_persistent_save

@@ -6,8 +6,12 @@
 * ``corpora.write_musdb``: a MUSDB18-HQ-layout train folder of tone stems summing to the mixture.
 * ``corpora.write_layout``: train/test songs of the numpy toy synthesiser, PCM_16 like MUSDB18-HQ.
 * ``corpora.make_corpus``: a messy unlabelled folder for the recipe (rates, mono, mp3, corrupt, short).
+
+``small_disk`` is a 64 KiB tmpfs (a full disk for anything bigger than a few pages), or a skip where
+mounting is refused (it needs root).
 """
 import os
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,3 +134,15 @@ def corpora():
     return SimpleNamespace(tone_sequence=tone_sequence, write_corpus=write_corpus,
                            write_pretrain_corpus=write_pretrain_corpus, write_musdb=write_musdb,
                            write_layout=write_layout, make_corpus=make_corpus, music=_music)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root) to simulate a full disk")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

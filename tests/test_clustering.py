@@ -90,6 +90,22 @@ def test_hubert_feature_needs_its_reader(monkeypatch):
         build_reader("hubert", SR, ckpt="missing.pt", layer=6)
 
 
+def test_a_full_disk_during_a_feature_dump_is_one_line_naming_the_shard(tmp_path, small_disk):
+    rng = np.random.default_rng(0)
+    (tmp_path / "audio").mkdir()
+    rows = []
+    for i in range(2):  # 2 x 5 s of MFCC+D+DD at 100 Hz: about 160 KB of features for a 64 KiB disk
+        sf.write(tmp_path / "audio" / f"a{i}.wav", 0.1 * rng.standard_normal(5 * SR), SR)
+        rows.append(f"a{i}.wav\t{5 * SR}")
+    (tmp_path / "train.tsv").write_text(f"{tmp_path / 'audio'}\n" + "\n".join(rows) + "\n")
+    feat = small_disk / "feat"
+    proc = run_module("pahubert_plugin.clustering.dump_features", tmp_path, "train", "1", "0", feat,
+                      "--sample-rate", str(SR))
+    assert_one_line_error(proc, f"cannot write features {feat}/train_0_1.npy: No space left on device",
+                          f"free space in {feat}")
+    assert os.listdir(feat) == []  # no shard, no temporary folder
+
+
 # ---- the recipe ---------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -63,3 +63,19 @@ def test_wav_bytes_equal_write_audio(tmp_path, subtype):
     assert sr == 16000 and data.shape == wav.shape
     fileio.atomic_write_wav(tmp_path / "mono.wav", wav[:, 0], 16000, subtype=subtype)
     assert sf.info(str(tmp_path / "mono.wav")).channels == 1
+
+
+def test_write_error_names_the_file_meant_and_what_to_do(tmp_path):
+    import errno
+
+    from pahubert_plugin.fileio import write_error
+
+    target = tmp_path / "out" / "x.npy"
+    line = write_error(target, OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".x.tmp")))
+    assert line == (f"cannot write {target}: No space left on device (free space in {tmp_path / 'out'}, "
+                    f"or give another folder, then rerun: finished work is kept)")
+    assert write_error(target, PermissionError(errno.EACCES, "Permission denied"), "copy") == \
+        f"cannot copy {target}: Permission denied"
+    assert write_error(target, OSError("19500 requested and 16352 written")) == \
+        f"cannot write {target}: 19500 requested and 16352 written"  # a short write on a disk with room
+    assert write_error(target, RuntimeError("not a system error")) is None

@@ -1,6 +1,7 @@
 """A training's folder across runs: a finished run stays finished, a run stopped before its first
 checkpoint_last.pt resumes, one run per folder, no stale temporaries, and a resumed pretraining run
 is the run it resumed (real fairseq runs, tiny models)."""
+import errno
 import fcntl
 import os
 import re
@@ -108,24 +109,34 @@ def test_stale_checkpoint_temporaries_are_removed_on_start(tmp_path):
     assert not list(save.glob("*.pt.tmp")) and not list(save.glob("*.pt.*.tmp"))
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 64 KiB tmpfs (a full disk for any checkpoint), or a skip where mounting is not allowed."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root) to simulate a full disk")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_a_save_on_a_full_disk_leaves_no_temporary(tmp_path, tiny_disk):
+def test_a_save_on_a_full_disk_says_so_in_one_line_and_leaves_no_temporary(tmp_path, small_disk):
     data = write_stock_hubert_data(tmp_path / "data")
-    save = tiny_disk / "ckpt"
+    save = small_disk / "ckpt"
     args = [a for a in map(str, stock_hubert_overrides(data, save, 1)) if not a.startswith("hydra.run.dir=")]
     proc = _fairseq([*args, f"hydra.run.dir={tmp_path}/hydra"], tmp_path)
-    assert proc.returncode != 0 and "No space left on device" in proc.stdout, proc.stdout[-3000:]
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert re.search(r"^cannot write checkpoint \S*/ckpt/checkpoint\S*\.pt: No space left on device \(free space in "
+                     r"\S*/ckpt, or give another folder, then rerun", proc.stdout, re.M), proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and "unexpected pos" not in proc.stdout, proc.stdout[-3000:]
     assert sorted(p.name for p in save.iterdir()) == [".pahubert.lock"]
+
+
+def test_a_full_disk_while_copying_to_checkpoint_last_is_one_line(tmp_path, monkeypatch):
+    from pahubert_plugin import checkpoint
+
+    checkpoint.install_fairseq_patches()
+    from fairseq.file_io import PathManager
+
+    src = tmp_path / "checkpoint_1_1.pt"
+    src.write_bytes(b"x" * 100)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.shutil, "copyfileobj", no_space)
+    with pytest.raises(SystemExit, match=r"^cannot copy checkpoint_1_1\.pt to \S*checkpoint_last\.pt: No space left"):
+        PathManager.copy(str(src), str(tmp_path / "checkpoint_last.pt"), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1_1.pt"]
 
 
 # ---- a resumed pretraining run is the run it resumed --------------------------------------------

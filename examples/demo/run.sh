@@ -23,6 +23,7 @@
 #   --seeds K           repeat both fine-tuning arms for seeds 1..K (mean ± spread); default 1
 #   --stage N           start at step N (earlier outputs are reused); finished fine-tuning runs and
 #                       scored songs are skipped, clustering stages 0-3 run again
+#   --stop-stage N      stop after step N (e.g. 3: corpus, clustering and pretraining only)
 #   --work DIR          work folder (default exp/demo/<corpus>, exp/demo/<corpus>_quick with --quick)
 #   --results DIR       results folder (default results/demo, results/demo_quick with --quick)
 #   --tag NAME          name of this fine-tuning setting (folders finetune/NAME, RESULTS/NAME when not
@@ -52,6 +53,7 @@ corpus_kind=midi
 train_tracks=4
 seeds=1
 stage=1
+stop_stage=5
 work=
 results=
 tag=main
@@ -76,6 +78,7 @@ while [ $# -gt 0 ]; do
     --train-tracks) train_tracks=$2; shift 2 ;;
     --seeds) seeds=$2; shift 2 ;;
     --stage) stage=$2; shift 2 ;;
+    --stop-stage) stop_stage=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
     --results) results=$2; shift 2 ;;
     --tag) tag=$2; shift 2 ;;
@@ -103,6 +106,7 @@ if [ $corpus_kind = speech ] && ! $train_tracks_given; then $quick && train_trac
 case $select in best|last) ;; *) echo "run.sh: --select must be best or last, got $select" >&2; exit 1 ;; esac
 case $iteration in 1|2) ;; *) echo "run.sh: --iteration must be 1 or 2, got $iteration" >&2; exit 1 ;; esac
 case $feature in mfcc|primitive) ;; *) echo "run.sh: --feature must be mfcc or primitive, got $feature" >&2; exit 1 ;; esac
+[[ $stop_stage =~ ^[1-5]$ ]] || { echo "run.sh: --stop-stage must be 1 to 5, got $stop_stage" >&2; exit 1; }
 [[ -z $clusters || $clusters =~ ^[1-9][0-9]*$ ]] \
   || { echo "run.sh: --n-clusters must be a positive integer, got $clusters" >&2; exit 1; }
 
@@ -151,6 +155,7 @@ abs() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 plugin_dir=$(abs pahubert_plugin)
 step() { echo; echo "==== [$1/5] $2  ($(date +%H:%M:%S))"; }
 t0=$SECONDS
+stop_after() { [ $stop_stage -gt $1 ] || { echo "stopped after step $1 (--stop-stage $stop_stage)"; exit 0; }; }
 
 # ---- 1: corpus ---------------------------------------------------------------------------------
 n_unlabelled=$("$PYTHON" -c "import math; print(max(1, math.ceil($hours * 3600 / $seconds)))")
@@ -168,6 +173,8 @@ if [ $stage -le 1 ]; then
       --test $n_test --seconds $seconds --sample-rate $sample_rate --seed 0 --jobs 2
   fi
 fi
+
+stop_after 1
 
 # ---- 2-3: clustering + pretraining (recipes/pahubert/run.sh) -----------------------------------
 pre=$work/pahubert
@@ -199,6 +206,7 @@ if [ $stage -le 2 ]; then
   step 2 "clustering: manifest, $feature features, fairseq k-means ($n_clusters clusters), labels"
   recipe --stage 0 --stop-stage 3
 fi
+stop_after 2
 if [ $stage -le 3 ]; then
   if [ -f "$ckpt1" ] && same_run "$pre/pretrain/done_$pretrain_updates"; then
     step 3 "pretraining: $ckpt1 done before ($pretrain_updates updates), reused"
@@ -222,6 +230,8 @@ if [ $stage -le 3 ]; then
     echo "$fingerprint" > "$done2"
   fi
 fi
+
+stop_after 3
 
 # ---- 4-5: fine-tune both arms, evaluate ----------------------------------------------------------
 ft_root=$work/finetune/$tag
@@ -281,6 +291,7 @@ if [ $stage -le 4 ]; then
     fi
   done; done
 fi
+stop_after 4
 if [ $corpus_kind = speech ]; then
   step 5 "evaluating on $n_test test clips: SI-SDR(i) of whole clips, PESQ (wide band) and STOI of speech"
 else

@@ -17,6 +17,7 @@ import tempfile
 from pahubert_plugin.clustering.readers import FEATURES, build_reader
 from pahubert_plugin.clustering.simple_kmeans import import_script
 from pahubert_plugin.data.manifest import check_manifest_rate, manifest_rate
+from pahubert_plugin.fileio import write_error
 
 logger = logging.getLogger("pahubert.dump_features")
 
@@ -97,6 +98,13 @@ def main(argv=None) -> int:
         dump_shard(reader, args.tsv_dir, args.split, args.nshard, args.rank, args.feat_dir)
     except ValueError as e:  # no manifest, or one written for another rate
         logger.error(str(e))
+        return 2
+    except OSError as e:  # a full disk or an unwritable feature folder (the shard's temporaries are gone)
+        feat_dir = os.path.abspath(args.feat_dir)
+        written = not e.filename or os.path.abspath(os.fspath(e.filename)).startswith(feat_dir + os.sep)
+        shard = shard_paths(args.feat_dir, args.split, args.nshard, args.rank)[0]
+        logger.error(write_error(shard, e, "write features") if written else
+                     f"cannot read {os.fspath(e.filename)}: {e.strerror or e}")
         return 2
     return 0
 
