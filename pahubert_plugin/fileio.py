@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 
 def atomic_write(path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` fills a temporary file next to ``path``, which then replaces ``path``."""
+    """``write(tmp)`` fills a temporary file next to ``path``, which then replaces ``path``. A write that
+    fails on a full disk raises ``OSError(ENOSPC)`` naming ``path``, whatever the writer said."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -25,11 +26,15 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.remove(tmp)
         except OSError:
             pass
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if isinstance(e, (OSError, RuntimeError)) and not full and _free_bytes(os.path.dirname(path)) < 1 << 20:
+            # libsndfile says only "System error.", numpy's tofile "N requested and M written"
+            raise OSError(errno.ENOSPC, f"No space left on device ({e})", path) from e
         raise
 
 

@@ -80,7 +80,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data.corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
-from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_wav
+from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_wav, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -1131,6 +1131,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
                                progress=not args.no_progress, unlabelled_hours=args.unlabelled_hours)
     except (ValueError, MidiCorpusError) as e:
         raise SystemExit(f"pahubert-midi-corpus: error: {e}")
+    except OSError as e:  # a full disk or an unwritable folder: one line naming the file
+        raise SystemExit(f"pahubert-midi-corpus: error: {write_error(e.filename or args.out, e)}") from None
     counts = {k: len(v) for k, v in meta["songs"].items()}
     hours = counts["unlabelled"] * args.seconds / 3600
     print(f"midi corpus in {args.out}: {counts['train']} train, {counts['test']} test, "
