@@ -96,14 +96,16 @@ class StemTrack:
         return wav
 
 
-def _wav_track(folder: str, name: str, sources: Sequence[str], sample_rate: int) -> StemTrack:
+def _wav_track(folder: str, name: str, sources: Sequence[str], sample_rate: int,
+               with_mixture: bool = True) -> StemTrack:
     paths = {}
-    for stem in ["mixture", *sources]:
+    for stem in ["mixture", *sources] if with_mixture else list(sources):
         path = os.path.join(folder, f"{stem}.wav")
         if not os.path.isfile(path):
             have = sorted(f for f in os.listdir(folder) if f.endswith(".wav"))
+            expected = f"mixture + {list(sources)}" if with_mixture else f"{list(sources)}"
             raise ValueError(f"track {name!r} ({folder}): missing stem {stem}.wav; "
-                             f"expected mixture + {list(sources)}, found {have}")
+                             f"expected {expected}, found {have}")
         paths[stem] = path
     lengths = {}
     for stem, path in paths.items():
@@ -147,6 +149,19 @@ def list_tracks(root: str, subset: str, sources: Sequence[str], sample_rate: int
     if not names:
         raise ValueError(f"{folder} holds no track folders")
     return [_wav_track(os.path.join(folder, n), n, sources, sample_rate) for n in names]
+
+
+def list_pseudo_tracks(folder: str, sources: Sequence[str], sample_rate: int) -> List[StemTrack]:
+    """Tracks of teacher estimates, ``<folder>/<clip>/<source>.wav`` (no mixture needed), e.g. what
+    ``pahubert-separate TEACHER.pt UNLABELLED/ -o FOLDER`` writes: the pseudo-labelled clips of
+    teacher-student fine-tuning (``task.pseudo_data``)."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"task.pseudo_data: no folder {folder} (expected <clip>/{{{','.join(sources)}}}.wav, "
+                         f"e.g. the output of pahubert-separate)")
+    names = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not names:
+        raise ValueError(f"task.pseudo_data: {folder} holds no clip folders")
+    return [_wav_track(os.path.join(folder, n), n, sources, sample_rate, with_mixture=False) for n in names]
 
 
 def split_tracks(root: str, split: str, sources: Sequence[str], sample_rate: int, is_wav: bool = True,
@@ -195,16 +210,23 @@ class Augment:
 
 
 class StemsChunkDataset(FairseqDataset):
-    """Random crops of ``segment`` samples; ``samples_per_track`` examples per track per epoch.
+    """Random crops of ``segment`` samples; ``samples_per_track`` examples per (labelled) track per epoch.
 
     Example ``index`` is drawn from a generator seeded with ``(seed, epoch, index)``, so an
     epoch is reproducible and differs from the next.
+
+    With ``pseudo_tracks`` (teacher estimates on unlabelled mixtures), an example takes its stems from
+    them with probability ``pseudo_prob``, each source from an independently drawn clip when
+    ``augment.random_mix``: the teacher's speech of one clip over its noise of another, the remixing of
+    RemixIT (Tzinis et al., 2022), here with a fixed teacher (one round of teacher-student).
     """
 
     def __init__(self, tracks: List[StemTrack], sources: Sequence[str], sample_rate: int, channels: int,
-                 segment: int, samples_per_track: int, augment: Augment, seed: int = 1):
+                 segment: int, samples_per_track: int, augment: Augment, seed: int = 1,
+                 pseudo_tracks: Optional[List[StemTrack]] = None, pseudo_prob: float = 0.0):
         if not tracks:
             raise ValueError("no training tracks")
+        self.pseudo_tracks, self.pseudo_prob = list(pseudo_tracks or []), float(pseudo_prob)
         self.tracks, self.sources = tracks, list(sources)
         self.sample_rate, self.channels, self.segment = sample_rate, channels, segment
         self.samples_per_track, self.augment, self.seed = samples_per_track, augment, seed
@@ -227,11 +249,14 @@ class StemsChunkDataset(FairseqDataset):
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         aug = self.augment
-        own = self.tracks[index // self.samples_per_track]
+        pool, own = self.tracks, self.tracks[index // self.samples_per_track]
+        if self.pseudo_tracks and rng.random() < self.pseudo_prob:  # no draw without them: same streams as before
+            pool = self.pseudo_tracks
+            own = pool[int(rng.integers(len(pool)))]
         offset = None
         stems = []
         for src in self.sources:
-            track = self.tracks[int(rng.integers(len(self.tracks)))] if aug.random_mix else own
+            track = pool[int(rng.integers(len(pool)))] if aug.random_mix else own
             wav, off = self._crop(track, src, rng, None if aug.random_mix else offset)
             offset = off if not aug.random_mix else None
             wav = wav * float(rng.uniform(aug.gain_min, aug.gain_max))

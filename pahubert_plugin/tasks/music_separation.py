@@ -23,7 +23,7 @@ from omegaconf import II, MISSING
 from .. import frames
 from ..separation.overlap import apply_model
 from ..data.stems_dataset import (
-    MUSDB_SOURCES, Augment, StemsChunkDataset, TrackDataset, split_tracks,
+    MUSDB_SOURCES, Augment, StemsChunkDataset, TrackDataset, list_pseudo_tracks, split_tracks,
 )
 from ..metrics import sdr, si_sdr
 from ..models.pretrained import persist_config_updates
@@ -56,6 +56,13 @@ class MusicSeparationConfig(FairseqDataclass):
     gain_max: float = field(default=1.25, metadata={"help": "upper bound of the random gain per source"})
     channel_swap: bool = field(default=True, metadata={"help": "swap left/right of a source with p=0.5"})
     sign_flip: bool = field(default=True, metadata={"help": "negate a source with p=0.5"})
+    # teacher-student: pseudo-labelled unlabelled audio
+    pseudo_data: str = field(default="", metadata={
+        "help": "folder of a teacher's estimates on unlabelled mixtures, <clip>/<source>.wav (e.g. "
+                "pahubert-separate TEACHER.pt UNLABELLED/ -o DIR); training examples take their stems from "
+                "it with probability pseudo_prob, sources from different clips (RemixIT-style remixing)"})
+    pseudo_prob: float = field(default=0.5, metadata={
+        "help": "with pseudo_data: probability that a training example is made of teacher estimates"})
     # validation
     valid_seconds: float = field(default=0.0, metadata={
         "help": "if > 0, validate on the first N seconds of each track only (small CPU runs)"})
@@ -80,6 +87,7 @@ def check_options(cfg) -> None:
         ("valid_segment", lambda v: v >= 0, ">= 0 seconds (0: task.segment)"),
         ("valid_overlap", lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the chunk)"),
         ("valid_chunk_batch", lambda v: v >= 1, ">= 1 chunk"),
+        ("pseudo_prob", lambda v: 0 <= v <= 1, "in [0, 1] (a probability)"),
     ])
 
 
@@ -114,9 +122,14 @@ class MusicSeparationTask(FairseqTask):
             raise ValueError(f"split {split!r} of {cfg.data} has no tracks")
         if split == "train":
             augment = Augment(cfg.random_mix, cfg.gain_min, cfg.gain_max, cfg.channel_swap, cfg.sign_flip)
+            pseudo = list_pseudo_tracks(cfg.pseudo_data, self.sources, cfg.sample_rate) if cfg.pseudo_data else []
+            if pseudo:
+                logger.info(f"train: {len(pseudo)} pseudo-labelled clips from {cfg.pseudo_data}, "
+                            f"p={cfg.pseudo_prob:g} per example")
             self.datasets[split] = StemsChunkDataset(
                 tracks, self.sources, cfg.sample_rate, cfg.audio_channels,
-                int(round(cfg.segment * cfg.sample_rate)), cfg.samples_per_track, augment, cfg.seed)
+                int(round(cfg.segment * cfg.sample_rate)), cfg.samples_per_track, augment, cfg.seed,
+                pseudo_tracks=pseudo, pseudo_prob=cfg.pseudo_prob)
         else:
             self.datasets[split] = TrackDataset(
                 tracks, self.sources, cfg.sample_rate, cfg.audio_channels,
