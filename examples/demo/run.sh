@@ -35,6 +35,8 @@
 #   --reuse-scratch TAG         take the scratch arm of setting TAG (same scratch settings) instead of
 #                               training it again; a path (with a /) names another work folder's
 #                               finetune/TAG
+#   --parallel P                fine-tuning runs at a time, one thread each (default 2: the two arms of a seed;
+#                               with --reuse-scratch, the pretrained arms of P seeds)
 #   --select best|last          checkpoint to score: best validation SDR (default) or the last update
 #   --iteration 1|2             fine-tune from HuBERT iteration 1 (MFCC clusters, default) or iteration 2
 #                               (recipe stages 5-6: k-means of iteration 1's layer --iter2-layer into
@@ -65,6 +67,7 @@ ft_args=
 pretrained_args=
 scratch_args=
 reuse_scratch=
+parallel=2
 select=best
 iteration=1
 iter2_layer=3
@@ -90,6 +93,7 @@ while [ $# -gt 0 ]; do
     --pretrained-args) pretrained_args=$2; shift 2 ;;
     --scratch-args) scratch_args=$2; shift 2 ;;
     --reuse-scratch) reuse_scratch=$2; shift 2 ;;
+    --parallel) parallel=$2; shift 2 ;;
     --select) select=$2; shift 2 ;;
     --iteration) iteration=$2; shift 2 ;;
     --iter2-layer) iter2_layer=$2; shift 2 ;;
@@ -106,6 +110,7 @@ if [ $corpus_kind = speech ] && ! $train_tracks_given; then $quick && train_trac
 case $select in best|last) ;; *) echo "run.sh: --select must be best or last, got $select" >&2; exit 1 ;; esac
 case $iteration in 1|2) ;; *) echo "run.sh: --iteration must be 1 or 2, got $iteration" >&2; exit 1 ;; esac
 case $feature in mfcc|primitive) ;; *) echo "run.sh: --feature must be mfcc or primitive, got $feature" >&2; exit 1 ;; esac
+[[ $parallel =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --parallel must be a positive integer, got $parallel" >&2; exit 1; }
 [[ $stop_stage =~ ^[1-5]$ ]] || { echo "run.sh: --stop-stage must be 1 to 5, got $stop_stage" >&2; exit 1; }
 [[ -z $clusters || $clusters =~ ^[1-9][0-9]*$ ]] \
   || { echo "run.sh: --n-clusters must be a positive integer, got $clusters" >&2; exit 1; }
@@ -279,17 +284,19 @@ evaluate() {  # ARM N SEED
 }
 if [ $stage -le 4 ]; then
   step 4 "fine-tuning pahubert_resunet ($tag): scratch vs pretrained, labelled $items {$train_tracks}, $seeds seed(s)"
-  # the two arms of a setting train side by side, one thread each (on 2 cores that is faster than
-  # one after the other with 2 threads, and it is how docs/RESULTS.md's figures were measured)
+  # fine-tuning runs train side by side, --parallel at a time (default 2), one thread each: on 2 cores that is
+  # faster than one after the other with 2 threads, and it is how docs/RESULTS.md's figures were measured.
+  # Without --reuse-scratch the two arms of a seed run together; with it, the pretrained arms of several seeds.
+  pids=()
+  launch() {  # ARM N SEED: in the background, waiting first for the oldest run when --parallel are running
+    if [ ${#pids[@]} -ge $parallel ]; then wait "${pids[0]}" || exit 1; pids=("${pids[@]:1}"); fi
+    OMP_NUM_THREADS=1 finetune "$@" & pids+=($!)
+  }
   for n in ${train_tracks//,/ }; do for seed in $(seq 1 $seeds); do
-    if [ -n "$reuse_scratch" ]; then
-      finetune scratch $n $seed; OMP_NUM_THREADS=1 finetune pretrained $n $seed
-    else
-      OMP_NUM_THREADS=1 finetune scratch $n $seed & a=$!
-      OMP_NUM_THREADS=1 finetune pretrained $n $seed & b=$!
-      wait $a || exit 1; wait $b || exit 1
-    fi
+    if [ -n "$reuse_scratch" ]; then finetune scratch $n $seed; else launch scratch $n $seed; fi
+    launch pretrained $n $seed
   done; done
+  for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
 fi
 stop_after 4
 if [ $corpus_kind = speech ]; then

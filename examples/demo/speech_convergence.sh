@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Speech in machine noise with 2 minutes of labels, both arms trained to convergence (docs/RESULTS.md):
+#
+#   1 corpus, MFCC k-means (100) and the full pretraining schedule (3000 updates) on 1 h of unlabelled mixtures
+#   2 seed 1 of scratch and of the fused design (model.fuse_pretrained=true: a full scratch path plus the frozen
+#     pretrained features); the fused seed-1 model, chosen before any test clip is scored, is the teacher
+#   3 the teacher separates the unlabelled mixtures (pahubert-separate): pseudo-labelled clips
+#   4 seeds 2.. of scratch and fused, then the students: the fused design fine-tuned on the labelled clips plus
+#     the teacher's estimates remixed across clips (task.pseudo_data, half of the examples), scratch reused
+#   5 each setting is scored on the 20 test clips (SI-SDR(i), PESQ, STOI) with paired per-clip differences
+#     against scratch (RESULTS/<tag>/summary.md); validation SI-SDR curves show where each arm stops gaining
+#
+# Usage: bash examples/demo/speech_convergence.sh [--work DIR] [--results DIR] [--finetune-updates N]
+#          [--pretrain-updates N] [--seeds K] [--pseudo-prob P] [--stage 1|2|3]
+#   --stage 3 skips the corpus and clustering steps of run.sh (a work folder that has them)
+# Every step reuses what an earlier run of the same settings finished (run.sh's done markers).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+work=exp/conv/speech
+results=results/conv_speech
+finetune_updates=2000
+pretrain_updates=3000
+seeds=3
+pseudo_prob=0.5
+first_stage=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --work) work=$2; shift 2 ;;
+    --results) results=$2; shift 2 ;;
+    --finetune-updates) finetune_updates=$2; shift 2 ;;
+    --pretrain-updates) pretrain_updates=$2; shift 2 ;;
+    --seeds) seeds=$2; shift 2 ;;
+    --pseudo-prob) pseudo_prob=$2; shift 2 ;;
+    --stage) first_stage=$2; shift 2 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "speech_convergence.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
+  esac
+done
+PYTHON=${PYTHON:-python}
+demo() {
+  bash examples/demo/run.sh --corpus speech --work "$work" --results "$results" \
+    --pretrain-updates "$pretrain_updates" --finetune-updates "$finetune_updates" "$@"
+}
+fused=(--tag fused --pretrained-args model.fuse_pretrained=true)
+
+demo --stage "$first_stage" --stop-stage 3
+demo --stage 4 --stop-stage 4 --seeds 1 "${fused[@]}"
+
+teacher=$work/finetune/fused/pretrained_n12_s1/checkpoints/checkpoint_best.pt
+case $work in /*) pseudo=$work/pseudo/fused_s1 ;; *) pseudo=$PWD/$work/pseudo/fused_s1 ;; esac
+if [ ! -f "$pseudo/done" ]; then
+  echo "==== teacher $teacher separates $work/corpus/unlabelled -> $pseudo ($(date +%H:%M:%S))"
+  rm -rf "$pseudo"
+  "$PYTHON" -m pahubert_plugin.separate "$teacher" "$work/corpus/unlabelled" -o "$pseudo" --float32 \
+    --clip-mode none --jobs 2
+  touch "$pseudo/done"
+fi
+
+demo --stage 4 --seeds "$seeds" "${fused[@]}"
+demo --stage 4 --seeds "$seeds" --tag student --reuse-scratch fused --parallel 3 \
+  --pretrained-args "model.fuse_pretrained=true task.pseudo_data=$pseudo task.pseudo_prob=$pseudo_prob"
