@@ -46,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data.audio import AudioError, write_audio
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, full_disk_exits
 from .separation.memory import die_with_parent
 
 if TYPE_CHECKING:  # torch, fairseq (stems_dataset) and metrics load after parsing: --help is instant
@@ -458,6 +458,7 @@ def run_jobs(jobs, init, num_jobs: int, bar) -> List[str]:
     return failed
 
 
+@full_disk_exits("pahubert-evaluate")
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -31,10 +31,11 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
         except OSError:
             pass
-        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-        if isinstance(e, (OSError, RuntimeError)) and not full and _free_bytes(os.path.dirname(path)) < 1 << 20:
+        if getattr(e, "errno", None) is None and disk_full(e, os.path.dirname(os.path.abspath(path))):
             # libsndfile says only "System error.", numpy's tofile "N requested and M written"
             raise OSError(errno.ENOSPC, f"No space left on device ({e})", path) from e
+        if disk_full(e) and getattr(e, "filename", None) is None:  # name the file the system did not
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 
@@ -46,13 +47,45 @@ def write_error(path, error: BaseException, what: str = "write") -> Optional[str
         return None
     folder = os.path.dirname(os.path.abspath(os.fspath(path))) or "."
     reason = error.strerror or str(error)
-    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-    if error.errno is None and _free_bytes(folder) < 1 << 20:  # a short write (numpy's tofile) on a full disk
-        full, reason = True, f"No space left on device ({reason})"
+    full = disk_full(error, folder)
+    if full and error.errno is None:  # a short write (numpy's tofile) on a full disk
+        reason = f"No space left on device ({reason})"
     line = f"cannot {what} {os.fspath(path)}: {reason}"
     if full:
         line += f" (free space in {folder}, or give another folder, then rerun: finished work is kept)"
     return line
+
+
+def disk_full(error: BaseException, folder=None) -> bool:
+    """Whether ``error`` is a full disk (or quota): ``ENOSPC``/``EDQUOT``, or an error without an errno
+    (libsndfile's "System error.", numpy's short writes) while ``folder``'s file system has < 1 MiB free."""
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return (code is None and folder is not None and isinstance(error, (OSError, RuntimeError))
+            and _free_bytes(os.path.abspath(os.fspath(folder))) < 1 << 20)
+
+
+def full_disk_exits(prog: str):
+    """Decorator for a console script's ``main``: a full disk anywhere below it ends in one line,
+    ``PROG: error: cannot write FILE: No space left on device (...)``, and exit status 2, instead of a
+    traceback. Other errors pass through."""
+    import functools
+    import sys
+
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapper(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except OSError as e:
+                if not disk_full(e):
+                    raise
+                print(f"{prog}: error: {write_error(e.filename or '(file not named by the system)', e)}",
+                      file=sys.stderr, flush=True)
+                return 2
+        return wrapper
+    return decorate
 
 
 def _free_bytes(folder: str) -> int:

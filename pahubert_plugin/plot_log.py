@@ -22,6 +22,8 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from .fileio import full_disk_exits
+
 logger = logging.getLogger("pahubert_plugin.plot_log")
 
 Record = Tuple[str, Dict[str, float]]  # (split: train_inner | train | valid..., {metric: value})
@@ -203,6 +205,7 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@full_disk_exits("pahubert-plot-log")
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

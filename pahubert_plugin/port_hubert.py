@@ -47,6 +47,8 @@ import re
 import sys
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
 
+from .fileio import full_disk_exits
+
 if TYPE_CHECKING:
     import torch
 
@@ -378,6 +380,7 @@ def _plain(value):
 def pretraining_models() -> Dict[str, type]:
     """Every registered masked-prediction pretraining model (a port target), by registry key."""
     from .registry import register
+    from .training import save_checkpoint_file
 
     register()  # our models
     from fairseq.models import MODEL_REGISTRY
@@ -531,10 +534,12 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@full_disk_exits("pahubert-port-hubert")
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .registry import register
+    from .training import save_checkpoint_file
 
     register()  # the models and the checkpoint allow-list
     import torch
@@ -549,7 +554,7 @@ def main(argv=None) -> int:
     print(table if not args.quiet else table[table.index("\n\n") + 2:])
     print(format_rates(ckpt["port"]["source_rates"], ckpt["port"]["target_rates"]))
     os.makedirs(os.path.dirname(os.path.abspath(args.out_ckpt)), exist_ok=True)
-    torch.save(ckpt, args.out_ckpt)
+    save_checkpoint_file(ckpt, args.out_ckpt)  # atomic: a kill or a full disk leaves no partial file
     print(f"wrote {args.out_ckpt}: fine-tune with model.pretrained_checkpoint={os.path.abspath(args.out_ckpt)}")
     return 0
 

@@ -237,3 +237,35 @@ def test_check_labels_refuses_negative_tolerance(tmp_path):
                       "--sample-rate", SR, "--tolerance", "-1", "--no-dict")
     assert_one_line_error(proc, "--tolerance is a number of frames >= 0, got -1")
     assert "FAIL" not in proc.stderr
+
+
+def _fill(path):
+    """Write ``path`` until the disk is full."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 512)
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_labels_or_the_kmeans_model_is_one_line(recipe, small_disk):
+    from pahubert_plugin.clustering import kmeans
+
+    _, rows = _manifest(os.path.join(recipe["data"], "train.tsv"))
+    nshard = min(2, len(rows))
+    _fill(small_disk / "filler")
+    labels = small_disk / "labels"
+    proc = run_module("pahubert_plugin.clustering.kmeans", recipe["feat"], "train", recipe["km"], str(nshard), "0",
+                      labels)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text, text
+    assert f"cannot write {labels}/train_0_{nshard}.km: No space left on device (free space in {labels}" in text, text
+    assert os.listdir(labels) == []
+    proc = run_module("pahubert_plugin.clustering.kmeans", "learn", recipe["feat"], "train", str(nshard),
+                      str(small_disk / "km.km"), "4", "--n_init", "1")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text, text
+    assert f"cannot write {small_disk}/km.km: No space left on device" in text, text
+    assert sorted(os.listdir(small_disk)) == ["filler", "labels"]

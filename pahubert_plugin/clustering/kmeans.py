@@ -21,6 +21,7 @@ is written atomically (:func:`atomic_dump`): a kill during stage 2 leaves the pr
 never a truncated one. The file is still a ``joblib.dump`` (a pickle, as fairseq's tools expect);
 this package only ever opens it through the allow-list of :func:`load_kmeans`.
 """
+import errno
 import logging
 import os
 import pickle
@@ -29,7 +30,7 @@ import tempfile
 
 import numpy as np
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, disk_full, full_disk_exits
 
 logger = logging.getLogger("pahubert.kmeans")
 
@@ -258,6 +259,10 @@ def dump_label(feat_dir, split, km_path, nshard, rank, lab_dir):
     try:
         module.dump_label(feat_dir, split, km_path, nshard, rank, tmp_dir)
         os.replace(os.path.join(tmp_dir, os.path.basename(final)), final)
+    except OSError as e:
+        if disk_full(e, lab_dir):  # name the label shard, not the temporary folder (or nothing)
+            raise OSError(errno.ENOSPC, "No space left on device", final) from e
+        raise
     finally:
         module.ApplyKmeans = original
         import shutil
@@ -265,6 +270,7 @@ def dump_label(feat_dir, split, km_path, nshard, rank, lab_dir):
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+@full_disk_exits("python -m pahubert_plugin.clustering.kmeans")
 def main(argv=None) -> int:
     import argparse
 

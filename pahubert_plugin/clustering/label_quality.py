@@ -26,6 +26,8 @@ import json
 import logging
 import os
 import sys
+
+from ..fileio import full_disk_exits
 from typing import TYPE_CHECKING, Dict, List
 
 import numpy as np
@@ -192,6 +194,7 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@full_disk_exits("pahubert-label-quality")
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
