@@ -258,3 +258,20 @@ def test_demo_report_reads_the_source_names_from_the_runs(tmp_path):
     text = (tmp_path / "results" / "summary.md").read_text()
     assert "| labelled songs | system | speech | noise | mean |" in text
     assert json.loads((tmp_path / "results" / "summary.json").read_text())["sources"] == TWO
+
+
+def test_demo_report_says_where_a_validation_curve_peaked_and_whether_it_converged():
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples" / "demo"))
+    import report
+
+    rising = [(100, 1.0), (200, 2.0), (300, 2.5), (400, 3.0)]  # the last quarter (300 -> 400) adds 0.5 dB
+    flat = [(100, 1.0), (200, 2.9), (300, 3.0), (400, 3.05)]
+    peaked = [(100, 1.0), (200, 3.0), (300, 2.8), (400, 2.9)]
+    assert report.convergence(rising) == {"best": 3.0, "best_update": 400, "last_update": 400,
+                                          "last_quarter_gain": pytest.approx(0.5), "converged": False}
+    assert report.convergence(flat)["converged"] and report.convergence(flat)["last_quarter_gain"] == pytest.approx(0.05)
+    c = report.convergence(peaked)
+    assert (c["best_update"], c["last_quarter_gain"], c["converged"]) == (200, 0.0, True)
+    assert report.convergence([]) is None

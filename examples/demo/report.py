@@ -130,6 +130,19 @@ def valid_curves(log_dir, key="valid_sdr"):
     return curves
 
 
+def convergence(points, quarter=0.25):
+    """Where a validation curve ``[(updates, score), ...]`` peaked, and how much its last ``quarter`` of the
+    updates added to the best score before it (the test of a schedule long enough: < 0.1 dB)."""
+    if not points:
+        return None
+    best_update, best = max(points, key=lambda p: (p[1], -p[0]))
+    last = max(u for u, _ in points)
+    before = [v for u, v in points if u <= (1 - quarter) * last]
+    gain = best - max(before) if before else float("nan")
+    return {"best": best, "best_update": best_update, "last_update": last, "last_quarter_gain": gain,
+            "converged": bool(before) and gain < 0.1}
+
+
 def bootstrap_interval(values, n_boot=10000, level=0.95, seed=0):
     """Percentile-bootstrap interval of the mean of ``values`` (resampled with replacement)."""
     values = np.asarray(values, dtype=float)
@@ -221,6 +234,19 @@ def build_report(runs, baseline, curves, sources, settings="", metric="SDR"):
                 lines.append(f"- {key[0]}, {key[1]} {unit}, seed {key[2]}: "
                              + ", ".join(f"{u}: {v:.2f}" for u, v in pts))
         data["valid_curves"] = {f"{k[0]}_n{k[1]}_s{k[2]}": v for k, v in curves.items()}
+        lines.append("")
+        lines.append(f"Where each run peaked, and what the last quarter of its updates added to the best validation "
+                     f"{metric} before it (< 0.1 dB: the schedule was long enough):\n")
+        lines.append(f"| run | best validation {metric} (dB) | at update | of | last quarter added (dB) | converged |")
+        lines.append("|---|---|---|---|---|---|")
+        data["convergence"] = {}
+        for key in sorted(curves):
+            c = convergence(curves[key])
+            if c is None:
+                continue
+            data["convergence"][f"{key[0]}_n{key[1]}_s{key[2]}"] = c
+            lines.append(f"| {key[0]}, {key[1]} {unit}, seed {key[2]} | {c['best']:.2f} | {c['best_update']} | "
+                         f"{c['last_update']} | {c['last_quarter_gain']:+.2f} | {'yes' if c['converged'] else 'no'} |")
     mean_diff = np.mean([np.mean(d) for _, _, d, _ in paired]) if paired else float("nan")
     verdict = ("Pretraining helped on average here" if mean_diff > 0 else
                "Pretraining did NOT beat scratch here") if paired else "No paired runs to compare"
