@@ -84,6 +84,8 @@ def test_quick_speech_demo_end_to_end(tmp_path):
     (["--n-clusters", "50k"], "--n-clusters must be a positive integer, got 50k"),
     (["--select", "median"], "--select must be best or last, got median"),
     (["--corpus", "birdsong"], "--corpus must be midi, toy or speech, got birdsong"),
+    (["--parallel", "0"], "--parallel must be a positive integer, got 0"),
+    (["--stop-stage", "6"], "--stop-stage must be 1 to 5, got 6"),
 ])
 def test_demo_refuses_bad_options_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
@@ -98,3 +100,13 @@ def test_demo_help_names_the_clustering_options():
                           timeout=60)
     assert proc.returncode == 0
     assert "--feature mfcc|primitive" in proc.stdout and "--n-clusters K" in proc.stdout
+    assert "--stop-stage N" in proc.stdout and "--parallel P" in proc.stdout
+
+
+def test_speech_convergence_script_explains_itself_and_refuses_unknown_options():
+    script = "examples/demo/speech_convergence.sh"
+    proc = subprocess.run(["bash", script, "--help"], cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=60)
+    assert proc.returncode == 0 and "teacher" in proc.stdout and "--finetune-updates N" in proc.stdout
+    proc = subprocess.run(["bash", script, "--bogus"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "unknown option --bogus" in proc.stdout
