@@ -6,7 +6,8 @@ destination in one step; if writing fails, the temporary file is removed and the
 untouched (an older version stays as it was). The destination's folder is created if missing.
 
 Used by the corpus generators (songs, ``song.json``, ``corpus.json``) and ``pahubert-evaluate``
-(per-track scores), whose re-runs trust that a file that exists is whole. Standard library,
+(per-track scores), whose re-runs trust that a file that exists is whole. :func:`write_error` and
+:func:`full_disk_exits` turn a full disk into one line naming the file, for every console script. Standard library,
 numpy and soundfile only.
 """
 import errno
@@ -40,9 +41,10 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
 
 
 def write_error(path, error: BaseException, what: str = "write") -> Optional[str]:
-    """One line for an ``OSError`` met while writing ``path`` (``None`` for any other error): the file meant
-    (not the temporary the error may name), the system's reason and, for a full disk or quota, what to do; e.g. ``cannot write ckpt/x.pt: No space left
-    on device (free space in ckpt, or give another folder, then rerun: finished work is kept)``."""
+    """One line for an ``OSError`` met while writing ``path`` (``None`` for any other error): the file
+    meant (not the temporary the error may name), the system's reason and, for a full disk or quota, what
+    to do; e.g. ``cannot write ckpt/x.pt: No space left on device (free space in ckpt, or give another
+    folder, then rerun: finished work is kept)``."""
     if not isinstance(error, OSError):
         return None
     folder = os.path.dirname(os.path.abspath(os.fspath(path))) or "."
