@@ -16,12 +16,13 @@ import os
 from typing import Callable, Optional
 
 
-def atomic_write(path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` fills a temporary file next to ``path``, which then replaces ``path``. A write that
-    fails on a full disk raises ``OSError(ENOSPC)`` naming ``path``, whatever the writer said."""
+def atomic_write(path, write: Callable[[str], None], tmp: Optional[str] = None) -> None:
+    """``write(tmp)`` fills a temporary file next to ``path`` (default name ``PATH.tmp-PID``), which then
+    replaces ``path``. A write that fails on a full disk raises ``OSError(ENOSPC)`` naming ``path``,
+    whatever the writer said."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = tmp or f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

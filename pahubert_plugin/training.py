@@ -172,31 +172,28 @@ class _RecordingWriter:
 
 
 def save_checkpoint_file(obj, filename: str) -> None:
-    """fairseq's atomic local save (``filename.tmp``, then a rename), flushed to disk; on a failure the
-    temporary is removed and an ``OSError`` (a full disk) ends the run with one line naming the file
+    """fairseq's atomic local save (``filename.tmp``, then a rename) through :func:`fileio.atomic_write`,
+    flushed to disk; an ``OSError`` (a full disk) ends the run with one line naming the file
     (:class:`CheckpointNotWritten`) instead of fairseq's logged traceback and retries."""
     import torch
 
     from .checkpoint import CheckpointNotWritten
-    from .fileio import write_error
+    from .fileio import atomic_write, write_error
 
-    tmp = filename + ".tmp"
-    writer = None
-    try:
+    def write(tmp):
         with open(tmp, "wb") as f:
             writer = _RecordingWriter(f)
-            torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    except BaseException as e:
-        if os.path.isfile(tmp):
-            os.remove(tmp)
-        cause = writer.error if writer is not None and writer.error is not None else e
-        line = write_error(filename, cause, "write checkpoint")
-        if line is None:
-            raise
-        raise CheckpointNotWritten(line) from None
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None  # the reason torch's "unexpected pos" hides
+
+    try:
+        atomic_write(filename, write, tmp=filename + ".tmp")  # fairseq's temporary name (TEMPORARY_PATTERNS)
+    except OSError as e:
+        raise CheckpointNotWritten(write_error(filename, e, "write checkpoint")) from None
 
 
 def _is_first_rank(trainer) -> bool:
