@@ -86,6 +86,8 @@ def test_quick_speech_demo_end_to_end(tmp_path):
     (["--corpus", "birdsong"], "--corpus must be midi, toy or speech, got birdsong"),
     (["--parallel", "0"], "--parallel must be a positive integer, got 0"),
     (["--stop-stage", "6"], "--stop-stage must be 1 to 5, got 6"),
+    (["--finetune-config", "demucs_v3"], "--finetune-config: no recipes/musdb/conf/demucs_v3.yaml"),
+    (["--pretrained-checkpoint", "/nonexistent/hubert.pt"], "--pretrained-checkpoint: no file /nonexistent/hubert.pt"),
 ])
 def test_demo_refuses_bad_options_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
@@ -101,6 +103,7 @@ def test_demo_help_names_the_clustering_options():
     assert proc.returncode == 0
     assert "--feature mfcc|primitive" in proc.stdout and "--n-clusters K" in proc.stdout
     assert "--stop-stage N" in proc.stdout and "--parallel P" in proc.stdout
+    assert "--finetune-config NAME" in proc.stdout and "--pretrained-checkpoint F" in proc.stdout
 
 
 def test_speech_convergence_script_explains_itself_and_refuses_unknown_options():
@@ -110,3 +113,45 @@ def test_speech_convergence_script_explains_itself_and_refuses_unknown_options()
     proc = subprocess.run(["bash", script, "--bogus"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=60)
     assert proc.returncode == 1 and "unknown option --bogus" in proc.stdout
+
+
+def test_speech_to_music_script_explains_itself_and_refuses_unknown_options():
+    script = "examples/demo/speech_to_music.sh"
+    proc = subprocess.run(["bash", script, "--help"], cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=60)
+    assert proc.returncode == 0 and "pahubert-port-hubert" in proc.stdout and "--speech-work DIR" in proc.stdout
+    proc = subprocess.run(["bash", script, "--bogus"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "unknown option --bogus" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_speech_hubert_ported_into_demucs_end_to_end(tmp_path):
+    """The porting experiment: stock fairseq HuBERT on speech -> pahubert-port-hubert -> Demucs V2 on music."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    speech, work, results = tmp_path / "speech", tmp_path / "port", tmp_path / "results"
+    cmd = ["bash", "examples/demo/speech_to_music.sh", "--quick", "--speech-work", str(speech), "--work", str(work),
+           "--results", str(results)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    for step in range(1, 6):
+        assert f"==== [port {step}/5]" in proc.stdout
+    # a stock fairseq HuBERT was trained (fairseq's own model and criterion, nothing of the plugin) ...
+    hubert_log = (work / "hubert" / "train.log").read_text()
+    assert "'_name': 'hubert'" in hubert_log and "'_name': 'hubert_pretraining'" in hubert_log
+    assert "masked-frame accuracy on its validation clips: 0." in proc.stdout
+    # ... its transformer went into Demucs V2, and the pretrained arm started from it; scratch did not
+    ported = work / "ported_demucs_hubert_tiny.pt"
+    ft = work / "music" / "finetune" / "speech_hubert"
+    assert f"loaded 62 encoder tensors from {ported}" in (ft / "pretrained_n4_s1" / "train.log").read_text()
+    assert "weights randomly initialised" in (ft / "scratch_n4_s1" / "train.log").read_text()
+    summary = json.loads((results / "speech_hubert" / "summary.json").read_text())
+    (paired,) = summary["paired"]
+    assert len(paired["diffs"]) == 2 and all(math.isfinite(d) for d in paired["diffs"])
+    assert summary["sources"] == ["drums", "bass", "other", "vocals"]
+    assert "demucs_v2_hubert_tiny" in (results / "speech_hubert" / "settings.txt").read_text()
+    # a rerun trains nothing again
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert "stock fairseq HuBERT: " in rerun.stdout and rerun.stdout.count("done before, reused") == 4

@@ -45,6 +45,11 @@
 #   --feature mfcc|primitive    clustering feature of iteration 1 (default mfcc; primitive adds the
 #                               Bregman grouping cues, recipes/pahubert/run.sh --feature)
 #   --n-clusters K              k-means clusters of iteration 1 (default 50; 16 with --quick)
+#   --finetune-config NAME      fine-tuning YAML of recipes/musdb/conf (default pahubert_tiny; e.g.
+#                               demucs_v2_hubert_tiny, the time-domain variant)
+#   --pretrained-checkpoint F   fine-tune the pretrained arm from F (a pretraining checkpoint or a
+#                               pahubert-port-hubert output) instead of this demo's own pretraining:
+#                               steps 2-3 are skipped; the scratch arm is the same network, random init
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
@@ -74,6 +79,8 @@ iter2_layer=3
 iter2_clusters=100
 feature=mfcc
 clusters=
+finetune_config=pahubert_tiny
+external_ckpt=
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=true; shift ;;
@@ -100,6 +107,8 @@ while [ $# -gt 0 ]; do
     --iter2-clusters) iter2_clusters=$2; shift 2 ;;
     --feature) feature=$2; shift 2 ;;
     --n-clusters) clusters=$2; shift 2 ;;
+    --finetune-config) finetune_config=$2; shift 2 ;;
+    --pretrained-checkpoint) external_ckpt=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
   esac
@@ -112,6 +121,10 @@ case $iteration in 1|2) ;; *) echo "run.sh: --iteration must be 1 or 2, got $ite
 case $feature in mfcc|primitive) ;; *) echo "run.sh: --feature must be mfcc or primitive, got $feature" >&2; exit 1 ;; esac
 [[ $parallel =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --parallel must be a positive integer, got $parallel" >&2; exit 1; }
 [[ $stop_stage =~ ^[1-5]$ ]] || { echo "run.sh: --stop-stage must be 1 to 5, got $stop_stage" >&2; exit 1; }
+[ -f "recipes/musdb/conf/$finetune_config.yaml" ] \
+  || { echo "run.sh: --finetune-config: no recipes/musdb/conf/$finetune_config.yaml" >&2; exit 1; }
+[ -z "$external_ckpt" ] || [ -f "$external_ckpt" ] \
+  || { echo "run.sh: --pretrained-checkpoint: no file $external_ckpt" >&2; exit 1; }
 [[ -z $clusters || $clusters =~ ^[1-9][0-9]*$ ]] \
   || { echo "run.sh: --n-clusters must be a positive integer, got $clusters" >&2; exit 1; }
 
@@ -185,7 +198,7 @@ stop_after 1
 pre=$work/pahubert
 ckpt1=$pre/pretrain/iter1_${feature}_k${n_clusters}/checkpoints/checkpoint_last.pt
 ckpt2=$pre/pretrain/iter2_${feature}_k${n_clusters}_l${iter2_layer}_k${iter2_clusters}/checkpoints/checkpoint_last.pt
-if [ $iteration = 1 ]; then ckpt=$ckpt1; else ckpt=$ckpt2; fi
+if [ -n "$external_ckpt" ]; then ckpt=$external_ckpt; elif [ $iteration = 1 ]; then ckpt=$ckpt1; else ckpt=$ckpt2; fi
 recipe() {
   bash recipes/pahubert/run.sh --audio-dir "$corpus/unlabelled" --exp-dir "$pre" --sample-rate $sample_rate \
     --nj 2 --feature $feature --n-clusters $n_clusters --valid-percent 0.02 --min-seconds 1 \
@@ -199,6 +212,8 @@ pretrain_overrides() {  # the hydra overrides of both pretraining iterations
 }
 # what a pretraining run depends on besides the corpus: the composed pretraining config and the overrides.
 feature_mark=; [ $feature = mfcc ] || feature_mark=" feature=$feature"  # mfcc runs keep their old fingerprints
+[ "$finetune_config" = pahubert_tiny ] || feature_mark+=" finetune_config=$finetune_config"
+[ -z "$external_ckpt" ] || feature_mark+=" pretrained=$(sha256sum < "$external_ckpt" | cut -c1-16)"
 # Written into the done markers of pretraining and fine-tuning runs: a run made with another config is
 # not reused (a changed recipe is trained again, not silently mixed with old results).
 fingerprint=$("$PYTHON" -c 'import hashlib, sys; from omegaconf import OmegaConf
@@ -207,6 +222,10 @@ print(hashlib.sha256((OmegaConf.to_yaml(load_recipe_config(sys.argv[1])) + sys.a
   recipes/pahubert/conf/pretrain/tiny.yaml "$(pretrain_overrides) k=$n_clusters iteration=$iteration$feature_mark") \
   || { echo "run.sh: cannot read recipes/pahubert/conf/pretrain/tiny.yaml" >&2; exit 1; }
 same_run() { [ -f "$1" ] && [ "$(cat "$1")" = "$fingerprint" ]; }  # MARKER: made with this recipe
+if [ -n "$external_ckpt" ] && [ $stage -le 3 ]; then
+  step 3 "clustering and pretraining skipped: the pretrained arm starts from $external_ckpt"
+  stage=4
+fi
 if [ $stage -le 2 ]; then
   step 2 "clustering: manifest, $feature features, fairseq k-means ($n_clusters clusters), labels"
   recipe --stage 0 --stop-stage 3
@@ -262,7 +281,7 @@ finetune() {  # ARM N SEED
   local scratch=false; [ $arm = scratch ] && scratch=true
   if [ $arm = scratch ]; then arm_args=$scratch_args; else arm_args=$pretrained_args; fi
   # shellcheck disable=SC2086
-  "$PYTHON" -m fairseq_cli.hydra_train --config-dir recipes/musdb/conf --config-name pahubert_tiny \
+  "$PYTHON" -m fairseq_cli.hydra_train --config-dir recipes/musdb/conf --config-name "$finetune_config" \
     common.user_dir="$plugin_dir" common.log_format=json common.log_interval=20 common.seed=$seed \
     task.data="$(abs "$labelled")" task.sample_rate=$sample_rate task.train_tracks=$n $corpus_ft_args \
     model.pretrained_checkpoint="$(abs "$ckpt")" model.no_pretrained_weights=$scratch \
@@ -283,7 +302,7 @@ evaluate() {  # ARM N SEED
     "$results/eval/${arm}_n${n}_s${seed}/summary.md" | sed 's/^/    /'
 }
 if [ $stage -le 4 ]; then
-  step 4 "fine-tuning pahubert_resunet ($tag): scratch vs pretrained, labelled $items {$train_tracks}, $seeds seed(s)"
+  step 4 "fine-tuning $finetune_config ($tag): scratch vs pretrained, labelled $items {$train_tracks}, $seeds seed(s)"
   # fine-tuning runs train side by side, --parallel at a time (default 2), one thread each: on 2 cores that is
   # faster than one after the other with 2 threads, and it is how docs/RESULTS.md's figures were measured.
   # Without --reuse-scratch the two arms of a seed run together; with it, the pretrained arms of several seeds.
@@ -310,7 +329,8 @@ done; done
 {
   echo "# command"
   echo "bash examples/demo/run.sh ${orig_args[*]:-}"
-  echo "# pretraining: iteration $iteration ($(basename "$(dirname "$(dirname "$ckpt")")")), $pretrain_updates updates on $hours h; fine-tuning: $finetune_updates updates per arm; scored: checkpoint_$select.pt"
+  if [ -n "$external_ckpt" ]; then echo "# pretrained arm from $external_ckpt; fine-tuning ($finetune_config): $finetune_updates updates per arm; scored: checkpoint_$select.pt"
+  else echo "# pretraining: iteration $iteration ($(basename "$(dirname "$(dirname "$ckpt")")")), $pretrain_updates updates on $hours h; fine-tuning: $finetune_updates updates per arm; scored: checkpoint_$select.pt"; fi
   echo "# ft-args: $ft_args | pretrained-args: $pretrained_args | scratch-args: $scratch_args | pretrain-args: $pretrain_args"
 } > "$results/settings.txt"
 "$PYTHON" examples/demo/report.py --results "$results" --musdb-root "$labelled" --logs "$ft_root" \
