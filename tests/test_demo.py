@@ -48,11 +48,26 @@ def test_quick_demo_end_to_end(tmp_path):
     assert rerun.stdout.count("done before, reused") == 2
 
 
+def _env():
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def quick_speech_work(tmp_path_factory):
+    """The quick speech demo's corpus and MFCC units (its steps 1-2), made once for the tests that need them."""
+    work = tmp_path_factory.mktemp("speech") / "work"
+    proc = subprocess.run(["bash", "examples/demo/run.sh", "--corpus", "speech", "--quick", "--work", str(work),
+                           "--stop-stage", "2"], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return work
+
+
 @pytest.mark.slow
-def test_quick_speech_demo_end_to_end(tmp_path):
+def test_quick_speech_demo_end_to_end(tmp_path, quick_speech_work):
     """`make demo DEMO=speech DEMO_ARGS=--quick`: speech in machine noise, two sources, speech metrics."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
-    work, results = tmp_path / "work", tmp_path / "results"
+    env = _env()
+    work, results = quick_speech_work, tmp_path / "results"  # steps 1-2 find their outputs there and reuse them
     proc = subprocess.run(["bash", "examples/demo/run.sh", "--corpus", "speech", "--quick", "--work", str(work),
                            "--results", str(results)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=900)
@@ -125,10 +140,10 @@ def test_speech_to_music_script_explains_itself_and_refuses_unknown_options():
 
 
 @pytest.mark.slow
-def test_quick_speech_hubert_ported_into_demucs_end_to_end(tmp_path):
+def test_quick_speech_hubert_ported_into_demucs_end_to_end(tmp_path, quick_speech_work):
     """The porting experiment: stock fairseq HuBERT on speech -> pahubert-port-hubert -> Demucs V2 on music."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
-    speech, work, results = tmp_path / "speech", tmp_path / "port", tmp_path / "results"
+    env = _env()
+    speech, work, results = quick_speech_work, tmp_path / "port", tmp_path / "results"
     cmd = ["bash", "examples/demo/speech_to_music.sh", "--quick", "--speech-work", str(speech), "--work", str(work),
            "--results", str(results)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
