@@ -18,9 +18,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
            PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
 
 
-def _run(script, *args, env=ENV, timeout=900):
+def _run(script, *args, env=ENV, timeout=900, cwd=None):
     return subprocess.run(["bash", str(script), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 @pytest.mark.parametrize("script,args", [
@@ -133,6 +133,12 @@ def test_rerun_skips_finished_stages_under_an_exp_dir_with_a_space(tmp_path, cor
     for n in range(5):
         assert re.search(rf"stage {n}: skipped: done, and its inputs, options and outputs have not changed", again.stdout), \
             again.stdout
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs} == before
+    # the same folders spelled another way (relative to the run's directory, with "." and "..")
+    respelled = _run(PAHUBERT, *["./audio" if a == audio else "sub/../my exp" if a == exp else a for a in args],
+                     cwd=tmp_path)
+    assert respelled.returncode == 0, respelled.stdout + respelled.stderr[-4000:]
+    assert all(f"stage {n}: skipped: done" in respelled.stdout for n in range(5)), respelled.stdout
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs} == before
 
     # stage 4 without its stamp (e.g. an older recipe's run): fairseq finds the run finished and trains nothing

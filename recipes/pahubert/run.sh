@@ -65,6 +65,10 @@ if ! has_project "$PYTHON"; then
 fi
 
 # ---- derived paths ----------------------------------------------------------------------------
+# the stage stamps hash these folders' names: one spelling per folder (absolute, no "." or ".."), so a rerun that
+# names a folder relative to another directory, or absolute, still finds its finished stages
+canonical() { [ -z "$1" ] || realpath -m -s -- "$1"; }
+audio_dir=$(canonical "$audio_dir"); exp_dir=$(canonical "$exp_dir"); data_dir=$(canonical "$data_dir")
 data_dir=${data_dir:-$exp_dir/data}
 tag=${feature}_k${n_clusters}
 feat_dir=$exp_dir/feat/$feature                 # {split}_{rank}_{nshard}.npy/.len
