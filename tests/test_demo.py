@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:]
     for step in range(1, 6):
         assert f"==== [{step}/5]" in proc.stdout
+    for arm in ("scratch", "pretrained"):  # the two arms train side by side: each finishing line names its run
+        assert re.search(rf"{arm}, 4 songs, seed 1, finished: last validation \"valid_sdr\": \"-?[0-9.]+\"",
+                         proc.stdout), proc.stdout
     summary = json.loads((results / "summary.json").read_text())
     md = (results / "summary.md").read_text()
     assert "mixture as estimate" in md and "Paired per-song differences" in md

@@ -288,7 +288,9 @@ finetune() {  # ARM N SEED
     optimization.max_update=$finetune_updates checkpoint.save_dir="$out/checkpoints" \
     hydra.run.dir="$out/hydra" $size_args $ft_args $arm_args > "$out/train.log" 2>&1 \
     || { echo "run.sh: fine-tuning failed; tail of $out/train.log:" >&2; tail -n 20 "$out/train.log" >&2; exit 1; }
-  grep -o "\"$valid_key\": \"[^\"]*\"" "$out/train.log" | tail -n 1 | sed 's/^/    last validation: /' || true
+  # runs finish in any order (--parallel): the line names its run
+  grep -o "\"$valid_key\": \"[^\"]*\"" "$out/train.log" | tail -n 1 \
+    | sed "s/^/    $arm, $n $items, seed $seed, finished: last validation /" || true
   echo "$fingerprint" > "$out/done"
 }
 evaluate() {  # ARM N SEED
