@@ -61,9 +61,9 @@ indent() { { grep -v '^$\|^==== \[\|%|' || true; } | sed 's/^/  /'; }  # a sub-s
 step() { echo; echo "==== [port $1/5] $2  ($(date +%H:%M:%S))"; }
 
 step 1 "speech corpus and MFCC k-means units ($speech_work)"
-bash examples/demo/run.sh "${q[@]}" --corpus speech --work "$speech_work" --stop-stage 2 2>&1 | indent
+k=100; $quick && k=16  # MFCC k-means clusters (the speech demo's own)
+bash examples/demo/run.sh "${q[@]}" --corpus speech --work "$speech_work" --n-clusters $k --stop-stage 2 2>&1 | indent
 data=$(abs "$speech_work/pahubert/data")
-k=100; $quick && k=16  # run.sh's clusters for the speech corpus
 labels=$(abs "$speech_work/pahubert/labels/mfcc_k$k")
 [ -f "$labels/train.km" ] || { echo "speech_to_music.sh: no units in $labels" >&2; exit 1; }
 
