@@ -95,6 +95,17 @@ def test_quick_speech_demo_end_to_end(tmp_path, quick_speech_work):
         log = (work / "finetune" / "main" / f"{arm}_n4_s1" / "train.log").read_text()
         assert '"valid_best_si_sdr"' in log  # checkpoints were selected on validation SI-SDR
     assert all(len(v) >= 2 for v in summary["valid_curves"].values())
+    # a second pretraining iteration on the same work folder reuses iteration 1 instead of training it again
+    ckpt1 = work / "pahubert" / "pretrain" / "iter1_mfcc_k16" / "checkpoints" / "checkpoint_last.pt"
+    before = ckpt1.stat().st_mtime_ns
+    proc = subprocess.run(["bash", "examples/demo/run.sh", "--corpus", "speech", "--quick", "--work", str(work),
+                           "--results", str(results), "--iteration", "2", "--iter2-clusters", "8",
+                           "--stage", "3", "--stop-stage", "3"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert "done before (40 updates), reused" in proc.stdout and ckpt1.stat().st_mtime_ns == before
+    ckpt2 = work / "pahubert" / "pretrain" / "iter2_mfcc_k16_l3_k8" / "checkpoints" / "checkpoint_last.pt"
+    assert ckpt2.is_file(), proc.stdout[-3000:]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -210,18 +210,25 @@ pretrain_overrides() {  # the hydra overrides of both pretraining iterations
     "dataset.validate_interval_updates=$v checkpoint.save_interval=100000 checkpoint.save_interval_updates=$v" \
     "lr_scheduler.warmup_updates=$(( pretrain_updates / 10 + 1 )) $corpus_pre_args $pretrain_args"
 }
-# what a pretraining run depends on besides the corpus: the composed pretraining config and the overrides.
-feature_mark=; [ $feature = mfcc ] || feature_mark=" feature=$feature"  # mfcc runs keep their old fingerprints
-[ "$finetune_config" = pahubert_tiny ] || feature_mark+=" finetune_config=$finetune_config"
-[ -z "$external_ckpt" ] || feature_mark+=" pretrained=$(sha256sum < "$external_ckpt" | cut -c1-16)"
+# what a run depends on besides the corpus: the composed pretraining config and the overrides, and for
+# fine-tuning runs also the iteration, the fine-tuning config and an outside checkpoint. Each pretraining
+# iteration is marked with what it depends on only, so `--iteration 2` or another `--finetune-config` on a
+# work folder reuses iteration 1 instead of training it again.
+pretrain_mark=; [ $feature = mfcc ] || pretrain_mark=" feature=$feature"  # mfcc runs keep their old fingerprints
+finetune_mark=; [ "$finetune_config" = pahubert_tiny ] || finetune_mark+=" finetune_config=$finetune_config"
+[ -z "$external_ckpt" ] || finetune_mark+=" pretrained=$(sha256sum < "$external_ckpt" | cut -c1-16)"
 # Written into the done markers of pretraining and fine-tuning runs: a run made with another config is
 # not reused (a changed recipe is trained again, not silently mixed with old results).
-fingerprint=$("$PYTHON" -c 'import hashlib, sys; from omegaconf import OmegaConf
+fingerprints=$("$PYTHON" -c 'import hashlib, sys; from omegaconf import OmegaConf
 from pahubert_plugin.configs import load_recipe_config
-print(hashlib.sha256((OmegaConf.to_yaml(load_recipe_config(sys.argv[1])) + sys.argv[2]).encode()).hexdigest()[:16])' \
-  recipes/pahubert/conf/pretrain/tiny.yaml "$(pretrain_overrides) k=$n_clusters iteration=$iteration$feature_mark") \
+base = OmegaConf.to_yaml(load_recipe_config(sys.argv[1]))
+for mark in sys.argv[2:]: print(hashlib.sha256((base + mark).encode()).hexdigest()[:16])' \
+  recipes/pahubert/conf/pretrain/tiny.yaml "$(pretrain_overrides) k=$n_clusters iteration=1$pretrain_mark" \
+  "$(pretrain_overrides) k=$n_clusters iteration=2$pretrain_mark" \
+  "$(pretrain_overrides) k=$n_clusters iteration=$iteration$pretrain_mark$finetune_mark") \
   || { echo "run.sh: cannot read recipes/pahubert/conf/pretrain/tiny.yaml" >&2; exit 1; }
-same_run() { [ -f "$1" ] && [ "$(cat "$1")" = "$fingerprint" ]; }  # MARKER: made with this recipe
+{ read -r fingerprint1; read -r fingerprint2; read -r fingerprint; } <<< "$fingerprints"  # iteration 1, 2, runs
+same_run() { [ -f "$1" ] && [ "$(cat "$1")" = "${2:-$fingerprint}" ]; }  # MARKER [FINGERPRINT]: made with this recipe
 if [ -n "$external_ckpt" ] && [ $stage -le 3 ]; then
   step 3 "clustering and pretraining skipped: the pretrained arm starts from $external_ckpt"
   stage=4
@@ -232,7 +239,7 @@ if [ $stage -le 2 ]; then
 fi
 stop_after 2
 if [ $stage -le 3 ]; then
-  if [ -f "$ckpt1" ] && same_run "$pre/pretrain/done_$pretrain_updates"; then
+  if [ -f "$ckpt1" ] && same_run "$pre/pretrain/done_$pretrain_updates" "$fingerprint1"; then
     step 3 "pretraining: $ckpt1 done before ($pretrain_updates updates), reused"
   else
     step 3 "pretraining tiny Pac-HuBERT for $pretrain_updates updates (log $pre/logs/stage4_pretrain.log)"
@@ -240,10 +247,10 @@ if [ $stage -le 3 ]; then
     # shellcheck disable=SC2046
     recipe --stage 4 --stop-stage 4 -- $(pretrain_overrides)
     [ -f "$ckpt1" ] || { echo "run.sh: pretraining left no $ckpt1" >&2; exit 1; }
-    echo "$fingerprint" > "$pre/pretrain/done_$pretrain_updates"
+    echo "$fingerprint1" > "$pre/pretrain/done_$pretrain_updates"
   fi
   done2=$pre/pretrain/done2_l${iter2_layer}_k${iter2_clusters}_$pretrain_updates
-  if [ $iteration = 2 ] && [ -f "$ckpt2" ] && same_run "$done2"; then
+  if [ $iteration = 2 ] && [ -f "$ckpt2" ] && same_run "$done2" "$fingerprint2"; then
     echo "  iteration 2: $ckpt2 done before, reused"
   elif [ $iteration = 2 ]; then
     echo "  iteration 2: layer $iter2_layer of iteration 1 -> $iter2_clusters clusters -> $pretrain_updates updates" \
@@ -251,7 +258,7 @@ if [ $stage -le 3 ]; then
     # shellcheck disable=SC2046
     recipe --stage 5 --stop-stage 6 -- $(pretrain_overrides)
     [ -f "$ckpt2" ] || { echo "run.sh: iteration 2 left no $ckpt2" >&2; exit 1; }
-    echo "$fingerprint" > "$done2"
+    echo "$fingerprint2" > "$done2"
   fi
 fi
 
