@@ -399,20 +399,27 @@ def expecting(kind: Optional[str]):
 def load_encoder_weights(model, state: dict, path: str = "") -> int:
     """Copy a pretraining checkpoint's ``encoder.*`` tensors into ``model.encoder`` (all must fit).
 
+    A ``port_hubert`` output lists the tensors the port created rather than copied (``port.new``: e.g. a
+    Demucs encoder around a speech transformer); those keep ``model``'s own initialisation, drawn from this
+    run's seed, so seeds of a ported arm differ in them as the scratch arm's do.
     Logs what was loaded and which top-level modules of ``model`` stay newly initialised;
     a ValueError naming ``path`` if the tensors do not fit. Returns the number of tensors copied.
     """
     import logging
 
-    weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    fresh = {k[len("encoder."):] for k in ((state.get("port") or {}).get("new") or ())}
+    weights = {k[len("encoder."):]: v for k, v in state["model"].items()
+               if k.startswith("encoder.") and k[len("encoder."):] not in fresh}
     result = model.encoder.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    missing = [k for k in result.missing_keys if k not in fresh]
+    if missing or result.unexpected_keys:
         raise ValueError(f"{path}: encoder weights do not fit the architecture in its own config: "
-                         f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+                         f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     new = {k: p.numel() for k, p in model.named_parameters() if not k.startswith("encoder.")}
+    kept = f"; {len(fresh)} tensors the port created keep this run's random init" if fresh else ""
     logging.getLogger(type(model).__module__).info(
         f"loaded {len(weights)} encoder tensors from {path} "
-        f"({sum(p.numel() for p in model.encoder.parameters())} parameters); new (random init): "
+        f"({sum(p.numel() for p in model.encoder.parameters())} parameters){kept}; new (random init): "
         f"{', '.join(sorted({k.split('.')[0] for k in new})) or 'nothing'} ({sum(new.values())} parameters)")
     return len(weights)
 

@@ -7,7 +7,7 @@ import torch
 
 import pahubert_plugin
 from pahubert_plugin import port_hubert
-from pahubert_plugin.checkpoint import load_checkpoint
+from pahubert_plugin.checkpoint import load_checkpoint, load_encoder_weights
 from helpers import REPO, finetune_args, run_fairseq, separation_weights, train_stock_hubert, updates_done
 
 PRETRAIN_CONF = REPO / "recipes" / "pahubert" / "conf" / "pretrain"
@@ -84,6 +84,31 @@ def test_port_into_pahubert_copies_exactly(speech_ckpt, tmp_path, capsys):
 
     encoder = PahubertEncoder(encoder_config(ported["cfg"]))
     encoder.load_state_dict({k[len("encoder."):]: v for k, v in ported["model"].items()}, strict=True)
+
+
+def test_tensors_the_port_created_start_from_each_run_seed(speech_ckpt, tmp_path, capsys):
+    """Fine-tuning a ported checkpoint copies the speech tensors; the Demucs the port built around them
+    (``port.new``) is drawn from each run's own seed, as in the scratch arm, not fixed when the port ran."""
+    out = tmp_path / "ported.pt"
+    run_port(capsys, speech_ckpt, out, "--target", "demucs_hubert", "--config", TINY, "--quiet")
+    state = load_checkpoint(out)
+    port = state["port"]
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        holder = torch.nn.Module()
+        holder.encoder, _ = port_hubert.build_encoder("demucs_hubert", state["cfg"]["model"], state["cfg"]["task"])
+        init = {k: v.clone() for k, v in holder.encoder.state_dict().items()}
+        assert load_encoder_weights(holder, state, str(out)) == len(port["copied"]) + len(port["reshaped"])
+        runs.append((holder.encoder.state_dict(), init))
+    (one, init_one), (two, _) = runs
+    for name in port["copied"]:
+        key = name[len("encoder."):]
+        assert torch.equal(one[key], state["model"][name]) and torch.equal(two[key], state["model"][name]), key
+    new = [name[len("encoder."):] for name in port["new"]]
+    assert all(torch.equal(one[k], init_one[k]) for k in new)
+    demucs = [k for k in new if k.startswith("front_end.demucs.") and k.endswith(".weight")]
+    assert demucs and not any(torch.equal(one[k], two[k]) for k in demucs)
 
 
 def test_not_a_hubert_checkpoint_is_refused(tmp_path):
