@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Speech in machine noise with 2 minutes of labels, both arms trained to convergence (docs/RESULTS.md):
+# Speech in machine noise with a few labelled clips, both arms trained to convergence (docs/RESULTS.md):
 #
 #   1 corpus, MFCC k-means (100) and the full pretraining schedule (3000 updates) on 1 h of unlabelled mixtures
 #   2 seed 1 of scratch and of the fused design (model.fuse_pretrained=true: a full scratch path plus the frozen
 #     pretrained features); the fused seed-1 model, chosen before any test clip is scored, is the teacher
 #   3 the teacher separates the unlabelled mixtures (pahubert-separate): pseudo-labelled clips
-#   4 seeds 2.. of scratch and fused, then the students: the fused design fine-tuned on the labelled clips plus
-#     the teacher's estimates remixed across clips (task.pseudo_data, half of the examples), scratch reused
-#   5 each setting is scored on the 20 test clips (SI-SDR(i), PESQ, STOI) with paired per-clip differences
+#   4 seeds 2.. of scratch and fused at every label budget (--labels: 4, 12, 24 clips = 40 s, 2 and 4 minutes),
+#     then the students (2 minutes): the fused design fine-tuned on the labelled clips plus the teacher's
+#     estimates remixed across clips (task.pseudo_data, half of the examples), scratch reused
+#   5 two more designs at 2 minutes against the same scratch runs: fused with a learned softmax-weighted sum of
+#     the pretrained encoder's layers (model.layer_weights=true), and fused on a second pretraining iteration
+#     (k-means 100 of iteration 1's layer 3, then 3000 more updates; run.sh --iteration 2)
+#   6 each setting is scored on the 20 test clips (SI-SDR(i), PESQ, STOI) with paired per-clip differences
 #     against scratch (RESULTS/<tag>/summary.md); validation SI-SDR curves show where each arm stops gaining
 #
 # Usage: bash examples/demo/speech_convergence.sh [--work DIR] [--results DIR] [--finetune-updates N]
-#          [--pretrain-updates N] [--seeds K] [--pseudo-prob P] [--stage 1|2|3]
+#          [--pretrain-updates N] [--seeds K] [--labels N,N,..] [--pseudo-prob P] [--stage 1|2|3]
 #   --stage 3 skips the corpus and clustering steps of run.sh (a work folder that has them)
 # Every step reuses what an earlier run of the same settings finished (run.sh's done markers).
 set -euo pipefail
@@ -21,6 +25,7 @@ results=results/conv_speech
 finetune_updates=2000
 pretrain_updates=3000
 seeds=3
+labels=4,12,24
 pseudo_prob=0.5
 first_stage=1
 while [ $# -gt 0 ]; do
@@ -30,6 +35,7 @@ while [ $# -gt 0 ]; do
     --finetune-updates) finetune_updates=$2; shift 2 ;;
     --pretrain-updates) pretrain_updates=$2; shift 2 ;;
     --seeds) seeds=$2; shift 2 ;;
+    --labels) labels=$2; shift 2 ;;
     --pseudo-prob) pseudo_prob=$2; shift 2 ;;
     --stage) first_stage=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
@@ -56,6 +62,9 @@ if [ ! -f "$pseudo/done" ]; then
   touch "$pseudo/done"
 fi
 
-demo --stage 4 --seeds "$seeds" "${fused[@]}"
+demo --stage 4 --seeds "$seeds" --train-tracks "$labels" "${fused[@]}"
 demo --stage 4 --seeds "$seeds" --tag student --reuse-scratch fused --parallel 3 \
   --pretrained-args "model.fuse_pretrained=true task.pseudo_data=$pseudo task.pseudo_prob=$pseudo_prob"
+demo --stage 4 --seeds "$seeds" --tag fused_lw --reuse-scratch fused \
+  --pretrained-args "model.fuse_pretrained=true model.layer_weights=true"
+demo --stage 3 --seeds "$seeds" --iteration 2 --tag fused_it2 --reuse-scratch fused "${fused[@]:2}"
