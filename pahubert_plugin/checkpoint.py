@@ -18,7 +18,6 @@ import pickle
 import re
 import shutil
 import struct
-import tempfile
 import typing
 import zipfile
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from typing import Optional
 
-from .fileio import write_error
+from .fileio import atomic_write, write_error
 
 _REGISTERED = False
 
@@ -496,27 +495,14 @@ class CheckpointNotWritten(SystemExit):
 
 
 def atomic_copy(src: str, dst: str) -> bool:
-    """Copy ``src`` to ``dst`` through a temporary file and ``os.replace`` (never a partial ``dst``)."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+    """Copy ``src`` to ``dst`` through :func:`fileio.atomic_write` (never a partial ``dst``); the temporary
+    ``DST.PID.tmp`` is what a resumed run removes if a kill left it (``training.TEMPORARY_PATTERNS``)."""
+    def copy(tmp):
+        with open(src, "rb") as inp, open(tmp, "wb") as out:
             shutil.copyfileobj(inp, out, 16 * 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(dst, copy, tmp=f"{dst}.{os.getpid()}.tmp")
     return True
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def checkpoint_updates(path: str) -> Optional[int]:
