@@ -57,16 +57,7 @@ fi
 mkdir -p "$exp_dir/logs"
 exp_dir=$(cd "$exp_dir" && pwd)
 # one run per --exp-dir: flock on $exp_dir/.pahubert.lock (held by this shell and its children)
-lock_file=$exp_dir/.pahubert.lock
-exec 9>>"$lock_file"
-if ! command -v flock >/dev/null; then
-  echo "run.sh: warning: no flock command (util-linux): $exp_dir is not locked against a second run" >&2
-elif ! flock -n 9; then
-  echo "run.sh: $exp_dir is in use by another run (PID $(cat "$lock_file" 2>/dev/null || echo unknown)," \
-       "holding $lock_file); wait for it to finish, or give another --exp-dir" >&2
-  exit 1
-fi
-echo $$ > "$lock_file"
+. "$(dirname "${BASH_SOURCE[0]}")/../utils/lock_exp_dir.sh"
 # hydra override value: 'VALUE' quoted for hydra's lexer (a space in a path), quotes escaped
 hq() { printf "'%s'" "${1//\'/\\\'}"; }
 ckpt_dir=$exp_dir/checkpoints

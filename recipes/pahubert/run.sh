@@ -86,16 +86,7 @@ mkdir -p "$exp_dir" "$log_dir"
 log() { echo "[$(date '+%H:%M:%S')] $*"; }
 
 # ---- one run per --exp-dir: flock on $exp_dir/.pahubert.lock (held by this shell and its children) ---
-lock_file=$exp_dir/.pahubert.lock
-exec 9>>"$lock_file"
-if ! command -v flock >/dev/null; then
-  echo "run.sh: warning: no flock command (util-linux): $exp_dir is not locked against a second run" >&2
-elif ! flock -n 9; then
-  echo "run.sh: $exp_dir is in use by another run (PID $(cat "$lock_file" 2>/dev/null || echo unknown)," \
-       "holding $lock_file); wait for it to finish, or give another --exp-dir" >&2
-  exit 1
-fi
-echo $$ > "$lock_file"
+. "$(dirname "${BASH_SOURCE[0]}")/../utils/lock_exp_dir.sh"
 
 # ---- temporaries of an interrupted feature dump (dump_features writes each shard in feat/*/.<split>_<rank>_<n>.*/):
 # removed when a stage starts and when this script fails
