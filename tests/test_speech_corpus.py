@@ -321,3 +321,26 @@ def test_unlabelled_count():
     assert sn.unlabelled_count(0.2, 2) == 6
     assert sn.unlabelled_count(0.05, 2) == 2  # 3 s of audio -> 2 clips
     assert sn.unlabelled_count(0, 10) == 0
+
+
+def test_renderers_run_side_by_side_and_none_outlives_a_failure(tmp_path):
+    """The corpus generators' external commands (flite, espeak-ng, ffmpeg, FluidSynth) start together; one
+    that cannot start is named, and a timeout kills and reaps the others instead of leaving them running."""
+    import subprocess
+    import time
+
+    from pahubert_plugin.corpora.processes import run_side_by_side
+
+    done = run_side_by_side([["sh", "-c", "echo one"], ["sh", "-c", "echo two >&2; exit 3"]], 30,
+                            sn.SpeechCorpusError, "test")
+    assert done == [(0, "one\n", ""), (3, "", "two\n")]
+    with pytest.raises(sn.SpeechCorpusError, match=r"could not run .*no_such_renderer \(voices\)"):
+        run_side_by_side([["true"], [str(tmp_path / "no_such_renderer")]], 30, sn.SpeechCorpusError, "voices")
+    pids = [tmp_path / f"pid{i}" for i in range(2)]
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_side_by_side([["sh", "-c", f"echo $$ > {p}; exec sleep 60"] for p in pids], 1, sn.SpeechCorpusError, "t")
+    assert time.monotonic() - start < 20
+    for p in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(p.read_text()), 0)

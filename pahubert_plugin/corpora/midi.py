@@ -72,7 +72,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -81,6 +80,7 @@ import numpy as np
 
 from ..data.corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
 from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_wav, write_error
+from .processes import run_side_by_side
 
 logger = logging.getLogger(__name__)
 
@@ -874,26 +874,14 @@ def render_midis(pairs: Sequence[Tuple[str, str]], sample_rate: int, soundfont: 
     fast render spends about half its wall time waiting, so this halves a song's render time."""
     import soundfile as sf
 
-    procs = []
-    try:
-        for midi_path, wav_path in pairs:
-            cmd = _fluidsynth_cmd(fluidsynth, midi_path, wav_path, sample_rate, soundfont, room, gain)
-            try:
-                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                              stdin=subprocess.DEVNULL, text=True))
-            except OSError as e:
-                raise MidiCorpusError(f"could not run {fluidsynth} on {midi_path}: {e}") from e
-        outputs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    cmds = [_fluidsynth_cmd(fluidsynth, midi_path, wav_path, sample_rate, soundfont, room, gain)
+            for midi_path, wav_path in pairs]
+    results = run_side_by_side(cmds, 600, MidiCorpusError, f"rendering {len(pairs)} MIDI file(s)")
     audio_out = []
-    for (midi_path, wav_path), proc, (stdout, stderr) in zip(pairs, procs, outputs):
+    for (midi_path, wav_path), (returncode, stdout, stderr) in zip(pairs, results):
         tail = "\n".join((stderr + stdout).strip().splitlines()[-8:])
-        if proc.returncode != 0 or not os.path.isfile(wav_path) or "failed to load" in tail.lower():
-            raise MidiCorpusError(f"fluidsynth failed on {midi_path} (exit {proc.returncode}): "
+        if returncode != 0 or not os.path.isfile(wav_path) or "failed to load" in tail.lower():
+            raise MidiCorpusError(f"fluidsynth failed on {midi_path} (exit {returncode}): "
                                   f"{tail or 'no output'}")
         audio, sr = sf.read(wav_path, dtype="float64", always_2d=True)
         if sr != sample_rate:

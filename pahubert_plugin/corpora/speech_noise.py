@@ -97,6 +97,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..fileio import atomic_write_bytes, atomic_write_json, write_error
+from .processes import run_side_by_side
 
 logger = logging.getLogger(__name__)
 
@@ -651,24 +652,10 @@ def noise_scene(rng, n: int, sr: int, pool: dict, opensfx: Dict[str, np.ndarray]
 
 def _run_all(cmds: Sequence[List[str]], what: str) -> None:
     """Run commands side by side; a SpeechCorpusError with the stderr of the first one that fails."""
-    procs = []
-    try:
-        for argv in cmds:
-            try:
-                procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE, text=True))
-            except OSError as e:
-                raise SpeechCorpusError(f"could not run {argv[0]} ({what}): {e}") from e
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for argv, p, (so, se) in zip(cmds, procs, outputs):
-        if p.returncode != 0:
+    for argv, (returncode, so, se) in zip(cmds, run_side_by_side(cmds, 300, SpeechCorpusError, what)):
+        if returncode != 0:
             tail = " ".join((se + so).strip().splitlines()[-3:])
-            raise SpeechCorpusError(f"{os.path.basename(argv[0])} failed ({what}, exit {p.returncode}): "
+            raise SpeechCorpusError(f"{os.path.basename(argv[0])} failed ({what}, exit {returncode}): "
                                     f"{tail or 'no output'}")
 
 
