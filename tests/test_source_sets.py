@@ -275,3 +275,8 @@ def test_demo_report_says_where_a_validation_curve_peaked_and_whether_it_converg
     c = report.convergence(peaked)
     assert (c["best_update"], c["last_quarter_gain"], c["converged"]) == (200, 0.0, True)
     assert report.convergence([]) is None
+    # the summary's first lines say whether the arms were compared at their ceilings or within a budget
+    runs = {"a": report.convergence(rising), "b": report.convergence(flat)}
+    assert report.schedule_note({"convergence": runs}).startswith("1 of 2 runs were still gaining")
+    assert report.schedule_note({"convergence": {"b": runs["b"]}}).startswith("Every run (1) had stopped gaining")
+    assert "at convergence" in report.schedule_note({})
