@@ -71,6 +71,13 @@ def test_fused_layer_weights_mix_the_pretrained_layers(pretrained):
         first = fused(wav())
         fused.layer_weights.copy_(torch.tensor([-1e4, 1e4]))
         assert not torch.allclose(first, fused(wav()))
+    # the mix trains while the pretrained encoder stays frozen (its forward runs without gradient, the mix not)
+    with torch.no_grad():
+        fused.layer_weights.zero_()
+    fused.train()
+    fused(wav()).abs().mean().backward()
+    assert fused.layer_weights.grad is not None and fused.layer_weights.grad.abs().sum() > 0
+    assert all(p.grad is None for p in fused.fused_encoder.parameters())
 
 
 def test_fused_checkpoint_rebuilds_and_decodes_in_tiles(pretrained):

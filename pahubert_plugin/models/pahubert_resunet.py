@@ -231,9 +231,11 @@ class PahubertResUNetModel(SpectralSeparator):
         return (weights[:, None, None, None] * stacked).sum(0)
 
     def _fused_features(self, padded: torch.Tensor) -> torch.Tensor:
-        """The side encoder's features of ``padded`` (batch, channels, samples) -> (batch, tokens, D)."""
+        """The side encoder's features of ``padded`` (batch, channels, samples) -> (batch, tokens, D). A frozen
+        encoder runs without gradient; ``layer_weights``' mix of its layers is outside that and trains."""
         with torch.no_grad() if self.fused_frozen else contextlib.nullcontext():
-            return self._layer_mix(self.fused_encoder(padded))
+            out = self.fused_encoder(padded)
+        return self._layer_mix(out)
 
     def _bottleneck_map(self, out, padded: torch.Tensor) -> torch.Tensor:
         """The encoder's output -> the decoder's bottleneck map (batch, C_last, F', tokens)."""
