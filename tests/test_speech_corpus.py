@@ -344,3 +344,37 @@ def test_renderers_run_side_by_side_and_none_outlives_a_failure(tmp_path):
     for p in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(int(p.read_text()), 0)
+
+
+_WORKER_STATE = {"offset": 0}
+
+
+def _set_offset(offset):
+    _WORKER_STATE["offset"] = offset
+
+
+def _slow_square(x):
+    import time
+    if x < 0:
+        os._exit(1)  # the worker process dies, as when it is killed or out of memory
+    time.sleep(0.3 if x == 0 else 0.0)  # the first job finishes last
+    return x * x + _WORKER_STATE["offset"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jobs_come_back_in_order_and_a_dead_worker_is_named(workers):
+    """The generators' worker pool: results in job order whatever order the workers finish in, the
+    initializer runs in every worker (or here), and a worker that dies raises or becomes that job's
+    result."""
+    from pahubert_plugin.corpora.processes import map_jobs
+
+    _set_offset(0)
+    assert map_jobs(_slow_square, [0, 1, 2, 3], workers, "t", "job", progress=False,
+                    initializer=_set_offset, initargs=(10,)) == [10, 11, 14, 19]
+    if workers > 1:
+        with pytest.raises(Exception):
+            map_jobs(_slow_square, [1, -1], workers, "t", "job", progress=False)
+        got = map_jobs(_slow_square, [2, -1], workers, "t", "job", progress=False,
+                       on_worker_error=lambda job, e: f"job {job} failed: {type(e).__name__}")
+        # the pool breaks: the dead worker's job, and any still pending, get the error as their result
+        assert got[1] == "job -1 failed: BrokenProcessPool" and got[0] in (4, "job 2 failed: BrokenProcessPool")

@@ -65,7 +65,6 @@ renders ~2 s past the last MIDI event (its player's release wait). Reverb and ch
 costs ~3 s of loading per stem (two 20 s songs took 39 s under the same load).
 """
 import argparse
-import concurrent.futures
 import hashlib
 import json
 import logging
@@ -80,7 +79,7 @@ import numpy as np
 
 from ..data.corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
 from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_wav, write_error
-from .processes import run_side_by_side
+from .processes import map_jobs, run_side_by_side
 
 logger = logging.getLogger(__name__)
 
@@ -1003,8 +1002,6 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
                     progress: bool = True, unlabelled_hours: Optional[float] = None) -> dict:
     """Write the corpus under ``out`` (see the module docstring); returns the corpus.json dict,
     with ``"rendered"`` = the number of songs rendered by this call (0 when all were cached)."""
-    from tqdm import tqdm
-
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"OUT {out} is a file, not a folder")
@@ -1046,21 +1043,8 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
     jobs_list = [(out, split, i, nm, song_params, exe)
                  for split in ("train", "test", "unlabelled") for i, nm in enumerate(names[split])]
     rendered = 0
-    bar = tqdm(total=len(jobs_list), desc="midi corpus", unit="song", disable=not progress)
-    results = []
-    if jobs > 1 and len(jobs_list) > 1:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(make_song, job) for job in jobs_list]
-            for fut in concurrent.futures.as_completed(futures):
-                results.append(fut.result())
-                bar.update()
-    else:
-        for job in jobs_list:
-            results.append(make_song(job))
-            bar.update()
-    bar.close()
-    order = {nm: k for k, (_, _, _, nm, _, _) in enumerate(jobs_list)}
-    for split, nm, info, did in sorted(results, key=lambda r: order[r[1]]):
+    results = map_jobs(make_song, jobs_list, jobs, "midi corpus", "song", progress)
+    for split, nm, info, did in results:
         meta["songs"][split][nm] = info
         rendered += int(did)
     meta["status"] = "complete"

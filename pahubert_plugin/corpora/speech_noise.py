@@ -77,7 +77,6 @@ asterisk-core-sounds-es-g722, openttd-opensfx (base-files provides the licence t
 Optional: ``pip install pyroomacoustics==0.10.1`` for ``--reverb``.
 """
 import argparse
-import concurrent.futures
 import functools
 import hashlib
 import io
@@ -97,7 +96,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..fileio import atomic_write_bytes, atomic_write_json, write_error
-from .processes import run_side_by_side
+from .processes import map_jobs, run_side_by_side
 
 logger = logging.getLogger(__name__)
 
@@ -943,8 +942,6 @@ def generate_corpus(out, train_clips: int = 200, valid_clips: int = 20, test_cli
                     flite: Optional[str] = None, espeak_ng: Optional[str] = None) -> dict:
     """Write the corpus under ``out`` (see the module docstring) and return corpus.json's dict with
     ``rendered`` (clips rendered by this call), ``failed`` (``{clip: error}``) and ``seconds``."""
-    from tqdm import tqdm
-
     t0 = time.time()
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -992,28 +989,10 @@ def generate_corpus(out, train_clips: int = 200, valid_clips: int = 20, test_cli
     removed = _remove_stale(out, names)
 
     jobs_list = [(out, split, i, nm, clip_params) for split in SPLITS for i, nm in enumerate(names[split])]
-    results = []
-    bar = tqdm(total=len(jobs_list), desc="speech corpus", unit="clip", disable=not progress)
-    if jobs > 1 and len(jobs_list) > 1:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker,
-                                                    initargs=(ctx,)) as pool:
-            futures = {pool.submit(make_clip, job): job for job in jobs_list}
-            for fut in concurrent.futures.as_completed(futures):
-                try:
-                    results.append(fut.result())
-                except Exception as e:  # noqa: BLE001 -- a worker died (killed, out of memory)
-                    job = futures[fut]
-                    results.append((job[1], job[3], None, False, f"worker process failed: {type(e).__name__}: {e}"))
-                bar.update()
-    else:
-        _init_worker(ctx)
-        for job in jobs_list:
-            results.append(make_clip(job))
-            bar.update()
-    bar.close()
-
-    order = {(job[1], job[3]): k for k, job in enumerate(jobs_list)}
-    results.sort(key=lambda r: order[(r[0], r[1])])
+    def worker_died(job, e):
+        return job[1], job[3], None, False, f"worker process failed: {type(e).__name__}: {e}"
+    results = map_jobs(make_clip, jobs_list, jobs, "speech corpus", "clip", progress,
+                       initializer=_init_worker, initargs=(ctx,), on_worker_error=worker_died)
     clips = {s: {} for s in SPLITS}
     failed, rendered = {}, 0
     for split, nm, info, did, error in results:

@@ -39,7 +39,6 @@ A finished corpus with the same parameters is reused; a folder holding a corpus 
 other parameters is refused unless ``--overwrite`` is given.
 """
 import argparse
-import concurrent.futures
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ import numpy as np
 from ..data.corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
 from ..fileio import atomic_write_text, atomic_write_wav, write_error
 from ..frames import hop_length
+from .processes import map_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -600,8 +600,6 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
     Reuses a finished corpus with the same parameters; refuses a folder holding another
     corpus (or foreign musdb/ or unlabelled/ folders) unless ``overwrite``.
     """
-    from tqdm import tqdm
-
     out = os.fspath(out)
     for name, value in (("unlabelled", unlabelled), ("train", train), ("test", test)):
         if value < 0:
@@ -630,20 +628,10 @@ def generate_corpus(out, unlabelled: int = 40, train: int = 8, test: int = 6, se
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
     jobs_list = [(out, split, i, nm, seconds, sample_rate, seed)
                  for split in ("train", "test", "unlabelled") for i, nm in enumerate(names[split])]
-    bar = tqdm(total=len(jobs_list), desc="toy corpus", unit="song", disable=not progress)
-    if jobs > 1 and len(jobs_list) > 1:
+    if jobs > 1:
         import scipy.signal  # noqa: F401  (loaded once before the pool forks, not in every worker)
-
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-            for split, nm, info in pool.map(_make_song, jobs_list):
-                meta["songs"][split][nm] = info
-                bar.update()
-    else:
-        for job in jobs_list:
-            split, nm, info = _make_song(job)
-            meta["songs"][split][nm] = info
-            bar.update()
-    bar.close()
+    for split, nm, info in map_jobs(_make_song, jobs_list, jobs, "toy corpus", "song", progress):
+        meta["songs"][split][nm] = info
     meta["status"] = "complete"
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return meta
