@@ -107,6 +107,8 @@ def test_quick_speech_demo_end_to_end(tmp_path, quick_speech_work):
     assert "done before (40 updates), reused" in proc.stdout and ckpt1.stat().st_mtime_ns == before
     ckpt2 = work / "pahubert" / "pretrain" / "iter2_mfcc_k16_l3_k8" / "checkpoints" / "checkpoint_last.pt"
     assert ckpt2.is_file(), proc.stdout[-3000:]
+    # iteration 2 clusters the checkpoint the pretrained arm fine-tunes from: the end of iteration 1
+    assert "iter1_mfcc_k16/checkpoints/checkpoint_last.pt -> k-means 8" in proc.stdout, proc.stdout[-3000:]
 
 
 @pytest.mark.parametrize("args, message", [

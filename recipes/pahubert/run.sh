@@ -306,7 +306,7 @@ if [ $stage -le 4 ] && [ $stop_stage -ge 4 ] && mapfile -t inputs < <(pretrain_i
   end_stage 4
 fi
 
-ckpt1=$iter1_dir/checkpoints/checkpoint_best.pt
+ckpt1=$iter1_dir/checkpoints/checkpoint_last.pt  # the end of the schedule, as fine-tuning uses
 if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
   [ -f "$ckpt1" ] || { echo "run.sh: stage 5 needs $ckpt1 (run stage 4)" >&2; exit 1; }
 fi
