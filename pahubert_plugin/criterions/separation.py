@@ -6,7 +6,15 @@ example is the mean over sources of each source's loss; logs carry ``loss`` and
 ``loss_<source>`` (all sums over examples, normalised by ``sample_size`` = examples).
 The multi-resolution STFT term is spectral convergence + log-magnitude L1 per resolution
 (Yamamoto et al., Parallel WaveGAN, 2020), averaged over resolutions.
+
+Mixture invariant training (Wisdom et al., "Unsupervised sound separation using mixture invariant
+training", NeurIPS 2020), semi-supervised: batch rows marked ``sample["mixit"]`` are a mixture of two
+unlabelled mixtures (``task.mixit_data``). The model's outputs (``slots_per_source`` per source, called
+with ``slots=True``) are split between the two mixtures in the way that reconstructs them best, and that
+reconstruction's loss (the same loss, the two mixtures in place of the sources) times ``mixit_weight``
+is the row's loss (logged as ``loss_mixit``). Labelled rows train the sum of each source's slots.
 """
+import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -23,7 +31,16 @@ class SeparationCriterionConfig(FairseqDataclass):
     stft_weight: float = field(default=0.0, metadata={"help": "weight of the multi-resolution STFT loss (0: off)"})
     stft_fft_sizes: List[int] = field(default_factory=lambda: [512, 1024, 2048], metadata={
         "help": "FFT sizes of the multi-resolution STFT loss (hop = size / 4, Hann window)"})
+    mixit_weight: float = field(default=1.0, metadata={
+        "help": "weight of the mixture invariant loss of rows that mix two unlabelled mixtures (task.mixit_data)"})
     sources: List[str] = II("task.sources")
+
+
+def mixit_assignments(outputs: int) -> torch.Tensor:
+    """Every way to give each of ``outputs`` outputs to one of two mixtures: ``(2 ** outputs, 2, outputs)``
+    of 0/1, each output in exactly one row."""
+    first = torch.tensor(list(itertools.product((0.0, 1.0), repeat=outputs)))  # (A, outputs)
+    return torch.stack([first, 1.0 - first], dim=1)
 
 
 def multi_resolution_stft_loss(est: torch.Tensor, ref: torch.Tensor, fft_sizes: List[int]) -> torch.Tensor:
@@ -46,11 +63,14 @@ def multi_resolution_stft_loss(est: torch.Tensor, ref: torch.Tensor, fft_sizes: 
 
 @register_criterion("separation", dataclass=SeparationCriterionConfig)
 class SeparationCriterion(FairseqCriterion):
-    def __init__(self, task, wave_weight=1.0, stft_weight=0.0, stft_fft_sizes=(512, 1024, 2048), sources=()):
+    def __init__(self, task, wave_weight=1.0, stft_weight=0.0, stft_fft_sizes=(512, 1024, 2048), mixit_weight=1.0,
+                 sources=()):
         super().__init__(task)
         if wave_weight <= 0 and stft_weight <= 0:
             raise ValueError("criterion: wave_weight and stft_weight are both 0; nothing to train on")
-        self.wave_weight, self.stft_weight = wave_weight, stft_weight
+        if mixit_weight < 0:
+            raise ValueError(f"criterion.mixit_weight must be >= 0, got {mixit_weight}")
+        self.wave_weight, self.stft_weight, self.mixit_weight = wave_weight, stft_weight, mixit_weight
         self.stft_fft_sizes = list(stft_fft_sizes)
         self.sources = list(sources) or list(getattr(task, "sources", []))
 
@@ -60,27 +80,66 @@ class SeparationCriterion(FairseqCriterion):
         if estimates.shape != target.shape:
             raise ValueError(f"model returned {tuple(estimates.shape)}, target is {tuple(target.shape)} "
                              f"(batch, sources, channels, samples)")
-        per_source = estimates.new_zeros(estimates.shape[:2])  # (batch, sources)
-        if self.wave_weight > 0:
-            per_source = per_source + self.wave_weight * (estimates - target).abs().mean(dim=(-2, -1))
-        if self.stft_weight > 0:
-            per_source = per_source + self.stft_weight * multi_resolution_stft_loss(
-                estimates, target, self.stft_fft_sizes)
+        per_source = self.per_source_loss(estimates, target)  # (batch, sources)
         names = self.sources if len(self.sources) == per_source.shape[1] else [
             str(i) for i in range(per_source.shape[1])]
         parts = {f"loss_{n}": per_source[:, j].detach().sum() for j, n in enumerate(names)}
         return per_source.mean(dim=1).sum(), parts
 
+    def per_source_loss(self, estimates: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(batch, sources, channels, samples)`` each -> ``(batch, sources)``."""
+        per_source = estimates.new_zeros(estimates.shape[:2])
+        if self.wave_weight > 0:
+            per_source = per_source + self.wave_weight * (estimates - target).abs().mean(dim=(-2, -1))
+        if self.stft_weight > 0:
+            per_source = per_source + self.stft_weight * multi_resolution_stft_loss(
+                estimates, target, self.stft_fft_sizes)
+        return per_source
+
+    def mixit_loss(self, outputs: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        """``outputs (batch, M, channels, samples)``, ``refs (batch, 2, channels, samples)`` (the two mixtures
+        that were mixed) -> per row, the loss of the assignment of outputs to mixtures that reconstructs them
+        best (mean over the two mixtures), ``(batch,)``."""
+        b, m = outputs.shape[:2]
+        assign = mixit_assignments(m).to(outputs)  # (A, 2, M)
+        remix = torch.einsum("aom,bmct->baoct", assign, outputs)  # (batch, A, 2, channels, samples)
+        a = assign.shape[0]
+        per_mix = self.per_source_loss(remix.flatten(0, 1), refs.repeat_interleave(a, dim=0))  # (batch * A, 2)
+        return per_mix.mean(dim=1).view(b, a).min(dim=1).values
+
     def forward(self, model, sample, reduce=True):
-        estimates = model(**sample["net_input"])
-        loss, parts = self.compute_loss(estimates, sample["target"])
+        mixit = sample.get("mixit")
+        if mixit is None or not bool(mixit.any()):
+            estimates = model(**sample["net_input"])
+            loss, parts = self.compute_loss(estimates, sample["target"])
+        else:
+            loss, parts = self._forward_mixit(model, sample, mixit.to(sample["target"].device))
         batch = sample["target"].shape[0]
         logging_output = {
             "loss": loss.item(), "sample_size": batch, "nsentences": batch,
             "ntokens": sample.get("ntokens", batch),
             **{k: v.item() for k, v in parts.items()},
         }
+        if mixit is not None:  # the per-source losses are over the labelled rows, loss_mixit over the others
+            logging_output["nmixit"] = int(mixit.sum())
         return loss, batch, logging_output
+
+    def _forward_mixit(self, model, sample, mixit: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        target = sample["target"]
+        outputs = model(**sample["net_input"], slots=True)  # (batch, sources * slots, channels, samples)
+        sources = target.shape[1]
+        if outputs.shape[1] % sources or outputs.shape[1] // sources < 2:
+            raise ValueError(f"mixture invariant training (task.mixit_data) needs model.slots_per_source >= 2; the "
+                             f"model gives {outputs.shape[1]} outputs for {sources} sources")
+        estimates = outputs.unflatten(1, (sources, -1)).sum(2)
+        labelled = ~mixit
+        if bool(labelled.any()):
+            loss, parts = self.compute_loss(estimates[labelled], target[labelled])
+        else:
+            loss, parts = outputs.new_zeros(()), {}
+        mixed = self.mixit_weight * self.mixit_loss(outputs[mixit], sample["mixit_refs"][mixit]).sum()
+        parts["loss_mixit"] = mixed.detach()
+        return loss + mixed, parts
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -89,10 +148,13 @@ class SeparationCriterion(FairseqCriterion):
             return
         loss = sum(log.get("loss", 0.0) for log in logging_outputs)
         metrics.log_scalar("loss", loss / sample_size, sample_size, round=4)
+        mixed = sum(log.get("nmixit", 0) for log in logging_outputs)
         keys = sorted({k for log in logging_outputs for k in log if k.startswith("loss_")})
         for k in keys:
             value = sum(log.get(k, 0.0) for log in logging_outputs)
-            metrics.log_scalar(k, value / sample_size, sample_size, round=4)
+            rows = mixed if k == "loss_mixit" else sample_size - mixed  # each loss over the rows it is of
+            if rows > 0:
+                metrics.log_scalar(k, value / rows, rows, round=4)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -17,8 +17,9 @@ Datasets
     augmentations (each source from a random track, random gain, channel swap, sign flip);
     the mixture is the sum of the augmented sources.
   * :class:`TrackDataset`: whole tracks (optionally capped) for validation/test.
-Both collate to ``{"id", "net_input": {"mixture": (B, C, T)}, "target": (B, S, C, T),
-"nsentences", "ntokens"}`` (TrackDataset adds ``"lengths"``, zero-pads to the longest).
+Both collate to ``{"id", "net_input": {"mixture": (B, C, T)}, "target": (B, S, C, T), "lengths",
+"nsentences", "ntokens"}`` (zero-padded to the longest); batches with mixtures of mixtures add
+``"mixit"`` (B,) and ``"mixit_refs"`` (B, 2, C, T).
 """
 import dataclasses
 import os
@@ -164,6 +165,31 @@ def list_pseudo_tracks(folder: str, sources: Sequence[str], sample_rate: int) ->
     return [_wav_track(os.path.join(folder, n), n, sources, sample_rate, with_mixture=False) for n in names]
 
 
+AUDIO_EXTENSIONS = (".wav", ".flac")
+
+
+def list_mixtures(folder: str, sample_rate: int) -> List[StemTrack]:
+    """Unlabelled mixtures, the audio files directly in ``folder`` (e.g. the speech corpus's ``unlabelled/``),
+    as tracks with a ``mixture`` stem only: what mixture invariant training (``task.mixit_data``) mixes."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"task.mixit_data: no folder {folder} (expected audio files of unlabelled mixtures)")
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(AUDIO_EXTENSIONS)
+                   and os.path.isfile(os.path.join(folder, f)))
+    if len(names) < 2:
+        raise ValueError(f"task.mixit_data: {folder} holds {len(names)} audio files ({'/'.join(AUDIO_EXTENSIONS)}); "
+                         f"mixing two mixtures needs at least 2")
+    tracks = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            n = audio_info(path).samples_at(sample_rate)
+        except AudioError as e:
+            raise AudioError(path, f"task.mixit_data: {e.reason}") from None
+        tracks.append(StemTrack(name=os.path.splitext(name)[0], num_samples=n, paths={"mixture": path},
+                                rate=sample_rate))
+    return tracks
+
+
 def split_tracks(root: str, split: str, sources: Sequence[str], sample_rate: int, is_wav: bool = True,
                  num_valid_tracks: int = 0, train_tracks: int = 0) -> List[StemTrack]:
     """Tracks of a fairseq split: ``train``, ``valid`` (see module doc) or any subset folder."""
@@ -219,14 +245,21 @@ class StemsChunkDataset(FairseqDataset):
     them with probability ``pseudo_prob``, each source from an independently drawn clip when
     ``augment.random_mix``: the teacher's speech of one clip over its noise of another, the remixing of
     RemixIT (Tzinis et al., 2022), here with a fixed teacher (one round of teacher-student).
+
+    With ``mixit_tracks`` (unlabelled mixtures), an example is with probability ``mixit_prob`` a mixture of
+    two of them (each a random crop with the gain, channel and sign augmentations) whose target is the two
+    mixtures, ``"mixit_refs"`` ``(2, channels, segment)``: mixture invariant training (Wisdom et al., 2020)
+    beside the labelled examples. Its ``"target"`` is zeros and is not used.
     """
 
     def __init__(self, tracks: List[StemTrack], sources: Sequence[str], sample_rate: int, channels: int,
                  segment: int, samples_per_track: int, augment: Augment, seed: int = 1,
-                 pseudo_tracks: Optional[List[StemTrack]] = None, pseudo_prob: float = 0.0):
+                 pseudo_tracks: Optional[List[StemTrack]] = None, pseudo_prob: float = 0.0,
+                 mixit_tracks: Optional[List[StemTrack]] = None, mixit_prob: float = 0.0):
         if not tracks:
             raise ValueError("no training tracks")
         self.pseudo_tracks, self.pseudo_prob = list(pseudo_tracks or []), float(pseudo_prob)
+        self.mixit_tracks, self.mixit_prob = list(mixit_tracks or []), float(mixit_prob)
         self.tracks, self.sources = tracks, list(sources)
         self.sample_rate, self.channels, self.segment = sample_rate, channels, segment
         self.samples_per_track, self.augment, self.seed = samples_per_track, augment, seed
@@ -246,9 +279,24 @@ class StemsChunkDataset(FairseqDataset):
             offset = int(rng.integers(0, track.num_samples - self.segment + 1))
         return track.read(stem, self.sample_rate, self.channels, offset, self.segment), offset
 
+    def _augment(self, wav: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        aug = self.augment
+        wav = wav * float(rng.uniform(aug.gain_min, aug.gain_max))
+        if aug.channel_swap and wav.shape[0] == 2 and rng.random() < 0.5:
+            wav = wav.flip(0)
+        if aug.sign_flip and rng.random() < 0.5:
+            wav = -wav
+        return wav
+
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         aug = self.augment
+        if self.mixit_tracks and rng.random() < self.mixit_prob:  # no draw without them: same streams as before
+            picks = rng.choice(len(self.mixit_tracks), size=2, replace=False)
+            refs = torch.stack([self._augment(self._crop(self.mixit_tracks[k], "mixture", rng, None)[0], rng)
+                                for k in picks])  # (2, channels, segment)
+            target = refs.new_zeros(len(self.sources), *refs.shape[1:])
+            return {"id": index, "mixture": refs.sum(0), "target": target, "mixit_refs": refs}
         pool, own = self.tracks, self.tracks[index // self.samples_per_track]
         if self.pseudo_tracks and rng.random() < self.pseudo_prob:  # no draw without them: same streams as before
             pool = self.pseudo_tracks
@@ -259,12 +307,7 @@ class StemsChunkDataset(FairseqDataset):
             track = pool[int(rng.integers(len(pool)))] if aug.random_mix else own
             wav, off = self._crop(track, src, rng, None if aug.random_mix else offset)
             offset = off if not aug.random_mix else None
-            wav = wav * float(rng.uniform(aug.gain_min, aug.gain_max))
-            if aug.channel_swap and wav.shape[0] == 2 and rng.random() < 0.5:
-                wav = wav.flip(0)
-            if aug.sign_flip and rng.random() < 0.5:
-                wav = -wav
-            stems.append(wav)
+            stems.append(self._augment(wav, rng))
         target = torch.stack(stems)  # (sources, channels, segment)
         return {"id": index, "mixture": target.sum(0), "target": target}
 
@@ -323,7 +366,7 @@ def collate(samples: List[dict]) -> dict:
     longest = max(lengths)
     pad = lambda x: torch.nn.functional.pad(x, (0, longest - x.shape[-1]))  # noqa: E731
     mixture = torch.stack([pad(s["mixture"]) for s in samples])
-    return {
+    batch = {
         "id": torch.LongTensor([s["id"] for s in samples]),
         "net_input": {"mixture": mixture},
         "target": torch.stack([pad(s["target"]) for s in samples]),
@@ -331,3 +374,8 @@ def collate(samples: List[dict]) -> dict:
         "nsentences": len(samples),
         "ntokens": int(sum(lengths)),
     }
+    if any("mixit_refs" in s for s in samples):  # mixtures of mixtures: "mixit" marks them, zeros elsewhere
+        zeros = mixture.new_zeros(2, *mixture.shape[1:])
+        batch["mixit"] = torch.BoolTensor(["mixit_refs" in s for s in samples])
+        batch["mixit_refs"] = torch.stack([pad(s["mixit_refs"]) if "mixit_refs" in s else zeros for s in samples])
+    return batch

@@ -35,7 +35,7 @@ from torch import nn
 from .blocks import ResUNetDecoder, encoder_reach, res_block, round_up, time_reach
 from .pahubert import PahubertEncoder, encoder_config
 from .pretrained import PretrainedEncoderConfig, load_pretrained_weights, remember, resolve_pretrained
-from .resunet import MASK_MAGNITUDE_HELP, SpectralSeparator
+from .resunet import MASK_MAGNITUDE_HELP, SLOTS_HELP, SpectralSeparator
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class PahubertResUNetConfig(PretrainedEncoderConfig):
         "help": "stem skips the decoder takes, shallowest first (-1: all, Res-U-Net style; 0: none, so "
                 "everything the decoder knows beyond the mixture passes through the transformer)"})
     mask_magnitude: str = field(default="relu", metadata={"help": MASK_MAGNITUDE_HELP})
+    slots_per_source: int = field(default=1, metadata={"help": SLOTS_HELP})
     layer_weights: bool = field(default=False, metadata={
         "help": "decode a learned softmax-weighted sum of every transformer layer's output (SUPERB "
                 "style) instead of the last layer's, whose features are the most specific to the "
@@ -108,7 +109,8 @@ class PahubertResUNetModel(SpectralSeparator):
 
     def __init__(self, cfg: PahubertResUNetConfig, encoder_cfg):
         super().__init__(cfg.sources, cfg.sample_rate, cfg.audio_channels, None,
-                         getattr(cfg, "mask_magnitude", "relu"))  # older checkpoints: relu
+                         getattr(cfg, "mask_magnitude", "relu"),  # older checkpoints: relu
+                         getattr(cfg, "slots_per_source", 1))
         enc_cfg = OmegaConf.merge(OmegaConf.create(encoder_cfg))
         with open_dict(enc_cfg):
             if cfg.encoder_layerdrop >= 0:

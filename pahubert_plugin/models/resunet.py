@@ -28,6 +28,8 @@ MAGNITUDES = ("relu", "leaky")
 MASK_MAGNITUDE_HELP = ("magnitude of the decoupled mask head, |Y| = act(|X| sigmoid(m) + q): relu (Kong et al.; "
                        "a bin below zero outputs silence and gets no gradient) or leaky (LeakyReLU 0.01: dead bins "
                        "keep a gradient)")
+SLOTS_HELP = ("outputs per source, summed into its estimate (1: one); > 1 lets mixture invariant training "
+              "(task.mixit_data) assign the outputs of a mixture of two unlabelled mixtures to either of them")
 
 
 def parse_strides(text: str) -> List[Tuple[int, int]]:
@@ -116,18 +118,25 @@ class SpectralSeparator(BaseFairseqModel):
     """
 
     def __init__(self, sources: Sequence[str], sample_rate: int, audio_channels: int, spectrogram: Spectrogram,
-                 mask_magnitude: str = "relu"):
+                 mask_magnitude: str = "relu", slots_per_source: int = 1):
         super().__init__()
         self.sources, self.sample_rate, self.audio_channels = list(sources), int(sample_rate), int(audio_channels)
         self.spectrogram = spectrogram
-        self.mask_head = DecoupledMaskHead(len(self.sources), self.audio_channels, mask_magnitude)
+        if int(slots_per_source) < 1:
+            raise ValueError(f"model.slots_per_source must be >= 1, got {slots_per_source}")
+        self.slots_per_source = int(slots_per_source)
+        self.mask_head = DecoupledMaskHead(len(self.sources) * self.slots_per_source, self.audio_channels,
+                                           mask_magnitude)
 
     def estimate_spec(self, padded: torch.Tensor) -> torch.Tensor:
-        """``padded (batch, channels, samples)`` -> complex ``(batch, sources, channels, freq, frames)``."""
+        """``padded (batch, channels, samples)`` -> complex ``(batch, sources * slots_per_source, channels, freq,
+        frames)``, the slots of each source next to each other."""
         raise NotImplementedError
 
-    def forward(self, mixture: torch.Tensor) -> torch.Tensor:
-        """``mixture (batch, channels, samples)`` -> ``estimates (batch, sources, channels, samples)``."""
+    def forward(self, mixture: torch.Tensor, slots: bool = False) -> torch.Tensor:
+        """``mixture (batch, channels, samples)`` -> ``estimates (batch, sources, channels, samples)``; each
+        source is the sum of its ``slots_per_source`` outputs. ``slots=True``: the outputs themselves,
+        ``(batch, sources * slots_per_source, channels, samples)`` (what mixture invariant training assigns)."""
         if mixture.dim() != 3 or mixture.shape[1] != self.audio_channels:
             raise ValueError(f"mixture must be (batch, {self.audio_channels}, samples), got {tuple(mixture.shape)}")
         length = mixture.shape[-1]
@@ -135,6 +144,8 @@ class SpectralSeparator(BaseFairseqModel):
         padded_len = -(-length // hop) * hop + hop
         padded = nn.functional.pad(mixture, (0, padded_len - length))
         est_spec = self.estimate_spec(padded)
+        if self.slots_per_source > 1 and not slots:  # the iSTFT is linear: sum the slots' spectrograms
+            est_spec = est_spec.unflatten(1, (len(self.sources), self.slots_per_source)).sum(2)
         return self.spectrogram.inverse(est_spec, padded_len)[..., :length]
 
 
@@ -158,6 +169,7 @@ class ResUNetConfig(FairseqDataclass):
     units: int = field(default=4, metadata={"help": "residual units per encoder/decoder block"})
     bottleneck_units: int = field(default=4, metadata={"help": "residual units at the bottleneck (0: none)"})
     mask_magnitude: str = field(default="relu", metadata={"help": MASK_MAGNITUDE_HELP})
+    slots_per_source: int = field(default=1, metadata={"help": SLOTS_HELP})
 
 
 class ResUNet(nn.Module):
@@ -192,7 +204,8 @@ class ResUNetModel(SpectralSeparator):
     def __init__(self, cfg: ResUNetConfig):
         super().__init__(cfg.sources, cfg.sample_rate, cfg.audio_channels,
                          Spectrogram(cfg.sample_rate, cfg.n_fft or None),
-                         getattr(cfg, "mask_magnitude", "relu"))  # older checkpoints: relu
+                         getattr(cfg, "mask_magnitude", "relu"),  # older checkpoints: relu
+                         getattr(cfg, "slots_per_source", 1))
         self.net = ResUNet(self.audio_channels, self.spectrogram.freq_bins, list(cfg.channels),
                            block_strides(cfg), cfg.units, cfg.bottleneck_units, self.mask_head.out_channels)
 

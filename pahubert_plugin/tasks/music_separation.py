@@ -23,7 +23,7 @@ from omegaconf import II, MISSING
 from .. import frames
 from ..separation.overlap import apply_model
 from ..data.stems_dataset import (
-    MUSDB_SOURCES, Augment, StemsChunkDataset, TrackDataset, list_pseudo_tracks, split_tracks,
+    MUSDB_SOURCES, Augment, StemsChunkDataset, TrackDataset, list_mixtures, list_pseudo_tracks, split_tracks,
 )
 from ..metrics import sdr, si_sdr
 from ..models.pretrained import persist_config_updates
@@ -63,6 +63,14 @@ class MusicSeparationConfig(FairseqDataclass):
                 "it with probability pseudo_prob, sources from different clips (RemixIT-style remixing)"})
     pseudo_prob: float = field(default=0.5, metadata={
         "help": "with pseudo_data: probability that a training example is made of teacher estimates"})
+    # mixture invariant training: unlabelled mixtures
+    mixit_data: str = field(default="", metadata={
+        "help": "folder of unlabelled mixtures (audio files, e.g. the speech corpus's unlabelled/): with "
+                "probability mixit_prob a training example is the sum of two of them, and the model's outputs "
+                "(model.slots_per_source >= 2) are assigned to whichever reconstructs the two best (MixIT, "
+                "Wisdom et al. 2020) beside the labelled examples"})
+    mixit_prob: float = field(default=0.5, metadata={
+        "help": "with mixit_data: probability that a training example is a mixture of two unlabelled mixtures"})
     # validation
     valid_seconds: float = field(default=0.0, metadata={
         "help": "if > 0, validate on the first N seconds of each track only (small CPU runs)"})
@@ -88,6 +96,7 @@ def check_options(cfg) -> None:
         ("valid_overlap", lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the chunk)"),
         ("valid_chunk_batch", lambda v: v >= 1, ">= 1 chunk"),
         ("pseudo_prob", lambda v: 0 <= v <= 1, "in [0, 1] (a probability)"),
+        ("mixit_prob", lambda v: 0 <= v <= 1, "in [0, 1] (a probability)"),
     ])
 
 
@@ -112,6 +121,10 @@ class MusicSeparationTask(FairseqTask):
         is written into ``cfg``, the model config fairseq saves (``models.pretrained``)."""
         model = super().build_model(cfg, from_checkpoint)
         persist_config_updates(model, cfg)
+        if self.cfg.mixit_data and getattr(model, "slots_per_source", 1) < 2:
+            raise ValueError(f"task.mixit_data needs a model with several outputs per source to assign to the two "
+                             f"mixtures: set model.slots_per_source=2 or more (resunet, pahubert_resunet); this "
+                             f"{type(model).__name__} has {getattr(model, 'slots_per_source', 1)}")
         return model
 
     def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
@@ -126,10 +139,15 @@ class MusicSeparationTask(FairseqTask):
             if pseudo:
                 logger.info(f"train: {len(pseudo)} pseudo-labelled clips from {cfg.pseudo_data}, "
                             f"p={cfg.pseudo_prob:g} per example")
+            mixtures = list_mixtures(cfg.mixit_data, cfg.sample_rate) if cfg.mixit_data else []
+            if mixtures:
+                logger.info(f"train: {len(mixtures)} unlabelled mixtures from {cfg.mixit_data} for mixture "
+                            f"invariant training, p={cfg.mixit_prob:g} per example")
             self.datasets[split] = StemsChunkDataset(
                 tracks, self.sources, cfg.sample_rate, cfg.audio_channels,
                 int(round(cfg.segment * cfg.sample_rate)), cfg.samples_per_track, augment, cfg.seed,
-                pseudo_tracks=pseudo, pseudo_prob=cfg.pseudo_prob)
+                pseudo_tracks=pseudo, pseudo_prob=cfg.pseudo_prob, mixit_tracks=mixtures,
+                mixit_prob=cfg.mixit_prob)
         else:
             self.datasets[split] = TrackDataset(
                 tracks, self.sources, cfg.sample_rate, cfg.audio_channels,
