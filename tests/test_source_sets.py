@@ -280,3 +280,23 @@ def test_demo_report_says_where_a_validation_curve_peaked_and_whether_it_converg
     assert report.schedule_note({"convergence": runs}).startswith("1 of 2 runs were still gaining")
     assert report.schedule_note({"convergence": {"b": runs["b"]}}).startswith("Every run (1) had stopped gaining")
     assert "at convergence" in report.schedule_note({})
+
+
+def test_demo_report_reads_the_whole_curve_of_a_resumed_run(tmp_path):
+    """run.sh appends to a run's train.log, so a run stopped and resumed from its checkpoint keeps its first
+    validations; those it repeats after the checkpoint count once, the later value."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples" / "demo"))
+    import report
+
+    def valid(update, score):
+        return (f'[2026-12-06 10:00:00,000][valid][INFO] - {{"epoch": 1, "valid_si_sdr": "{score}", '
+                f'"valid_num_updates": "{update}"}}\n')
+
+    run = tmp_path / "pretrained_n12_s1"
+    run.mkdir()
+    (run / "train.log").write_text("run.sh: fine-tuning started\n" + valid(100, 1.0) + valid(200, 2.0) + valid(300, 2.2)
+                                   + "run.sh: fine-tuning started\n" + valid(300, 2.1) + valid(400, 3.0))
+    assert report.valid_curves(str(tmp_path), "valid_si_sdr") == {
+        ("pretrained", 12, 1): [(100, 1.0), (200, 2.0), (300, 2.1), (400, 3.0)]}

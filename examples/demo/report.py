@@ -121,12 +121,12 @@ def valid_curves(log_dir, key="valid_sdr"):
         m = RUN.match(os.path.basename(os.path.dirname(path)))
         if not m:
             continue
-        points = []
+        points = {}  # a resumed run's log repeats the validations between its checkpoint and the stop: the last counts
         for line in open(path, errors="replace"):
             if "[valid]" in line and f'"{key}"' in line:
                 js = json.loads(line[line.index("{"):])
-                points.append((int(float(js["valid_num_updates"])), float(js[key])))
-        curves[(m["arm"], int(m["n"]), int(m["seed"]))] = points
+                points[int(float(js["valid_num_updates"]))] = float(js[key])
+        curves[(m["arm"], int(m["n"]), int(m["seed"]))] = sorted(points.items())
     return curves
 
 

@@ -284,6 +284,8 @@ finetune() {  # ARM N SEED
     echo "  $arm, $n $items, seed $seed: made with another recipe; training again"; rm -rf "$out"
   fi
   mkdir -p "$out"; echo "$fingerprint" > "$out/recipe"
+  # appended: a run resumed from its checkpoint_last.pt keeps the validation curve of its first part
+  echo "run.sh: fine-tuning started $(date '+%F %T')" >> "$out/train.log"
   echo "  $arm, $n labelled $items, seed $seed: $finetune_updates updates (log $out/train.log)"
   local scratch=false; [ $arm = scratch ] && scratch=true
   if [ $arm = scratch ]; then arm_args=$scratch_args; else arm_args=$pretrained_args; fi
@@ -293,7 +295,7 @@ finetune() {  # ARM N SEED
     task.data="$(abs "$labelled")" task.sample_rate=$sample_rate task.train_tracks=$n $corpus_ft_args \
     model.pretrained_checkpoint="$(abs "$ckpt")" model.no_pretrained_weights=$scratch \
     optimization.max_update=$finetune_updates checkpoint.save_dir="$out/checkpoints" \
-    hydra.run.dir="$out/hydra" $size_args $ft_args $arm_args > "$out/train.log" 2>&1 \
+    hydra.run.dir="$out/hydra" $size_args $ft_args $arm_args >> "$out/train.log" 2>&1 \
     || { echo "run.sh: fine-tuning failed; tail of $out/train.log:" >&2; tail -n 20 "$out/train.log" >&2; exit 1; }
   # runs finish in any order (--parallel): the line names its run
   grep -o "\"$valid_key\": \"[^\"]*\"" "$out/train.log" | tail -n 1 \

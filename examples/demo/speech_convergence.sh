@@ -8,9 +8,11 @@
 #   4 seeds 2.. of scratch and fused at every label budget (--labels: 4, 12, 24 clips = 40 s, 2 and 4 minutes),
 #     then the students (2 minutes): the fused design fine-tuned on the labelled clips plus the teacher's
 #     estimates remixed across clips (task.pseudo_data, half of the examples), scratch reused
-#   5 two more designs at 2 minutes against the same scratch runs: fused with a learned softmax-weighted sum of
-#     the pretrained encoder's layers (model.layer_weights=true), and fused on a second pretraining iteration
-#     (k-means 100 of iteration 1's layer 3, then 3000 more updates; run.sh --iteration 2)
+#   5 three more designs at 2 minutes against the same scratch runs: fused with a learned softmax-weighted sum of
+#     the pretrained encoder's layers (model.layer_weights=true); fused with mixture invariant training on the
+#     unlabelled mixtures (task.mixit_data, two outputs per source, half of the examples mixtures of two
+#     unlabelled mixtures); and fused on a second pretraining iteration (k-means 100 of iteration 1's layer 3,
+#     then 3000 more updates; run.sh --iteration 2)
 #   6 each setting is scored on the 20 test clips (SI-SDR(i), PESQ, STOI) with paired per-clip differences
 #     against scratch (RESULTS/<tag>/summary.md); validation SI-SDR curves show where each arm stops gaining
 #
@@ -67,4 +69,7 @@ demo --stage 4 --seeds "$seeds" --tag student --reuse-scratch fused --parallel 3
   --pretrained-args "model.fuse_pretrained=true task.pseudo_data=$pseudo task.pseudo_prob=$pseudo_prob"
 demo --stage 4 --seeds "$seeds" --tag fused_lw --reuse-scratch fused \
   --pretrained-args "model.fuse_pretrained=true model.layer_weights=true"
+case $work in /*) unlabelled=$work/corpus/unlabelled ;; *) unlabelled=$PWD/$work/corpus/unlabelled ;; esac
+demo --stage 4 --seeds "$seeds" --tag fused_mixit --reuse-scratch fused --parallel 3 \
+  --pretrained-args "model.fuse_pretrained=true model.slots_per_source=2 task.mixit_data=$unlabelled task.mixit_prob=0.5"
 demo --stage 3 --seeds "$seeds" --iteration 2 --tag fused_it2 --reuse-scratch fused "${fused[@]:2}"
