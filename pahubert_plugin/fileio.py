@@ -69,6 +69,21 @@ def disk_full(error: BaseException, folder=None) -> bool:
             and _free_bytes(os.path.abspath(os.fspath(folder))) < 1 << 20)
 
 
+class CommandError(SystemExit):
+    """A console script's one-line error: printed to stderr when raised, exit status 2 like argparse's and the
+    other scripts' errors; ``str()`` is the line."""
+
+    def __init__(self, line: str):
+        import sys
+
+        super().__init__(2)
+        self.line = line
+        print(line, file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return self.line
+
+
 def full_disk_exits(prog: str):
     """Decorator for a console script's ``main``: a full disk anywhere below it ends in one line,
     ``PROG: error: cannot write FILE: No space left on device (...)``, and exit status 2, instead of a

@@ -164,8 +164,9 @@ def test_clear_errors(tmp_path, capsys):
         midi_corpus.run([out, "--soundfont", missing])
     with pytest.raises(SystemExit, match="FluidR3"):
         midi_corpus.run([out, "--soundfont", "/usr/share/sounds/sf2/FluidR3_GM.sf2"])
-    with pytest.raises(SystemExit, match="multiple of 100"):
+    with pytest.raises(SystemExit, match="multiple of 100") as e:
         midi_corpus.run([out, "--sample-rate", "22050"])
+    assert e.value.code == 2  # an option mistake exits 2, as every script's
     for bad in ("0", "inf", "nan", "-1"):
         with pytest.raises(SystemExit, match="finite and > 0"):
             midi_corpus.run([out, "--seconds", bad])

@@ -261,8 +261,9 @@ def test_clear_errors_without_a_package(tmp_path, capsys):
     for tool in ("ffmpeg", "flite", "espeak-ng"):
         with pytest.raises(SystemExit, match=f"apt-get install {tool}"):
             sn.main([out, f"--{tool}", str(tmp_path / f"no-{tool}")])
-    with pytest.raises(SystemExit, match="LOW <= HIGH"):
+    with pytest.raises(SystemExit, match="LOW <= HIGH") as e:
         sn.main([out, "--snr-range", "5", "-5"])
+    assert e.value.code == 2  # an option mistake exits 2, as every script's
     with pytest.raises(SystemExit, match="clip-seconds"):
         sn.main([out, "--clip-seconds", "0"])
     assert not os.path.exists(out)

@@ -181,7 +181,7 @@ def test_toy_corpus_refuses_bad_arguments_up_front(tmp_path, args, message):
         args = []
     proc = run_module("pahubert_plugin.corpora.toy", out, "--unlabelled", 1, "--train", 0, "--test", 0,
                       "--seconds", 1, *args, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
     assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1
     assert not (out / "corpus.json").exists() if out.is_dir() else True
 
@@ -191,7 +191,7 @@ def test_a_full_disk_is_one_line_naming_the_song_file(small_disk):
     proc = run_module("pahubert_plugin.corpora.toy", small_disk / "toy", "--unlabelled", "0", "--train", "2",
                       "--test", "0", "--seconds", "4", "--sample-rate", str(SR))
     text = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "Traceback" not in text, text
+    assert proc.returncode == 2 and "Traceback" not in text, text
     assert f"pahubert-toy-corpus: error: cannot write {small_disk}/toy/musdb/train/train_000/" in text, text
     assert "No space left on device" in text and f"free space in {small_disk}/toy" in text, text
     assert not list(small_disk.rglob("*.tmp-*"))

@@ -17,7 +17,7 @@ import tempfile
 from pahubert_plugin.clustering.readers import FEATURES, build_reader
 from pahubert_plugin.clustering.simple_kmeans import import_script
 from pahubert_plugin.data.manifest import check_manifest_rate, manifest_rate
-from pahubert_plugin.fileio import write_error
+from pahubert_plugin.fileio import CommandError, write_error
 
 logger = logging.getLogger("pahubert.dump_features")
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     if not 0 <= args.rank < args.nshard:
-        raise SystemExit(f"rank {args.rank} is not in 0..{args.nshard - 1}")
+        raise CommandError(f"dump_features: error: rank {args.rank} is not in 0..{args.nshard - 1}")
     try:
         if args.sample_rate is None:
             args.sample_rate = manifest_rate(os.path.join(args.tsv_dir, f"{args.split}.tsv")) or 44100

@@ -78,7 +78,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data.corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
-from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_wav, write_error
+from ..fileio import CommandError, atomic_write_bytes, atomic_write_json, atomic_write_wav, write_error
 from .processes import map_jobs, run_side_by_side
 
 logger = logging.getLogger(__name__)
@@ -1102,9 +1102,9 @@ def run(argv: Optional[List[str]] = None) -> dict:
                                soundfont=args.soundfont, fluidsynth=args.fluidsynth,
                                progress=not args.no_progress, unlabelled_hours=args.unlabelled_hours)
     except (ValueError, MidiCorpusError) as e:
-        raise SystemExit(f"pahubert-midi-corpus: error: {e}")
+        raise CommandError(f"pahubert-midi-corpus: error: {e}")
     except OSError as e:  # a full disk or an unwritable folder: one line naming the file
-        raise SystemExit(f"pahubert-midi-corpus: error: {write_error(e.filename or args.out, e)}") from None
+        raise CommandError(f"pahubert-midi-corpus: error: {write_error(e.filename or args.out, e)}") from None
     counts = {k: len(v) for k, v in meta["songs"].items()}
     hours = counts["unlabelled"] * args.seconds / 3600
     print(f"midi corpus in {args.out}: {counts['train']} train, {counts['test']} test, "
@@ -1114,7 +1114,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``pahubert-midi-corpus``: exit status 0 on success (errors raise SystemExit with one line)."""
+    """``pahubert-midi-corpus``: exit status 0 on success; an error is one line on stderr and exit status 2."""
     run(argv)
     return 0
 

@@ -95,7 +95,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..fileio import atomic_write_bytes, atomic_write_json, write_error
+from ..fileio import CommandError, atomic_write_bytes, atomic_write_json, write_error
 from .processes import map_jobs, run_side_by_side
 
 logger = logging.getLogger(__name__)
@@ -1083,9 +1083,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                args.opensfx, args.text_dir, getattr(args, "ffmpeg"), getattr(args, "flite"),
                                getattr(args, "espeak_ng"))
     except (ValueError, SpeechCorpusError) as e:
-        raise SystemExit(f"{PROG}: error: {e}")
+        raise CommandError(f"{PROG}: error: {e}")
     except OSError as e:  # a full disk or an unwritable folder: one line naming the file
-        raise SystemExit(f"{PROG}: error: {write_error(e.filename or args.out, e)}") from None
+        raise CommandError(f"{PROG}: error: {write_error(e.filename or args.out, e)}") from None
     counts, secs = meta["clips_per_split"], meta["seconds_per_split"]
     print(f"speech corpus in {args.out}: " + ", ".join(f"{counts[s]} {s}" for s in SPLITS)
           + f" clips of {args.clip_seconds:g} s ({secs['unlabelled'] / 3600:.2f} h unlabelled); "

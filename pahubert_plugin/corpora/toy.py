@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..data.corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
-from ..fileio import atomic_write_text, atomic_write_wav, write_error
+from ..fileio import CommandError, atomic_write_text, atomic_write_wav, write_error
 from ..frames import hop_length
 from .processes import map_jobs
 
@@ -665,9 +665,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         meta = generate_corpus(args.out, args.unlabelled, args.train, args.test, args.seconds,
                                args.sample_rate, args.seed, jobs=args.jobs, overwrite=args.overwrite)
     except ValueError as e:
-        raise SystemExit(f"pahubert-toy-corpus: error: {e}")
+        raise CommandError(f"pahubert-toy-corpus: error: {e}")
     except OSError as e:  # a full disk or an unwritable folder: one line naming the file
-        raise SystemExit(f"pahubert-toy-corpus: error: {write_error(e.filename or args.out, e)}") from None
+        raise CommandError(f"pahubert-toy-corpus: error: {write_error(e.filename or args.out, e)}") from None
     counts = {k: len(v) for k, v in meta["songs"].items()}
     print(f"toy corpus in {args.out}: {counts['train']} train, {counts['test']} test, "
           f"{counts['unlabelled']} unlabelled songs of {args.seconds:g} s at {args.sample_rate} Hz")
