@@ -8,11 +8,13 @@
 #   4 seeds 2.. of scratch and fused at every label budget (--labels: 4, 12, 24 clips = 40 s, 2 and 4 minutes),
 #     then the students (2 minutes): the fused design fine-tuned on the labelled clips plus the teacher's
 #     estimates remixed across clips (task.pseudo_data, half of the examples), scratch reused
-#   5 three more designs at 2 minutes against the same scratch runs: fused with a learned softmax-weighted sum of
-#     the pretrained encoder's layers (model.layer_weights=true); fused with mixture invariant training on the
-#     unlabelled mixtures (task.mixit_data, two outputs per source, half of the examples mixtures of two
-#     unlabelled mixtures); and fused on a second pretraining iteration (k-means 100 of iteration 1's layer 3,
-#     then 3000 more updates; run.sh --iteration 2)
+#   5 more designs at 2 minutes against the same scratch runs: fused with the pretrained encoder trained at 0.1x
+#     the learning rate (model.fused_lr_scale=0.1), and its control, the same network with the side encoder
+#     randomly initialised (the "scratch" arm of fused_lr01_ctrl, paired with the same pretrained runs); fused
+#     with a learned softmax-weighted sum of the pretrained encoder's layers (model.layer_weights=true); fused
+#     with mixture invariant training on the unlabelled mixtures (task.mixit_data, two outputs per source, half
+#     of the examples mixtures of two unlabelled mixtures); and fused on a second pretraining iteration (k-means
+#     100 of iteration 1's layer 3, then 3000 more updates; run.sh --iteration 2)
 #   6 each setting is scored on the 20 test clips (SI-SDR(i), PESQ, STOI) with paired per-clip differences
 #     against scratch (RESULTS/<tag>/summary.md); validation SI-SDR curves show where each arm stops gaining
 #
@@ -69,6 +71,16 @@ demo --stage 4 --seeds "$seeds" --tag student --reuse-scratch fused --parallel 3
   --pretrained-args "model.fuse_pretrained=true task.pseudo_data=$pseudo task.pseudo_prob=$pseudo_prob"
 demo --stage 4 --seeds "$seeds" --tag fused_lw --reuse-scratch fused \
   --pretrained-args "model.fuse_pretrained=true model.layer_weights=true"
+lr01=(--pretrained-args "model.fuse_pretrained=true model.fused_lr_scale=0.1")
+demo --stage 4 --seeds "$seeds" --tag fused_lr01 --reuse-scratch fused --parallel 3 "${lr01[@]}"
+mkdir -p "$work/finetune/fused_lr01_ctrl"
+for s in $(seq 1 "$seeds"); do  # the control's pretrained arm is fused_lr01's, run above
+  run=$work/finetune/fused_lr01/pretrained_n12_s$s
+  case $run in /*) ;; *) run=$PWD/$run ;; esac
+  [ -e "$work/finetune/fused_lr01_ctrl/pretrained_n12_s$s" ] || ln -s "$run" "$work/finetune/fused_lr01_ctrl/pretrained_n12_s$s"
+done
+demo --stage 4 --seeds "$seeds" --tag fused_lr01_ctrl --parallel 3 "${lr01[@]}" \
+  --scratch-args "model.fuse_pretrained=true model.fused_lr_scale=0.1"
 case $work in /*) unlabelled=$work/corpus/unlabelled ;; *) unlabelled=$PWD/$work/corpus/unlabelled ;; esac
 demo --stage 4 --seeds "$seeds" --tag fused_mixit --reuse-scratch fused --parallel 3 \
   --pretrained-args "model.fuse_pretrained=true model.slots_per_source=2 task.mixit_data=$unlabelled task.mixit_prob=0.5"
