@@ -52,12 +52,13 @@ demo() {
     --pretrain-updates "$pretrain_updates" --finetune-updates "$finetune_updates" "$@"
 }
 fused=(--tag fused --pretrained-args model.fuse_pretrained=true)
+abs() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
 demo --stage "$first_stage" --stop-stage 3
 demo --stage 4 --stop-stage 4 --seeds 1 "${fused[@]}"
 
 teacher=$work/finetune/fused/pretrained_n12_s1/checkpoints/checkpoint_best.pt
-case $work in /*) pseudo=$work/pseudo/fused_s1 ;; *) pseudo=$PWD/$work/pseudo/fused_s1 ;; esac
+pseudo=$(abs "$work/pseudo/fused_s1")
 if [ ! -f "$pseudo/done" ]; then
   echo "==== teacher $teacher separates $work/corpus/unlabelled -> $pseudo ($(date +%H:%M:%S))"
   rm -rf "$pseudo"
@@ -75,13 +76,12 @@ lr01=(--pretrained-args "model.fuse_pretrained=true model.fused_lr_scale=0.1")
 demo --stage 4 --seeds "$seeds" --tag fused_lr01 --reuse-scratch fused --parallel 3 "${lr01[@]}"
 mkdir -p "$work/finetune/fused_lr01_ctrl"
 for s in $(seq 1 "$seeds"); do  # the control's pretrained arm is fused_lr01's, run above
-  run=$work/finetune/fused_lr01/pretrained_n12_s$s
-  case $run in /*) ;; *) run=$PWD/$run ;; esac
+  run=$(abs "$work/finetune/fused_lr01/pretrained_n12_s$s")
   [ -e "$work/finetune/fused_lr01_ctrl/pretrained_n12_s$s" ] || ln -s "$run" "$work/finetune/fused_lr01_ctrl/pretrained_n12_s$s"
 done
 demo --stage 4 --seeds "$seeds" --tag fused_lr01_ctrl --parallel 3 "${lr01[@]}" \
   --scratch-args "model.fuse_pretrained=true model.fused_lr_scale=0.1"
-case $work in /*) unlabelled=$work/corpus/unlabelled ;; *) unlabelled=$PWD/$work/corpus/unlabelled ;; esac
+unlabelled=$(abs "$work/corpus/unlabelled")
 demo --stage 4 --seeds "$seeds" --tag fused_mixit --reuse-scratch fused --parallel 3 \
   --pretrained-args "model.fuse_pretrained=true model.slots_per_source=2 task.mixit_data=$unlabelled task.mixit_prob=0.5"
 demo --stage 3 --seeds "$seeds" --iteration 2 --tag fused_it2 --reuse-scratch fused "${fused[@]:2}"
