@@ -300,3 +300,25 @@ def test_demo_report_reads_the_whole_curve_of_a_resumed_run(tmp_path):
                                    + "run.sh: fine-tuning started\n" + valid(300, 2.1) + valid(400, 3.0))
     assert report.valid_curves(str(tmp_path), "valid_si_sdr") == {
         ("pretrained", 12, 1): [(100, 1.0), (200, 2.0), (300, 2.1), (400, 3.0)]}
+
+
+def test_compare_pairs_two_settings_of_a_speech_corpus_on_si_sdr(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples" / "demo"))
+    import compare
+
+    clips = [f"test_{i:02d}" for i in range(4)]
+    for setting, shift in (("long", 1.0), ("short", 0.0)):  # "long" is 1 dB better on every clip of every source
+        for seed in (1, 2):
+            tracks = {c: {s: {"SI-SDR": 5.0 + i + shift, "SI-SDRi": 1.0} for s in TWO} for i, c in enumerate(clips)}
+            folder = tmp_path / setting / "eval" / f"scratch_n12_s{seed}"
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps({"tracks": tracks}))
+    sides = [str(tmp_path / "long") + ":scratch", str(tmp_path / "short") + ":scratch"]
+    assert compare.main([*sides, "--songs", "12", "--seeds", "1,2", "--metric", "SI-SDR"]) == 0
+    out = capsys.readouterr().out
+    assert "| speech | noise | mean |" in out
+    assert "paired A − B (SI-SDR): +1.00 dB [+1.00, +1.00] over 8" in out and "A ahead on 2 of 2 seeds" in out
+    with pytest.raises(SystemExit, match=r"scratch_n12_s1/summary.json has no SDR \(it has SI-SDR, SI-SDRi; see --metric\)"):
+        compare.main([*sides, "--songs", "12"])
