@@ -49,6 +49,8 @@ def main(argv=None):
     sides = [x.rsplit(":", 1) for x in (args.a, args.b)]
     seeds = [int(s) for s in args.seeds.split(",")]
     diffs, seed_means, per_source = [], [], {0: [], 1: []}
+    # per source: median over songs for museval SDR, mean over clips for SI-SDR (as report.py's tables)
+    average = np.median if args.metric == "SDR" else np.mean
     for seed in seeds:
         a, b = (song_sdrs(setting, arm, args.songs, seed, args.metric) for setting, arm in sides)
         if sorted(a) != sorted(b):
@@ -57,8 +59,6 @@ def main(argv=None):
         diffs += d
         seed_means.append(np.mean(d))
         for k, run in enumerate((a, b)):
-            # per source: median over songs for museval SDR, mean over clips for SI-SDR (as report.py's tables)
-            average = np.median if args.metric == "SDR" else np.mean
             per_source[k].append({src: average([run[s][src] for s in run]) for src in next(iter(run.values()))})
     sources = list(per_source[0][0])
     print(f"# python examples/demo/compare.py {args.a} {args.b} --songs {args.songs} --seeds {args.seeds}"

@@ -74,15 +74,15 @@ demo --stage 4 --seeds "$seeds" --tag student --reuse-scratch fused --parallel 3
   --pretrained-args "model.fuse_pretrained=true task.pseudo_data=$pseudo task.pseudo_prob=$pseudo_prob"
 demo --stage 4 --seeds "$seeds" --tag fused_lw --reuse-scratch fused \
   --pretrained-args "model.fuse_pretrained=true model.layer_weights=true"
-lr01=(--pretrained-args "model.fuse_pretrained=true model.fused_lr_scale=0.1")
+lr01_args="model.fuse_pretrained=true model.fused_lr_scale=0.1"
+lr01=(--pretrained-args "$lr01_args")
 demo --stage 4 --seeds "$seeds" --tag fused_lr01 --reuse-scratch fused --parallel 3 "${lr01[@]}"
 mkdir -p "$work/finetune/fused_lr01_ctrl"
 for s in $(seq 1 "$seeds"); do  # the control's pretrained arm is fused_lr01's, run above
   run=$(abs "$work/finetune/fused_lr01/pretrained_n12_s$s")
   [ -e "$work/finetune/fused_lr01_ctrl/pretrained_n12_s$s" ] || ln -s "$run" "$work/finetune/fused_lr01_ctrl/pretrained_n12_s$s"
 done
-demo --stage 4 --seeds "$seeds" --tag fused_lr01_ctrl --parallel 3 "${lr01[@]}" \
-  --scratch-args "model.fuse_pretrained=true model.fused_lr_scale=0.1"
+demo --stage 4 --seeds "$seeds" --tag fused_lr01_ctrl --parallel 3 "${lr01[@]}" --scratch-args "$lr01_args"
 unlabelled=$(abs "$work/corpus/unlabelled")
 demo --stage 4 --seeds "$seeds" --tag fused_mixit --reuse-scratch fused --parallel 3 \
   --pretrained-args "model.fuse_pretrained=true model.slots_per_source=2 task.mixit_data=$unlabelled task.mixit_prob=0.5"
