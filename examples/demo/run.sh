@@ -318,8 +318,13 @@ if [ $stage -le 4 ]; then
   # faster than one after the other with 2 threads, and it is how docs/RESULTS.md's figures were measured.
   # Without --reuse-scratch the two arms of a seed run together; with it, the pretrained arms of several seeds.
   pids=()
-  launch() {  # ARM N SEED: in the background, waiting first for the oldest run when --parallel are running
-    if [ ${#pids[@]} -ge $parallel ]; then wait "${pids[0]}" || exit 1; pids=("${pids[@]:1}"); fi
+  launch() {  # ARM N SEED: in the background, waiting first for whichever run ends first when --parallel are running
+    if [ ${#pids[@]} -ge $parallel ]; then
+      local ended kept=() pid
+      wait -n -p ended "${pids[@]}" || exit 1
+      for pid in "${pids[@]}"; do [ "$pid" = "$ended" ] || kept+=("$pid"); done
+      pids=("${kept[@]}")
+    fi
     OMP_NUM_THREADS=1 finetune "$@" & pids+=($!)
   }
   for n in ${train_tracks//,/ }; do for seed in $(seq 1 $seeds); do
