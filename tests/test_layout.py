@@ -239,3 +239,31 @@ def test_docs_name_the_real_version_and_files(doc):
     assert len(paths) > 20
     for path in sorted(p for p in paths if "/my_" not in p):  # models/my_frontend.py: the extension example
         assert (REPO / path).is_file() or (REPO / PACKAGE / path).is_file(), f"{doc} names {path}, which does not exist"
+
+
+def _markdown_files():
+    proc = subprocess.run(["git", "ls-files", "*.md"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    if proc.returncode:
+        pytest.skip("not a git checkout: the tracked Markdown files cannot be listed")
+    return [REPO / f for f in proc.stdout.split()]
+
+
+def test_every_file_the_docs_name_exists():
+    """A repository path quoted in any Markdown file (`tests/x.py`, `benchmarks/y.py`, ...) and every
+    relative link resolve: a renamed test or script fails here, not in a reader's shell. Paths under
+    a ``my_`` name are the docs' extension examples, files a user writes."""
+    quoted = re.compile(r"`((?:tests|benchmarks|examples|recipes|docs|pahubert_plugin|\.ci)/[\w./-]+"
+                        r"\.(?:py|sh|md|yaml|png|txt|json|safetensors))`")
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    docs = _markdown_files()
+    assert len(docs) > 5
+    missing = []
+    for doc in docs:
+        text = doc.read_text()
+        for path in set(quoted.findall(text)):
+            if "/my_" not in path and not (REPO / path).exists() and not (doc.parent / path).exists():
+                missing.append(f"{doc.relative_to(REPO)} names {path}")
+        for target in set(link.findall(text)):
+            if not target.startswith(("http://", "https://", "mailto:")) and not (doc.parent / target).exists():
+                missing.append(f"{doc.relative_to(REPO)} links {target}")
+    assert not missing, "files the docs name that do not exist:\n" + "\n".join(missing)
