@@ -9,6 +9,10 @@ PIP := $(BIN)/pip --disable-pip-version-check
 TORCH_PINS := torch==2.11.0 torchaudio==2.11.0
 BUILD_PINS := pip==25.3 setuptools==80.9.0 wheel==0.45.1 cython==3.1.4 numpy==2.2.6
 PYTEST_ARGS ?=
+# tests run in TEST_JOBS processes (pytest-xdist), one test file per process at a time: a file's module
+# fixtures (a trained model, a rendered corpus) are built once. TEST_JOBS=0 runs them in this process.
+TEST_JOBS ?= 2
+XDIST = $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 .PHONY: setup test test-quick demo bench clean
 
@@ -39,10 +43,10 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS) tests
 
 test-quick: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS) tests
 
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH bash examples/demo/run.sh $(if $(DEMO),--corpus $(DEMO)) $(DEMO_ARGS)

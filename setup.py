@@ -36,7 +36,7 @@ setup(
         "pyroomacoustics==0.10.1",  # pahubert-speech-corpus --reverb
     ],
     extras_require={
-        "test": ["pytest==8.4.2", "transformers==5.24.0"],
+        "test": ["pytest==8.4.2", "pytest-xdist==3.8.0", "transformers==5.24.0"],
         "bench": ["openunmix==1.3.0", "demucs==4.0.1"],
     },
     entry_points={

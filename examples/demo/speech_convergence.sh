@@ -16,7 +16,7 @@
 #     of the examples mixtures of two unlabelled mixtures); and fused on a second pretraining iteration (k-means
 #     100 of iteration 1's layer 3, then 3000 more updates; run.sh --iteration 2)
 #   6 the convergence check of the best design: scratch and the fused design at 0.1x, both fine-tuned for twice the
-#     updates (4000 by default, a new learning-rate schedule, not a resumed one), 2 minutes of labels
+#     updates (4000 by default, a new learning-rate schedule, not a resumed one), 40 s and 2 minutes of labels
 #   7 each setting is scored on the 20 test clips (SI-SDR(i), PESQ, STOI) with paired per-clip differences
 #     against scratch (RESULTS/<tag>/summary.md); validation SI-SDR curves show where each arm stops gaining
 #
@@ -87,5 +87,6 @@ unlabelled=$(abs "$work/corpus/unlabelled")
 demo --stage 4 --seeds "$seeds" --tag fused_mixit --reuse-scratch fused --parallel 3 \
   --pretrained-args "model.fuse_pretrained=true model.slots_per_source=2 task.mixit_data=$unlabelled task.mixit_prob=0.5"
 demo --stage 3 --seeds "$seeds" --iteration 2 --tag fused_it2 --reuse-scratch fused "${fused[@]:2}"
-demo --stage 4 --seeds "$seeds" --tag fused_lr01_4k --parallel 3 --finetune-updates $((2 * finetune_updates)) \
+demo --stage 4 --seeds "$seeds" --train-tracks 4,12 --tag fused_lr01_4k --parallel 3 \
+  --finetune-updates $((2 * finetune_updates)) \
   "${lr01[@]}"
