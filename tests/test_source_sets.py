@@ -302,6 +302,35 @@ def test_demo_report_reads_the_whole_curve_of_a_resumed_run(tmp_path):
         ("pretrained", 12, 1): [(100, 1.0), (200, 2.0), (300, 2.1), (400, 3.0)]}
 
 
+def test_demo_report_lists_the_curves_of_the_evaluated_runs_only(tmp_path):
+    """A tag's fine-tuning folder is shared by every label budget run under it; a results folder that evaluated
+    one budget lists that budget's curves, and its "still gaining" count is of those runs."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples" / "demo"))
+    import report
+
+    root = write_dataset(tmp_path / "data", TWO, splits=(("test", 2),), seconds=1.0)
+    logs = tmp_path / "finetune"
+    for arm in ("scratch", "pretrained"):
+        tracks = {f"test_{i:02d}": {s: {"SI-SDR": 1.0 + i, "SI-SDRi": 0.5} for s in TWO} for i in range(2)}
+        summary = {"sources": {s: {"SI-SDR": 1.5, "SI-SDRi": 0.5} for s in TWO}, "mean": {"SI-SDR": 1.5},
+                   "tracks": tracks, "mixture": {"sources": {s: {"SI-SDR": 1.0} for s in TWO}, "mean": {"SI-SDR": 1.0}}}
+        folder = tmp_path / "results" / "eval" / f"{arm}_n4_s1"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps(summary))
+        for n in (4, 12):  # the 12-clip runs were fine-tuned under the same tag, evaluated elsewhere
+            run = logs / f"{arm}_n{n}_s1"
+            run.mkdir(parents=True)
+            (run / "train.log").write_text("".join(
+                f'[valid][INFO] - {{"valid_si_sdr": "{u / 100}", "valid_num_updates": "{u}"}}\n' for u in (100, 200)))
+    assert report.main(["--results", str(tmp_path / "results"), "--musdb-root", str(root), "--logs", str(logs),
+                        "--metric", "SI-SDR"]) == 0
+    data = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert sorted(data["valid_curves"]) == ["pretrained_n4_s1", "scratch_n4_s1"]
+    assert "2 of 2 runs were still gaining" in (tmp_path / "results" / "summary.md").read_text()
+
+
 def test_compare_pairs_two_settings_of_a_speech_corpus_on_si_sdr(tmp_path, capsys):
     import sys
 

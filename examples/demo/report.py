@@ -365,6 +365,8 @@ def main(argv=None):
         baseline = evaluated_baseline(runs, sources)
     valid_key = "valid_sdr" if args.metric == "SDR" else "valid_si_sdr"
     curves = valid_curves(args.logs, valid_key) if args.logs else {}
+    # a tag's fine-tuning folder can hold other label budgets' runs: the summary's curves are this results folder's
+    curves = {key: pts for key, pts in curves.items() if key in runs}
     settings = open(args.settings).read() if args.settings and os.path.isfile(args.settings) else ""
     text, data = build_report(runs, baseline, curves, sources, settings, args.metric)
     with open(os.path.join(args.results, "summary.md"), "w") as f:
