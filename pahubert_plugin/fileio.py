@@ -70,18 +70,32 @@ def disk_full(error: BaseException, folder=None) -> bool:
 
 
 class CommandError(SystemExit):
-    """A console script's one-line error: printed to stderr when raised, exit status 2 like argparse's and the
-    other scripts' errors; ``str()`` is the line."""
+    """A console script's one-line error, exit status 2 like argparse's and the other scripts' errors; ``str()``
+    is the line. :func:`prints_command_errors` on the script's ``main`` prints it as the script ends; a library
+    caller that catches it sees nothing printed."""
 
     def __init__(self, line: str):
-        import sys
-
         super().__init__(2)
         self.line = line
-        print(line, file=sys.stderr, flush=True)
 
     def __str__(self) -> str:
         return self.line
+
+
+def prints_command_errors(main):
+    """Decorator for a console script's ``main``: a :class:`CommandError` raised below it is printed to stderr
+    (its one line) and ends the script with exit status 2."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except CommandError as e:
+            print(e.line, file=sys.stderr, flush=True)
+            raise
+    return wrapper
 
 
 def full_disk_exits(prog: str):

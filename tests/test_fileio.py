@@ -79,3 +79,28 @@ def test_write_error_names_the_file_meant_and_what_to_do(tmp_path):
     assert write_error(target, OSError("19500 requested and 16352 written")) == \
         f"cannot write {target}: 19500 requested and 16352 written"  # a short write on a disk with room
     assert write_error(target, RuntimeError("not a system error")) is None
+
+
+def test_a_command_error_is_printed_once_by_the_script_that_ends_with_it(capsys):
+    """A library caller that catches a CommandError sees nothing printed; a console script's ``main`` prints
+    the one line on stderr and exits with status 2."""
+    with pytest.raises(SystemExit):
+        raise fileio.CommandError("tool: error: caught by a library caller")
+    assert capsys.readouterr().err == ""
+
+    @fileio.prints_command_errors
+    def main():
+        raise fileio.CommandError("tool: error: the line")
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "tool: error: the line\n"
+
+
+def test_the_corpus_scripts_print_their_error_line_once(tmp_path, capsys):
+    from pahubert_plugin.corpora import speech_noise
+
+    with pytest.raises(SystemExit, match="LOW <= HIGH"):
+        speech_noise.main([str(tmp_path / "c"), "--snr-range", "5", "-5"])
+    assert capsys.readouterr().err.count("LOW <= HIGH") == 1

@@ -17,7 +17,7 @@ import tempfile
 from pahubert_plugin.clustering.readers import FEATURES, build_reader
 from pahubert_plugin.clustering.simple_kmeans import import_script
 from pahubert_plugin.data.manifest import check_manifest_rate, manifest_rate
-from pahubert_plugin.fileio import CommandError, write_error
+from pahubert_plugin.fileio import CommandError, prints_command_errors, write_error
 
 logger = logging.getLogger("pahubert.dump_features")
 
@@ -77,6 +77,7 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@prints_command_errors
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",

@@ -78,7 +78,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data.corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
-from ..fileio import CommandError, atomic_write_bytes, atomic_write_json, atomic_write_wav, write_error
+from ..fileio import (CommandError, atomic_write_bytes, atomic_write_json, atomic_write_wav,
+                      prints_command_errors, write_error)
 from .processes import map_jobs, run_side_by_side
 
 logger = logging.getLogger(__name__)
@@ -1113,6 +1114,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     return meta
 
 
+@prints_command_errors
 def main(argv: Optional[List[str]] = None) -> int:
     """``pahubert-midi-corpus``: exit status 0 on success; an error is one line on stderr and exit status 2."""
     run(argv)

@@ -95,7 +95,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..fileio import CommandError, atomic_write_bytes, atomic_write_json, write_error
+from ..fileio import CommandError, atomic_write_bytes, atomic_write_json, prints_command_errors, write_error
 from .processes import map_jobs, run_side_by_side
 
 logger = logging.getLogger(__name__)
@@ -1073,6 +1073,7 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@prints_command_errors
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..data.corpus_layout import SOURCES, SPLITS, reuse_or_clear, song_names, song_paths
-from ..fileio import CommandError, atomic_write_text, atomic_write_wav, write_error
+from ..fileio import CommandError, atomic_write_text, atomic_write_wav, prints_command_errors, write_error
 from ..frames import hop_length
 from .processes import map_jobs
 
@@ -658,6 +658,7 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@prints_command_errors
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
