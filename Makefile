@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # tests run in TEST_JOBS processes (pytest-xdist), one test file per process at a time: a file's module
 # fixtures (a trained model, a rendered corpus) are built once. TEST_JOBS=0 runs them in this process.
 TEST_JOBS ?= 2
-XDIST = $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+XDIST = $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: setup test test-quick demo bench clean
 

@@ -146,3 +146,14 @@ def small_disk(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# The files that run for minutes, longest first. `make test` hands whole files to two processes in collection
+# order (pytest-xdist --dist loadfile --no-loadscope-reorder): started first, they run beside the many short files
+# instead of leaving one process alone with a long file at the end.
+LONGEST_FIRST = ("test_demo.py", "test_demo_music.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
