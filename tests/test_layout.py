@@ -267,3 +267,12 @@ def test_every_file_the_docs_name_exists():
             if not target.startswith(("http://", "https://", "mailto:")) and not (doc.parent / target).exists():
                 missing.append(f"{doc.relative_to(REPO)} links {target}")
     assert not missing, "files the docs name that do not exist:\n" + "\n".join(missing)
+
+
+def test_the_files_make_test_starts_first_exist():
+    """conftest.LONGEST_FIRST puts the minutes-long files at the head of the queue; a renamed file would
+    silently fall back to the end of it."""
+    import conftest
+
+    missing = [name for name in conftest.LONGEST_FIRST if not (REPO / "tests" / name).is_file()]
+    assert not missing, f"conftest.LONGEST_FIRST names files that do not exist: {missing}"
