@@ -26,6 +26,13 @@ plugin wraps it (:func:`install_training_guard`, after :func:`checkpoint.install
   warning naming the schedule fields that changed; fixing the schedule's length from the start (e.g.
   ``++lr_scheduler.total_num_update=6``) makes 3 + 3 updates give the weights of 6.
 
+* **early stopping survives a resume**: fairseq's ``checkpoint.patience`` (stop when the
+  ``best_checkpoint_metric`` has not improved for that many validations) keeps its count in memory only, so a
+  run killed and resumed would start counting again, and a run that had stopped early would train on at
+  every rerun. Each checkpoint now holds the count (``extra_state["pahubert_patience"]``: the best score and
+  the validations since it); a resume restores it, and a rerun of a run that stopped early logs
+  ``already finished: ... stopped early ...`` and exits 0 (a larger ``checkpoint.patience`` trains on).
+
 These apply when ``checkpoint.restore_file`` keeps its default (``checkpoint_last.pt``: the run resumes
 itself); an explicit ``restore_file`` is loaded as fairseq would.
 """
@@ -106,6 +113,50 @@ def resume_source(save_dir: str, suffix: str = "") -> Tuple[Optional[str], Optio
         return last, updates
     fallback = resume_fallback(last) if os.path.isdir(save_dir) else None
     return (fallback, checkpoint_updates(fallback)) if fallback else (None, None)
+
+
+PATIENCE_KEY = "pahubert_patience"
+
+
+def _early_stopping():
+    """fairseq's ``should_stop_early`` (its count lives on the function), when a training has imported it."""
+    import sys
+
+    return getattr(sys.modules.get("fairseq_cli.train"), "should_stop_early", None)
+
+
+def patience_state() -> Optional[dict]:
+    """The running training's early-stopping count, ``{"best": score, "num_runs": validations since}``, or
+    None before its first validation with ``checkpoint.patience > 0``."""
+    stop = _early_stopping()
+    if stop is None or getattr(stop, "best", None) is None:
+        return None
+    return {"best": float(stop.best), "num_runs": int(getattr(stop, "num_runs", 0))}
+
+
+def set_patience_state(state: Optional[dict]) -> None:
+    """Give fairseq's ``should_stop_early`` the count a checkpoint saved (None: a fresh count)."""
+    stop = _early_stopping()
+    if stop is None:
+        return
+    if state is None:
+        for name in ("best", "num_runs"):
+            if hasattr(stop, name):
+                delattr(stop, name)
+    else:
+        stop.best, stop.num_runs = float(state["best"]), int(state["num_runs"])
+
+
+def saved_patience(source: str) -> Optional[dict]:
+    """The early-stopping count saved in checkpoint ``source`` (None: none saved, or unreadable)."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        state = load_checkpoint(source, mmap=True)
+    except (ValueError, OSError, RuntimeError):
+        return None
+    saved = (state.get("extra_state") or {}).get(PATIENCE_KEY)
+    return dict(saved) if isinstance(saved, dict) and {"best", "num_runs"} <= saved.keys() else None
 
 
 def finished_message(save_dir: str, source: str, updates: int, max_update: int) -> str:
@@ -231,6 +282,15 @@ def install_training_guard() -> None:
         if source is not None and 0 < max_update <= updates:
             logger.info(finished_message(save_dir, source, updates, max_update))
             raise SystemExit(0)
+        patience = int(getattr(cfg, "patience", 0) or 0)
+        counted = saved_patience(source) if source is not None and patience > 0 else None
+        if counted is not None and counted["num_runs"] >= patience:
+            logger.info(f"already finished: {os.path.basename(source)} stopped early at update {updates} "
+                        f"(best_checkpoint_metric {counted['best']:g}, not improved for {counted['num_runs']} "
+                        f"validations >= checkpoint.patience={patience}) in {save_dir}; nothing to train (raise "
+                        f"checkpoint.patience to train on)")
+            raise SystemExit(0)
+        set_patience_state(counted)  # a resumed run goes on counting; a new one starts afresh
         if source is not None and _is_first_rank(trainer):
             warn_schedule_changes(source, getattr(trainer, "cfg", None))
         last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
@@ -251,6 +311,9 @@ def install_training_guard() -> None:
     inner_save = checkpoint_utils.torch_persistent_save
 
     def torch_persistent_save(obj, filename, async_write: bool = False):
+        counted = patience_state()
+        if counted is not None and isinstance(obj, dict) and isinstance(obj.get("extra_state"), dict):
+            obj["extra_state"][PATIENCE_KEY] = counted  # the early-stopping count, for a resume
         if async_write or not isinstance(filename, str) or "://" in filename:
             return inner_save(obj, filename, async_write)  # remote or asynchronous: fairseq's own save
         save_checkpoint_file(obj, filename)

@@ -1,8 +1,10 @@
 """A training's folder across runs: a finished run stays finished, a run stopped before its first
-checkpoint_last.pt resumes, one run per folder, no stale temporaries, and a resumed pretraining run
-is the run it resumed (real fairseq runs, tiny models)."""
+checkpoint_last.pt resumes, one run per folder, no stale temporaries, a resumed pretraining run is the
+run it resumed, and early stopping (checkpoint.patience) counts across a resume (real fairseq runs, tiny
+models)."""
 import errno
 import fcntl
+import math
 import os
 import re
 import subprocess
@@ -172,3 +174,39 @@ def test_pretraining_resumed_mid_epoch_and_across_epochs_equals_the_uninterrupte
     assert re.search(r"resuming .*checkpoint_last\.pt with another learning-rate schedule than it was trained on "
                      r"\(optimization\.max_update: 3 -> 6; lr_scheduler\.total_num_update: 3\.0 -> 6\.0\)", log), log[-3000:]
     assert any(not torch.equal(whole[k], grown[k]) for k in whole)
+
+
+@pytest.mark.slow
+def test_early_stopping_counts_across_a_resume_and_a_stopped_run_stays_stopped(tmp_path, corpora):
+    """fairseq's checkpoint.patience on a real fine-tuning run: with the learning rate at 0 the validation score
+    never improves, so patience=2 stops after the third validation. A rerun of the stopped run trains nothing; a
+    rerun with patience=4 goes on counting from the saved count (2) and stops two validations later, where a
+    fresh count would need four more."""
+    from helpers import finetune_args, updates_done
+
+    from pahubert_plugin.checkpoint import load_checkpoint
+
+    data = corpora.write_musdb(tmp_path / "musdb", tracks=2, seconds=1.5)
+    save = tmp_path / "ckpt"
+
+    def run(patience):
+        args = finetune_args("demucs_v2_tiny.yaml", data, save, 20, "optimization.lr=[0.0]",
+                             "dataset.validate_interval_updates=1", "checkpoint.save_interval_updates=1",
+                             f"checkpoint.patience={patience}")
+        return run_fairseq(args, cwd=tmp_path)
+
+    log = run(2)
+    assert "early stop since valid performance hasn't improved for last 2 runs" in log, log[-3000:]
+    assert updates_done(log) == 3
+    saved = load_checkpoint(str(save / "checkpoint_last.pt"))["extra_state"]["pahubert_patience"]
+    assert saved["num_runs"] == 2 and math.isfinite(saved["best"])
+    before = _snapshot(save)
+
+    log = run(2)
+    assert "already finished: checkpoint_last.pt stopped early at update 3" in log, log[-3000:]
+    assert "train_inner" not in log and _snapshot(save) == before
+
+    log = run(4)
+    assert "early stop since valid performance hasn't improved for last 4 runs" in log, log[-3000:]
+    assert updates_done(log) == 5  # counted on from 2; a fresh count would have stopped at update 8
+    assert load_checkpoint(str(save / "checkpoint_last.pt"))["extra_state"]["pahubert_patience"]["num_runs"] == 4
