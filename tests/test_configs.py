@@ -131,6 +131,8 @@ def test_readme_fairseq_hydra_train_commands_compose():
         overrides = [a for i, a in enumerate(argv[1:], 1) if not a.startswith("--") and not argv[i - 1].startswith("--")]
         cfg = fairseq_compose(conf_dir, name, overrides)
         assert cfg.common.user_dir.endswith("pahubert_plugin"), argv
+        # a field left at ??? stops fairseq-hydra-train at once (MissingMandatoryValue): the command sets it
+        assert not OmegaConf.missing_keys(cfg), (argv, sorted(OmegaConf.missing_keys(cfg)))
 
 
 def test_musdb_recipe_asks_the_config_whether_it_needs_a_pretrained_checkpoint(tmp_path):

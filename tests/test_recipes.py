@@ -191,3 +191,23 @@ def test_manifest_on_a_full_disk_names_the_folder_and_the_error(tmp_path, corpor
         assert main([str(audio), str(out), "--sample-rate", str(SR), "--jobs", "1"]) == 2
     assert re.search(rf"cannot write the manifests in {re.escape(str(out))}: No space left on device", caplog.text), \
         caplog.text
+
+
+@pytest.mark.parametrize("script", ["recipes/pahubert/run.sh", "recipes/musdb/run.sh"])
+def test_recipe_help_lists_every_option_with_its_real_default(script):
+    """--help prints each variable parse_options.sh accepts as --name-with-dashes with the value the script
+    starts from, so a user who leaves an option out knows what they get (base configs, 44.1 kHz)."""
+    text = (REPO / script).read_text()
+    block = text[text.index("# ---- options"):text.index("\nPYTHON=")]
+    defaults = dict(re.findall(r"^([a-z0-9_]+)=(\S*)", block, re.M))
+    proc = subprocess.run(["bash", script, "--help"], cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=60)
+    assert proc.returncode == 0
+    for name, value in defaults.items():
+        shown = value if value not in ("", '""') else ("(none)" if value == "" else '""')
+        assert re.search(rf"^  --{name.replace('_', '-')} +{re.escape(shown)}( |$)", proc.stdout, re.M), \
+            (name, value, proc.stdout)
+    usage = proc.stdout[proc.stdout.index("Usage:"):proc.stdout.index("Options (default):")]
+    for name, value in re.findall(r"\[--([a-z-]+) ([^\]\s]+)\]", usage):  # [--opt VALUE] in the usage line
+        if value.isupper():
+            continue  # a placeholder (CKPT, DIR)
+        assert defaults[name.replace("-", "_")] == value, (name, value)

@@ -21,11 +21,12 @@
 #   --train-tracks L    comma list of labelled-song (clip) counts (the low-resource table); default 4
 #                       (speech: 12 clips = 2 minutes of labels)
 #   --seeds K           repeat both fine-tuning arms for seeds 1..K (mean ± spread); default 1
-#   --stage N           start at step N (earlier outputs are reused); finished fine-tuning runs and
-#                       scored songs are skipped, clustering stages 0-3 run again
+#   --stage N           start at step N (earlier outputs are reused); finished recipe stages, fine-tuning
+#                       runs and scored songs are skipped
 #   --stop-stage N      stop after step N (e.g. 3: corpus, clustering and pretraining only)
 #   --work DIR          work folder (default exp/demo/<corpus>, exp/demo/<corpus>_quick with --quick)
-#   --results DIR       results folder (default results/demo, results/demo_quick with --quick)
+#   --results DIR       results folder (default results/demo, results/demo_speech for speech; _quick with
+#                       --quick); a --tag other than main appends /NAME to it, --select last appends _last
 #   --tag NAME          name of this fine-tuning setting (folders finetune/NAME, RESULTS/NAME when not
 #                       "main"): variants share the corpus and the pretraining (default main)
 #   --pretrain-updates N, --finetune-updates N, --unlabelled-hours H   override the sizes below
@@ -37,14 +38,15 @@
 #                               finetune/TAG
 #   --parallel P                fine-tuning runs at a time, one thread each (default 2: the two arms of a seed;
 #                               with --reuse-scratch, the pretrained arms of P seeds)
-#   --select best|last          checkpoint to score: best validation SDR (default) or the last update
+#   --select best|last          checkpoint to score: best validation SDR (speech: SI-SDR; default) or the last
+#                               update
 #   --iteration 1|2             fine-tune from HuBERT iteration 1 (MFCC clusters, default) or iteration 2
 #                               (recipe stages 5-6: k-means of iteration 1's layer --iter2-layer into
 #                               --iter2-clusters clusters, then a second pretraining of the same size)
 #   --iter2-layer L, --iter2-clusters K   defaults 3 and 100
 #   --feature mfcc|primitive    clustering feature of iteration 1 (default mfcc; primitive adds the
 #                               Bregman grouping cues, recipes/pahubert/run.sh --feature)
-#   --n-clusters K              k-means clusters of iteration 1 (default 50; 16 with --quick)
+#   --n-clusters K              k-means clusters of iteration 1 (default 50, speech 100; 16 with --quick)
 #   --finetune-config NAME      fine-tuning YAML of recipes/musdb/conf (default pahubert_tiny; e.g.
 #                               demucs_v2_hubert_tiny, the time-domain variant)
 #   --pretrained-checkpoint F   fine-tune the pretrained arm from F (a pretraining checkpoint or a

@@ -5,12 +5,13 @@
 #   3  separate   (optional) separate the files of $separate_dir -> $exp_dir/separated
 #
 # Usage:
-#   bash recipes/musdb/run.sh --musdb-root DIR --exp-dir DIR [--config tiny] \
-#        [--pretrained CKPT] [--stage 1] [--stop-stage 2] [-- HYDRA_OVERRIDES...]
+#   bash recipes/musdb/run.sh --musdb-root DIR --exp-dir DIR [--config base] \
+#        [--pretrained CKPT] [--stage 1] [--stop-stage 2] [-- HYDRA_OVERRIDES...]   (on a CPU: --config tiny)
 # Configs: tiny | base (resunet from scratch), pahubert_tiny | pahubert_base (need --pretrained, a
-# pahubert pretraining checkpoint; add model.no_pretrained_weights=true after `--` for the scratch arm),
+# pahubert pretraining checkpoint; for the scratch arm add model.no_pretrained_weights=true after `--`, and
+# with pahubert_base also model.freeze_encoder_updates=0 model.encoder_lr_scale=1.0),
 # demucs_v2_{tiny,base}, demucs_v2_hubert_{tiny,base} (--pretrained: its pretraining or ported checkpoint).
-# Every variable below can be set as --name-with-dashes VALUE. Logs: $exp_dir/logs/stage*.log.
+# Every option below is --name-with-dashes VALUE. Logs: $exp_dir/logs/stage*.log.
 # A rerun of a finished fine-tuning exits at once ("already finished"); evaluation skips scored tracks.
 # One run at a time per --exp-dir (a lock, $exp_dir/.pahubert.lock, holds the running one's PID).
 set -euo pipefail
@@ -31,7 +32,7 @@ stage=1
 stop_stage=2
 PYTHON=${PYTHON:-python}  # the Makefile puts .venv/bin first on PATH; else the repo's .venv is used
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; echo; options_help "$0"; }
 
 . "$(dirname "${BASH_SOURCE[0]}")/../utils/parse_options.sh"
 

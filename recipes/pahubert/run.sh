@@ -9,10 +9,11 @@
 #   6  pretrain   iteration 2 on the stage-5 labels -> $iter2_dir
 #
 # Usage:
-#   bash recipes/pahubert/run.sh --audio-dir DIR --exp-dir DIR [--sample-rate 16000] [--nj 2] \
-#        [--feature mfcc] [--n-clusters 100] [--pretrain-config tiny] [--stage 0] [--stop-stage 6] \
+#   bash recipes/pahubert/run.sh --audio-dir DIR --exp-dir DIR [--sample-rate 44100] [--nj 4] \
+#        [--feature mfcc] [--n-clusters 100] [--pretrain-config base] [--stage 0] [--stop-stage 6] \
 #        [-- HYDRA_OVERRIDES...]    (stages 4 and 6; e.g. distributed_training.distributed_world_size=8)
-# Every variable below can be set as --name-with-dashes VALUE. Logs: $exp_dir/logs/stage*.log.
+#   (defaults shown; on a CPU: --sample-rate 16000 --nj 2 --pretrain-config tiny)
+# Every option below is --name-with-dashes VALUE. Logs: $exp_dir/logs/stage*.log.
 # A rerun skips every stage that finished with the same inputs and options (stamps in $exp_dir/.stages);
 # one run at a time per --exp-dir (a lock, $exp_dir/.pahubert.lock, holds the running one's PID).
 set -euo pipefail
@@ -46,7 +47,7 @@ stage=0
 stop_stage=6
 PYTHON=${PYTHON:-python}  # the Makefile puts .venv/bin first on PATH; else the repo's .venv is used
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; echo; options_help "$0"; }
 
 . "$(dirname "${BASH_SOURCE[0]}")/../utils/parse_options.sh"
 

@@ -2,6 +2,16 @@
 #   --name-with-dashes VALUE sets the variable name_with_dashes (it must already exist);
 #   -h/--help calls the recipe's usage function; everything after `--` lands in train_overrides
 #   (hydra overrides passed through to fairseq-hydra-train).
+options_help() {  # SCRIPT: its option block (from "# ---- options" to PYTHON=) as --name default  comment
+  awk '/^# ---- options/ { on = 1; print "Options (default):"; next } /^PYTHON=/ { exit } !on { next }
+    /^[a-z0-9_]+=/ { eq = index($0, "="); name = substr($0, 1, eq - 1); gsub(/_/, "-", name)
+      rest = substr($0, eq + 1); c = index(rest, "#"); value = c ? substr(rest, 1, c - 1) : rest
+      note = c ? substr(rest, c + 1) : ""; sub(/ +$/, "", value); sub(/^ +/, "", note)
+      line = sprintf("  --%-18s %-16s %s", name, value == "" ? "(none)" : value, note); sub(/ +$/, "", line)
+      print line; next }
+    /^ +#/ { sub(/^ +# ?/, ""); printf "  %-38s%s\n", "", $0; next }
+    /^#/ { sub(/^# ?/, ""); print }' "$1"
+}
 train_overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
