@@ -199,7 +199,7 @@ def get_parser() -> argparse.ArgumentParser:
         prog="pahubert-plot-log",
         description="Draw training and validation curves (loss, masked accuracy, SDR per source) of fairseq "
                     "logs (log_format json or simple) against updates, into one PNG.")
-    p.add_argument("logs", nargs="+", metavar="LOG", help="fairseq logs, e.g. exp/pretrain/hydra_train.log")
+    p.add_argument("logs", nargs="+", metavar="LOG", help="fairseq logs, e.g. exp/mine/logs/stage4_pretrain.log (recipes/pahubert/run.sh) or a hydra_train.log")
     p.add_argument("-o", "--out", default="curves.png", help="output PNG (default %(default)s)")
     p.add_argument("--title", help="figure title")
     return p

@@ -97,7 +97,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pahubert-separate",
         description="Separate audio files into the sources of a fine-tuned checkpoint "
-                    "(e.g. drums, bass, other, vocals). Writes OUTDIR/<name>/<source>.wav at the "
+                    "(e.g. drums, bass, other, vocals). Writes OUT/<name>/<source>.wav at the "
                     "input's sample rate, length and channel count. Options follow demucs.")
     p.add_argument("checkpoint", help="fine-tuned checkpoint (task=music_separation)")
     p.add_argument("audio", nargs="+",
@@ -105,7 +105,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "mp3 and ogg file under a folder, its path under the folder as the track name")
     p.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
     p.add_argument("--filename", default=DEFAULT_FILENAME,
-                   help="output path under OUTDIR, with fields {track} (file name without extension), "
+                   help="output path under OUT, with fields {track} (file name without extension), "
                         "{trackext} (its extension), {stem} and {ext} (default %(default)s)")
     p.add_argument("-d", "--device", default=None,
                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")

@@ -182,7 +182,8 @@ def get_parser() -> argparse.ArgumentParser:
                              "<name>.wav files of the first track folder; MUSDB18's four for .stem.mp4)")
     parser.add_argument("--subset", default="test", help="subset folder (default test)")
     parser.add_argument("--feature", choices=FEATURES, default="mfcc", help="the feature the model was fit on")
-    parser.add_argument("--sample-rate", type=int, default=44100, help="rate the features were computed at")
+    parser.add_argument("--sample-rate", type=int, default=44100, help="rate the features were computed at: the k-means model's (default %(default)s, the GPU recipe's; the "
+                             "CPU recipes use 16000)")
     parser.add_argument("--max-tracks", type=int, default=0, help="use only the first N tracks (0 = all)")
     parser.add_argument("--max-seconds", type=float, default=0.0, help="use only the first S seconds of each track")
     parser.add_argument("--silence-db", type=float, default=-50.0,

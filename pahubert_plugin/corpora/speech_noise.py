@@ -74,7 +74,7 @@ about half waiting for flite/espeak-ng/ffmpeg, half the noise scene in numpy; ``
 
 Debian packages: ffmpeg, flite, espeak-ng, asterisk-core-sounds-en-g722,
 asterisk-core-sounds-es-g722, openttd-opensfx (base-files provides the licence texts).
-Optional: ``pip install pyroomacoustics==0.10.1`` for ``--reverb``.
+``--reverb`` uses pyroomacoustics (installed with this package).
 """
 import argparse
 import functools
@@ -1056,7 +1056,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr-range", type=float, nargs=2, default=(-5.0, 15.0), metavar=("LOW", "HIGH"),
                    help="speech-to-noise ratio in dB drawn per clip (default -5 15)")
     p.add_argument("--reverb", action="store_true",
-                   help=f"put speech and noise in one random small room per clip (pip install {PYROOMACOUSTICS})")
+                   help="put speech and noise in one random small room per clip (pyroomacoustics)")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1); the output does not depend on it")
     p.add_argument("--overwrite", action="store_true",

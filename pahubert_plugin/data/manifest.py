@@ -286,18 +286,19 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("audio_dir", help="folder of audio, walked recursively")
     parser.add_argument("out_dir", help="where train.tsv, valid.tsv and skipped.tsv go")
     parser.add_argument("--sample-rate", type=int, default=44100,
-                        help="target rate; num_samples is counted at this rate (multiple of 100)")
+                        help="target rate; num_samples is counted at this rate (multiple of 100; default %(default)s)")
     parser.add_argument("--valid-percent", type=float, default=0.01,
-                        help="fraction of files (0-1) for valid.tsv, chosen by a stable hash of the path")
+                        help="fraction of files (0-1) for valid.tsv, chosen by a stable hash of the path (default %(default)s)")
     parser.add_argument("--exts", default=",".join(AUDIO_EXTENSIONS),
-                        help="comma-separated extensions to include")
+                        help="comma-separated extensions to include (default %(default)s)")
     parser.add_argument("--min-seconds", type=float, default=1.0,
-                        help="files shorter than this are skipped as too_short")
+                        help="files shorter than this are skipped as too_short (default %(default)s)")
     parser.add_argument("--silence-db", type=float, default=-60.0,
-                        help="files whose peak is below this many dBFS are skipped as silent")
+                        help="files whose peak is below this many dBFS are skipped as silent (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="parallel worker processes for the scan")
+                        help="parallel worker processes for the scan (default: every core, %(default)s here; on a machine "
+                             "shared with other jobs give fewer)")
     return parser
 
 
