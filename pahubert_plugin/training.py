@@ -125,13 +125,22 @@ def _early_stopping():
     return getattr(sys.modules.get("fairseq_cli.train"), "should_stop_early", None)
 
 
-def patience_state() -> Optional[dict]:
-    """The running training's early-stopping count, ``{"best": score, "num_runs": validations since}``, or
-    None before its first validation with ``checkpoint.patience > 0``."""
+def _metric(checkpoint_cfg) -> Tuple[str, bool]:
+    """What the count is of: ``(best_checkpoint_metric, maximize_best_checkpoint_metric)``."""
+    get = checkpoint_cfg.get if isinstance(checkpoint_cfg, dict) else lambda k, d=None: getattr(checkpoint_cfg, k, d)
+    return str(get("best_checkpoint_metric", "loss")), bool(get("maximize_best_checkpoint_metric", False))
+
+
+def patience_state(checkpoint_cfg=None) -> Optional[dict]:
+    """The running training's early-stopping count, ``{"best": score, "num_runs": validations since, "metric":
+    name, "maximize": bool}``, or None before its first validation with ``checkpoint.patience > 0``."""
     stop = _early_stopping()
     if stop is None or getattr(stop, "best", None) is None:
         return None
-    return {"best": float(stop.best), "num_runs": int(getattr(stop, "num_runs", 0))}
+    state = {"best": float(stop.best), "num_runs": int(getattr(stop, "num_runs", 0))}
+    if checkpoint_cfg is not None:
+        state["metric"], state["maximize"] = _metric(checkpoint_cfg)
+    return state
 
 
 def set_patience_state(state: Optional[dict]) -> None:
@@ -274,6 +283,7 @@ def install_training_guard() -> None:
             lock_folder(save_dir)
             remove_stale_temporaries(save_dir)
         if not default or "://" in save_dir:
+            set_patience_state(None)  # as fairseq: no count carried in from another run of this process
             return inner_resume(cfg, trainer, **passthrough_args)
         suffix = trainer.checkpoint_suffix
         source, updates = resume_source(save_dir, suffix)
@@ -284,6 +294,13 @@ def install_training_guard() -> None:
             raise SystemExit(0)
         patience = int(getattr(cfg, "patience", 0) or 0)
         counted = saved_patience(source) if source is not None and patience > 0 else None
+        fresh = bool(getattr(cfg, "reset_optimizer", False) or getattr(cfg, "reset_meters", False))
+        if counted is not None and (fresh or (counted.get("metric"), counted.get("maximize")) != _metric(cfg)):
+            # fairseq starts its best score afresh on these resets; a count of another metric or direction
+            # would compare the new scores with the old best
+            logger.info(f"early stopping starts a fresh count (the saved one was of {counted.get('metric')}, "
+                        f"maximize={counted.get('maximize')}; resets: {fresh})")
+            counted = None
         if counted is not None and counted["num_runs"] >= patience:
             logger.info(f"already finished: {os.path.basename(source)} stopped early at update {updates} "
                         f"(best_checkpoint_metric {counted['best']:g}, not improved for {counted['num_runs']} "
@@ -311,7 +328,9 @@ def install_training_guard() -> None:
     inner_save = checkpoint_utils.torch_persistent_save
 
     def torch_persistent_save(obj, filename, async_write: bool = False):
-        counted = patience_state()
+        config = obj.get("cfg") if isinstance(obj, dict) else None
+        counted = patience_state(config.get("checkpoint") if isinstance(config, dict)
+                                 else getattr(config, "checkpoint", None))
         if counted is not None and isinstance(obj, dict) and isinstance(obj.get("extra_state"), dict):
             obj["extra_state"][PATIENCE_KEY] = counted  # the early-stopping count, for a resume
         if async_write or not isinstance(filename, str) or "://" in filename:

@@ -189,10 +189,10 @@ def test_early_stopping_counts_across_a_resume_and_a_stopped_run_stays_stopped(t
     data = corpora.write_musdb(tmp_path / "musdb", tracks=2, seconds=1.5)
     save = tmp_path / "ckpt"
 
-    def run(patience):
+    def run(patience, *extra):
         args = finetune_args("demucs_v2_tiny.yaml", data, save, 20, "optimization.lr=[0.0]",
                              "dataset.validate_interval_updates=1", "checkpoint.save_interval_updates=1",
-                             f"checkpoint.patience={patience}")
+                             f"checkpoint.patience={patience}", *extra)
         return run_fairseq(args, cwd=tmp_path)
 
     log = run(2)
@@ -209,4 +209,10 @@ def test_early_stopping_counts_across_a_resume_and_a_stopped_run_stays_stopped(t
     log = run(4)
     assert "early stop since valid performance hasn't improved for last 4 runs" in log, log[-3000:]
     assert updates_done(log) == 5  # counted on from 2; a fresh count would have stopped at update 8
-    assert load_checkpoint(str(save / "checkpoint_last.pt"))["extra_state"]["pahubert_patience"]["num_runs"] == 4
+    saved = load_checkpoint(str(save / "checkpoint_last.pt"))["extra_state"]["pahubert_patience"]
+    assert (saved["num_runs"], saved["metric"], saved["maximize"]) == (4, "sdr", True)
+
+    # a count of another metric is not compared with the new one's scores: the count starts afresh
+    log = run(2, "checkpoint.best_checkpoint_metric=loss", "checkpoint.maximize_best_checkpoint_metric=false")
+    assert "early stopping starts a fresh count (the saved one was of sdr" in log, log[-3000:]
+    assert updates_done(log) == 8
