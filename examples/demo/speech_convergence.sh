@@ -9,7 +9,7 @@
 #     then the students (2 minutes): the fused design fine-tuned on the labelled clips plus the teacher's
 #     estimates remixed across clips (task.pseudo_data, half of the examples), scratch reused
 #   5 more designs at 2 minutes against the same scratch runs: fused with the pretrained encoder trained at 0.1x
-#     the learning rate (model.fused_lr_scale=0.1), and its control, the same network with the side encoder
+#     the learning rate (model.fused_lr_scale=0.1; also at 8 minutes, 48 clips, with scratch), and its control, the same network with the side encoder
 #     randomly initialised (the "scratch" arm of fused_lr01_ctrl, paired with the same pretrained runs); fused
 #     with a learned softmax-weighted sum of the pretrained encoder's layers (model.layer_weights=true); fused
 #     with mixture invariant training on the unlabelled mixtures (task.mixit_data, two outputs per source, half
@@ -77,6 +77,8 @@ demo --stage 4 --seeds "$seeds" --tag fused_lw --reuse-scratch fused \
 lr01_args="model.fuse_pretrained=true model.fused_lr_scale=0.1"
 lr01=(--pretrained-args "$lr01_args")
 demo --stage 4 --seeds "$seeds" --tag fused_lr01 --reuse-scratch fused --parallel 3 "${lr01[@]}"
+# 8 minutes of labels (48 clips): its own scratch runs under the same tag (the fused tag has none at 48)
+demo --stage 4 --seeds "$seeds" --train-tracks 48 --tag fused_lr01 --parallel 3 --results "$results"_n48 "${lr01[@]}"
 mkdir -p "$work/finetune/fused_lr01_ctrl"
 for s in $(seq 1 "$seeds"); do  # the control's pretrained arm is fused_lr01's, run above
   run=$(abs "$work/finetune/fused_lr01/pretrained_n12_s$s")
