@@ -303,7 +303,8 @@ def install_training_guard() -> None:
             counted = None
         if counted is not None and counted["num_runs"] >= patience:
             logger.info(f"already finished: {os.path.basename(source)} stopped early at update {updates} "
-                        f"(best_checkpoint_metric {counted['best']:g}, not improved for {counted['num_runs']} "
+                        f"(best {counted.get('metric', 'best_checkpoint_metric')} {counted['best']:g}, not improved "
+                        f"for {counted['num_runs']} "
                         f"validations >= checkpoint.patience={patience}) in {save_dir}; nothing to train (raise "
                         f"checkpoint.patience to train on)")
             raise SystemExit(0)
