@@ -156,15 +156,19 @@ def set_patience_state(state: Optional[dict]) -> None:
         stop.best, stop.num_runs = float(state["best"]), int(state["num_runs"])
 
 
-def saved_patience(source: str) -> Optional[dict]:
-    """The early-stopping count saved in checkpoint ``source`` (None: none saved, or unreadable)."""
+def read_state(source: str) -> Optional[dict]:
+    """The checkpoint a resume reads, memory-mapped (None: unreadable; fairseq's load reports it)."""
     from .checkpoint import load_checkpoint
 
     try:
-        state = load_checkpoint(source, mmap=True)
+        return load_checkpoint(source, mmap=True)
     except (ValueError, OSError, RuntimeError):
         return None
-    saved = (state.get("extra_state") or {}).get(PATIENCE_KEY)
+
+
+def saved_patience(state: Optional[dict]) -> Optional[dict]:
+    """The early-stopping count saved in checkpoint ``state`` (None: none saved, or no state)."""
+    saved = ((state or {}).get("extra_state") or {}).get(PATIENCE_KEY)
     return dict(saved) if isinstance(saved, dict) and {"best", "num_runs"} <= saved.keys() else None
 
 
@@ -197,12 +201,8 @@ def schedule_changes(state_cfg, cfg) -> list:
     return changes
 
 
-def warn_schedule_changes(source: str, cfg) -> None:
-    from .checkpoint import load_checkpoint
-
-    try:
-        state = load_checkpoint(source, mmap=True)
-    except (ValueError, OSError, RuntimeError):
+def warn_schedule_changes(source: str, state: Optional[dict], cfg) -> None:
+    if state is None:
         return
     changes = schedule_changes(state.get("cfg"), cfg)
     lr_changes = [c for c in changes if c.startswith("lr_scheduler.")]
@@ -293,7 +293,9 @@ def install_training_guard() -> None:
             logger.info(finished_message(save_dir, source, updates, max_update))
             raise SystemExit(0)
         patience = int(getattr(cfg, "patience", 0) or 0)
-        counted = saved_patience(source) if source is not None and patience > 0 else None
+        first = _is_first_rank(trainer)
+        state = read_state(source) if source is not None and (patience > 0 or first) else None  # read once
+        counted = saved_patience(state) if patience > 0 else None
         fresh = bool(getattr(cfg, "reset_optimizer", False) or getattr(cfg, "reset_meters", False))
         if counted is not None and (fresh or (counted.get("metric"), counted.get("maximize")) != _metric(cfg)):
             # fairseq starts its best score afresh on these resets; a count of another metric or direction
@@ -309,8 +311,9 @@ def install_training_guard() -> None:
                         f"checkpoint.patience to train on)")
             raise SystemExit(0)
         set_patience_state(counted)  # a resumed run goes on counting; a new one starts afresh
-        if source is not None and _is_first_rank(trainer):
-            warn_schedule_changes(source, getattr(trainer, "cfg", None))
+        if source is not None and first:
+            warn_schedule_changes(source, state, getattr(trainer, "cfg", None))
+        state = None  # the mapped file is not kept open during training
         last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
         if source is None or os.path.exists(last):
             return inner_resume(cfg, trainer, **passthrough_args)  # a corrupt last: the inner patch's fallback
