@@ -4,6 +4,7 @@ A tiny MUSDB18-HQ layout (toy-synthesised songs, 16 kHz stereo PCM_16 wav) is wr
 module; fine-tuning runs real fairseq (fairseq_cli.hydra_train in a subprocess).
 """
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -160,6 +161,47 @@ def test_criterion_wave_and_stft_losses():
     assert float(parts["loss_bass"]) > 0.5 and float(parts["loss_drums"]) < 1e-4
     with pytest.raises(ValueError, match="sources"):
         crit.compute_loss(est[:, :3], ref)
+
+
+def test_criterion_snr_loss_is_negative_snr_in_db_and_bounded_for_a_silent_source():
+    from pahubert_plugin.criterions.separation import SeparationCriterion
+
+    class Task:
+        sources = ["speech", "noise"]
+
+    crit = SeparationCriterion(Task(), wave_weight=0.0, snr_weight=1.0, snr_max=30.0, sources=["speech", "noise"])
+    torch.manual_seed(0)
+    ref = torch.randn(3, 2, 1, 4000)
+    ref[:, 1] *= 0.1  # noise 20 dB under speech
+    est = ref.clone()
+    est[:, 0] += 0.1 * ref[:, 0]  # speech estimate at 20 dB SNR, noise exact
+    _, parts = crit.compute_loss(est, ref)
+    mix = ref.sum(1).pow(2).mean(dim=(-2, -1))
+    floor = 1e-3 * mix
+    speech_power = ref[:, 0].pow(2).mean(dim=(-2, -1))
+    expected = 10 * torch.log10((0.01 * speech_power + floor) / (speech_power + floor))
+    torch.testing.assert_close(parts["loss_speech"], expected.sum(), rtol=1e-4, atol=1e-4)
+    assert -20.5 < float(parts["loss_speech"]) / 3 < -19.0  # about -20 dB, the 30 dB floor barely counts
+    # the noise estimate is exact: its error is the floor, 30 dB under the mixture, about 10 dB under the noise
+    assert float(parts["loss_noise"]) / 3 == pytest.approx(-10 * math.log10(1 + 0.01 / 1.01e-3), abs=0.2)
+    # a silent source: finite, 0 when its estimate is silent too, and it grows with leakage
+    ref[:, 1] = 0
+    est = ref.clone()
+    _, parts = crit.compute_loss(est, ref)
+    assert float(parts["loss_noise"]) == pytest.approx(0.0, abs=1e-6)
+    est[:, 1] = 0.1 * ref[:, 0]
+    loss, parts = crit.compute_loss(est, ref)
+    assert torch.isfinite(loss) and float(parts["loss_noise"]) / 3 == pytest.approx(10 * math.log10(1 + 10), abs=0.1)
+    # a gradient step on the SNR loss lowers it, and it keeps the estimate's level (no scale invariance)
+    est = (0.5 * ref).requires_grad_(True)
+    crit.compute_loss(est, ref)[0].backward()
+    assert float((est.grad[:, 0] * ref[:, 0]).sum()) < 0  # pushes the half-level speech estimate up
+    with pytest.raises(ValueError, match="all 0"):
+        SeparationCriterion(Task(), wave_weight=0.0, sources=["speech", "noise"])
+    with pytest.raises(ValueError, match="snr_weight must be >= 0"):
+        SeparationCriterion(Task(), snr_weight=-1.0, sources=["speech", "noise"])
+    with pytest.raises(ValueError, match="snr_max"):
+        SeparationCriterion(Task(), snr_weight=1.0, snr_max=0.0, sources=["speech", "noise"])
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,4 +1,5 @@
-"""fairseq criterion ``separation``: L1 on waveforms, optionally plus a multi-resolution STFT loss.
+"""fairseq criterion ``separation``: L1 on waveforms, optionally plus a multi-resolution STFT loss and a
+thresholded signal-to-noise loss.
 
 The model is called as ``model(**sample["net_input"])`` and returns estimates
 ``(batch, sources, channels, samples)`` matching ``sample["target"]``.  The loss of one
@@ -6,6 +7,11 @@ example is the mean over sources of each source's loss; logs carry ``loss`` and
 ``loss_<source>`` (all sums over examples, normalised by ``sample_size`` = examples).
 The multi-resolution STFT term is spectral convergence + log-magnitude L1 per resolution
 (Yamamoto et al., Parallel WaveGAN, 2020), averaged over resolutions.
+The SNR term is the negative SNR of each source in dB, with its error power floored at ``snr_max`` dB
+below the mixture's power (the thresholded SNR of Wisdom et al. 2020, floored by the mixture so that a
+silent reference gives a bounded loss): ``10 log10((P(s - s_hat) + tau P(x)) / (P(s) + tau P(x)))``,
+``tau = 10^(-snr_max / 10)``. It trains each clip on the decibel scale speech metrics (SI-SDR) average
+over, where the L1 loss weighs loud clips more, and it keeps the estimates' level (unlike SI-SDR).
 
 Mixture invariant training (Wisdom et al., "Unsupervised sound separation using mixture invariant
 training", NeurIPS 2020), semi-supervised: batch rows marked ``sample["mixit"]`` are a mixture of two
@@ -31,6 +37,11 @@ class SeparationCriterionConfig(FairseqDataclass):
     stft_weight: float = field(default=0.0, metadata={"help": "weight of the multi-resolution STFT loss (0: off)"})
     stft_fft_sizes: List[int] = field(default_factory=lambda: [512, 1024, 2048], metadata={
         "help": "FFT sizes of the multi-resolution STFT loss (hop = size / 4, Hann window)"})
+    snr_weight: float = field(default=0.0, metadata={
+        "help": "weight of the thresholded SNR loss (negative SNR in dB, per source; 0: off); e.g. "
+                "criterion.wave_weight=0 criterion.snr_weight=1 trains on SNR alone"})
+    snr_max: float = field(default=30.0, metadata={
+        "help": "the SNR loss's ceiling in dB: error power below snr_max dB under the mixture's counts as 0"})
     mixit_weight: float = field(default=1.0, metadata={
         "help": "weight of the mixture invariant loss of rows that mix two unlabelled mixtures (task.mixit_data)"})
     sources: List[str] = II("task.sources")
@@ -41,6 +52,17 @@ def mixit_assignments(outputs: int) -> torch.Tensor:
     of 0/1, each output in exactly one row."""
     first = torch.tensor(list(itertools.product((0.0, 1.0), repeat=outputs)))  # (A, outputs)
     return torch.stack([first, 1.0 - first], dim=1)
+
+
+def thresholded_snr_loss(est: torch.Tensor, ref: torch.Tensor, snr_max: float) -> torch.Tensor:
+    """``est``/``ref`` ``(batch, sources, channels, samples)`` -> ``(batch, sources)``: the negative SNR in dB,
+    error and reference power each plus ``10^(-snr_max/10)`` times the mixture's (the sum of ``ref`` over
+    sources), so it lies in ``[-snr_max, inf)`` and stays finite for a silent source."""
+    floor = 10.0 ** (-snr_max / 10.0) * ref.sum(dim=1, keepdim=True).float().pow(2).mean(dim=(-2, -1))
+    error = (est.float() - ref.float()).pow(2).mean(dim=(-2, -1)) + floor
+    power = ref.float().pow(2).mean(dim=(-2, -1)) + floor
+    tiny = torch.finfo(torch.float32).tiny  # an all-zero mixture: 0 / 0 would be NaN
+    return 10.0 * torch.log10((error + tiny) / (power + tiny))
 
 
 def multi_resolution_stft_loss(est: torch.Tensor, ref: torch.Tensor, fft_sizes: List[int]) -> torch.Tensor:
@@ -63,14 +85,19 @@ def multi_resolution_stft_loss(est: torch.Tensor, ref: torch.Tensor, fft_sizes: 
 
 @register_criterion("separation", dataclass=SeparationCriterionConfig)
 class SeparationCriterion(FairseqCriterion):
-    def __init__(self, task, wave_weight=1.0, stft_weight=0.0, stft_fft_sizes=(512, 1024, 2048), mixit_weight=1.0,
-                 sources=()):
+    def __init__(self, task, wave_weight=1.0, stft_weight=0.0, stft_fft_sizes=(512, 1024, 2048), snr_weight=0.0,
+                 snr_max=30.0, mixit_weight=1.0, sources=()):
         super().__init__(task)
-        if wave_weight <= 0 and stft_weight <= 0:
-            raise ValueError("criterion: wave_weight and stft_weight are both 0; nothing to train on")
-        if mixit_weight < 0:
-            raise ValueError(f"criterion.mixit_weight must be >= 0, got {mixit_weight}")
+        for name, value in (("wave_weight", wave_weight), ("stft_weight", stft_weight), ("snr_weight", snr_weight),
+                            ("mixit_weight", mixit_weight)):
+            if value < 0:
+                raise ValueError(f"criterion.{name} must be >= 0, got {value}")
+        if wave_weight == 0 and stft_weight == 0 and snr_weight == 0:
+            raise ValueError("criterion: wave_weight, stft_weight and snr_weight are all 0; nothing to train on")
+        if snr_max <= 0:
+            raise ValueError(f"criterion.snr_max must be > 0 dB, got {snr_max}")
         self.wave_weight, self.stft_weight, self.mixit_weight = wave_weight, stft_weight, mixit_weight
+        self.snr_weight, self.snr_max = snr_weight, snr_max
         self.stft_fft_sizes = list(stft_fft_sizes)
         self.sources = list(sources) or list(getattr(task, "sources", []))
 
@@ -94,6 +121,8 @@ class SeparationCriterion(FairseqCriterion):
         if self.stft_weight > 0:
             per_source = per_source + self.stft_weight * multi_resolution_stft_loss(
                 estimates, target, self.stft_fft_sizes)
+        if self.snr_weight > 0:
+            per_source = per_source + self.snr_weight * thresholded_snr_loss(estimates, target, self.snr_max)
         return per_source
 
     def mixit_loss(self, outputs: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
