@@ -17,7 +17,9 @@
 #     100 of iteration 1's layer 3, then 3000 more updates; run.sh --iteration 2)
 #   6 the convergence check of the best design: scratch and the fused design at 0.1x, both fine-tuned for twice the
 #     updates (4000 by default, a new learning-rate schedule, not a resumed one), 40 s and 2 minutes of labels
-#   7 each setting is scored on the 20 test clips (SI-SDR(i), PESQ, STOI) with paired per-clip differences
+#   7 the SNR loss: scratch and the fused design at 0.1x, both trained on the thresholded SNR loss in place of
+#     L1 (--ft-args "criterion.wave_weight=0 criterion.snr_weight=1", its own scratch runs), 2 minutes of labels
+#   8 each setting is scored on the 20 test clips (SI-SDR(i), PESQ, STOI) with paired per-clip differences
 #     against scratch (RESULTS/<tag>/summary.md); validation SI-SDR curves show where each arm stops gaining
 #
 # Usage: bash examples/demo/speech_convergence.sh [--work DIR] [--results DIR] [--finetune-updates N]
@@ -92,3 +94,5 @@ demo --stage 3 --seeds "$seeds" --iteration 2 --tag fused_it2 --reuse-scratch fu
 demo --stage 4 --seeds "$seeds" --train-tracks 4,12 --tag fused_lr01_4k --parallel 3 \
   --finetune-updates $((2 * finetune_updates)) \
   "${lr01[@]}"
+demo --stage 4 --seeds "$seeds" --tag fused_lr01_snr --parallel 3 "${lr01[@]}" \
+  --ft-args "criterion.wave_weight=0 criterion.snr_weight=1"
