@@ -192,7 +192,25 @@ def test_criterion_snr_loss_is_negative_snr_in_db_and_bounded_for_a_silent_sourc
     est[:, 1] = 0.1 * ref[:, 0]
     loss, parts = crit.compute_loss(est, ref)
     assert torch.isfinite(loss) and float(parts["loss_noise"]) / 3 == pytest.approx(10 * math.log10(1 + 10), abs=0.1)
+    # a silent mixture (both sources silent): loss 0 and finite gradients, even for an estimate of exactly 0
+    ref[0] = 0
+    for value in (0.0, 1e-20, 1e-3):
+        est = torch.full_like(ref, value)
+        est[1:] = ref[1:]
+        est.requires_grad_(True)
+        loss, _ = crit.compute_loss(est, ref)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(est.grad).all(), value
+        silent_row = crit.per_source_loss(est.detach(), ref)[0]  # 10 log10(1 + value^2 / 1e-10), each source
+        torch.testing.assert_close(silent_row, torch.full((2,), 10 * math.log10(1 + value ** 2 / 1e-10)),
+                                   rtol=1e-4, atol=1e-4)
+    from pahubert_plugin.criterions.separation import thresholded_snr_loss
+    zeros = torch.zeros(1, 1, 1, 100)
+    est = zeros.clone().requires_grad_(True)
+    (10 * thresholded_snr_loss(est, zeros, 30.0).sum()).backward()  # one source, weight 10: no overflow either
+    assert torch.isfinite(est.grad).all()
     # a gradient step on the SNR loss lowers it, and it keeps the estimate's level (no scale invariance)
+    ref = torch.randn(3, 2, 1, 4000)
     est = (0.5 * ref).requires_grad_(True)
     crit.compute_loss(est, ref)[0].backward()
     assert float((est.grad[:, 0] * ref[:, 0]).sum()) < 0  # pushes the half-level speech estimate up

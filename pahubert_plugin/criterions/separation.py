@@ -7,11 +7,12 @@ example is the mean over sources of each source's loss; logs carry ``loss`` and
 ``loss_<source>`` (all sums over examples, normalised by ``sample_size`` = examples).
 The multi-resolution STFT term is spectral convergence + log-magnitude L1 per resolution
 (Yamamoto et al., Parallel WaveGAN, 2020), averaged over resolutions.
-The SNR term is the negative SNR of each source in dB, with its error power floored at ``snr_max`` dB
-below the mixture's power (the thresholded SNR of Wisdom et al. 2020, floored by the mixture so that a
-silent reference gives a bounded loss): ``10 log10((P(s - s_hat) + tau P(x)) / (P(s) + tau P(x)))``,
-``tau = 10^(-snr_max / 10)``. It trains each clip on the decibel scale speech metrics (SI-SDR) average
-over, where the L1 loss weighs loud clips more, and it keeps the estimates' level (unlike SI-SDR).
+The SNR term is the negative SNR of each source in dB, softly floored at ``snr_max`` dB below the
+mixture's power (a variant of the thresholded SNR of Wisdom et al. 2020, floored by the mixture x rather
+than by the reference, so that a silent reference gives a bounded loss):
+``10 log10((P(s - s_hat) + tau P(x) + eps) / (P(s) + tau P(x) + eps))``, ``tau = 10^(-snr_max / 10)``.
+It trains each clip on the decibel scale that speech metrics (SI-SDR) average over, where the L1 loss
+weighs loud clips more, and it keeps the estimates' level (unlike SI-SDR).
 
 Mixture invariant training (Wisdom et al., "Unsupervised sound separation using mixture invariant
 training", NeurIPS 2020), semi-supervised: batch rows marked ``sample["mixit"]`` are a mixture of two
@@ -41,7 +42,8 @@ class SeparationCriterionConfig(FairseqDataclass):
         "help": "weight of the thresholded SNR loss (negative SNR in dB, per source; 0: off); e.g. "
                 "criterion.wave_weight=0 criterion.snr_weight=1 trains on SNR alone"})
     snr_max: float = field(default=30.0, metadata={
-        "help": "the SNR loss's ceiling in dB: error power below snr_max dB under the mixture's counts as 0"})
+        "help": "the SNR loss's soft floor in dB: error power snr_max dB under the mixture's adds little more "
+                "(a source as loud as the mixture gains at most about snr_max dB, a quieter one less)"})
     mixit_weight: float = field(default=1.0, metadata={
         "help": "weight of the mixture invariant loss of rows that mix two unlabelled mixtures (task.mixit_data)"})
     sources: List[str] = II("task.sources")
@@ -54,15 +56,20 @@ def mixit_assignments(outputs: int) -> torch.Tensor:
     return torch.stack([first, 1.0 - first], dim=1)
 
 
+SNR_EPS = 1e-10  # power (about -100 dBFS) added to both sides: an all-silent row gives loss 0 and finite gradients
+
+
 def thresholded_snr_loss(est: torch.Tensor, ref: torch.Tensor, snr_max: float) -> torch.Tensor:
     """``est``/``ref`` ``(batch, sources, channels, samples)`` -> ``(batch, sources)``: the negative SNR in dB,
     error and reference power each plus ``10^(-snr_max/10)`` times the mixture's (the sum of ``ref`` over
-    sources), so it lies in ``[-snr_max, inf)`` and stays finite for a silent source."""
-    floor = 10.0 ** (-snr_max / 10.0) * ref.sum(dim=1, keepdim=True).float().pow(2).mean(dim=(-2, -1))
-    error = (est.float() - ref.float()).pow(2).mean(dim=(-2, -1)) + floor
-    power = ref.float().pow(2).mean(dim=(-2, -1)) + floor
-    tiny = torch.finfo(torch.float32).tiny  # an all-zero mixture: 0 / 0 would be NaN
-    return 10.0 * torch.log10((error + tiny) / (power + tiny))
+    sources) and ``SNR_EPS``. Its best value, at a perfect estimate, is ``-10 log10(1 + P(s) / floor)``: about
+    ``-snr_max`` for a source as loud as the mixture, less negative for a quieter one, 0 for a silent one; it
+    stays finite, with finite gradients, for silent sources and silent mixtures."""
+    est, ref = est.float(), ref.float()
+    floor = 10.0 ** (-snr_max / 10.0) * ref.sum(dim=1, keepdim=True).pow(2).mean(dim=(-2, -1)) + SNR_EPS
+    error = (est - ref).pow(2).mean(dim=(-2, -1)) + floor
+    power = ref.pow(2).mean(dim=(-2, -1)) + floor
+    return 10.0 * torch.log10(error / power)
 
 
 def multi_resolution_stft_loss(est: torch.Tensor, ref: torch.Tensor, fft_sizes: List[int]) -> torch.Tensor:
@@ -85,8 +92,8 @@ def multi_resolution_stft_loss(est: torch.Tensor, ref: torch.Tensor, fft_sizes: 
 
 @register_criterion("separation", dataclass=SeparationCriterionConfig)
 class SeparationCriterion(FairseqCriterion):
-    def __init__(self, task, wave_weight=1.0, stft_weight=0.0, stft_fft_sizes=(512, 1024, 2048), snr_weight=0.0,
-                 snr_max=30.0, mixit_weight=1.0, sources=()):
+    def __init__(self, task, wave_weight=1.0, stft_weight=0.0, stft_fft_sizes=(512, 1024, 2048), mixit_weight=1.0,
+                 sources=(), snr_weight=0.0, snr_max=30.0):
         super().__init__(task)
         for name, value in (("wave_weight", wave_weight), ("stft_weight", stft_weight), ("snr_weight", snr_weight),
                             ("mixit_weight", mixit_weight)):
