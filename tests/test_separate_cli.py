@@ -242,7 +242,7 @@ def test_filename_may_not_leave_the_output_folder(tmp_path, capsys, template):
 
 
 SLOW_CLI = """
-import sys, time
+import signal, sys, time
 import torch
 from omegaconf import OmegaConf
 from pahubert_plugin import separate
@@ -255,6 +255,9 @@ class Slow(torch.nn.Module):  # a tiny 'separator' that takes its time per chunk
         return x[:, None] * torch.full((1, 4, 1, 1), 0.25)
 
 api.load_separation_model = lambda path, device="cpu": (Slow(), OmegaConf.create({{"task": {{"valid_segment": 0.25}}}}))
+# Ctrl-C as in a terminal: a child inherits an ignored SIGINT from its parent (a background job, sometimes the
+# test runner's worker), and Python then leaves it ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(separate.main(sys.argv[1:]))
 """
 
