@@ -35,7 +35,8 @@ def sdr(references, estimates, eps: float = MDX_EPS):
     """MDX utterance-level SDR in dB.
 
     ``references``/``estimates``: ``(..., sources, channels, samples)`` tensors or arrays
-    of the same shape. Returns ``(..., sources)`` (same array type as the input).
+    of the same shape. Returns ``(..., sources)`` (same array type as the input). ``eps`` may be a tensor
+    that broadcasts against ``(..., sources)`` (a floor per row: the thresholded SNR loss).
     """
     if tuple(references.shape) != tuple(estimates.shape):
         raise ValueError(f"references {tuple(references.shape)} and estimates "

@@ -31,6 +31,8 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
+from ..metrics import sdr
+
 
 @dataclass
 class SeparationCriterionConfig(FairseqDataclass):
@@ -67,9 +69,8 @@ def thresholded_snr_loss(est: torch.Tensor, ref: torch.Tensor, snr_max: float) -
     stays finite, with finite gradients, for silent sources and silent mixtures."""
     est, ref = est.float(), ref.float()
     floor = 10.0 ** (-snr_max / 10.0) * ref.sum(dim=1, keepdim=True).pow(2).mean(dim=(-2, -1)) + SNR_EPS
-    error = (est - ref).pow(2).mean(dim=(-2, -1)) + floor
-    power = ref.pow(2).mean(dim=(-2, -1)) + floor
-    return 10.0 * torch.log10(error / power)
+    samples = ref.shape[-2] * ref.shape[-1]  # metrics.sdr sums powers over channels and samples
+    return -sdr(ref, est, eps=floor * samples)  # the MDX SDR, its eps a per-row floor: (batch, 1) broadcasts
 
 
 def multi_resolution_stft_loss(est: torch.Tensor, ref: torch.Tensor, fft_sizes: List[int]) -> torch.Tensor:
